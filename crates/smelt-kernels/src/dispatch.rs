@@ -1,0 +1,159 @@
+//! The kernel table: for each format, the dot-product and activation-quantization functions to
+//! use on this CPU. Chosen once at run time from CPU features, so one portable binary uses the best
+//! instructions available. `SMELT_ISA=scalar` forces the scalar reference kernels.
+
+use crate::formats::{self, DType};
+use std::sync::OnceLock;
+
+/// `(n, weight row, activation row in vec_dot_type) -> dot product`.
+pub type VecDotFn = fn(usize, &[u8], &[u8]) -> f32;
+/// `(f32 row, output) ` — encode an activation row.
+pub type QuantizeFn = fn(&[f32], &mut [u8]);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Scalar,
+    Avx2,
+}
+
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Scalar => "scalar",
+            Isa::Avx2 => "avx2",
+        }
+    }
+}
+
+pub struct Kernels {
+    pub isa: Isa,
+    vec_dot: [VecDotFn; 31],
+    quantize: [QuantizeFn; 31],
+}
+
+macro_rules! scalar_dot {
+    ($($name:ident => $t:expr),* $(,)?) => {
+        $(fn $name(n: usize, w: &[u8], a: &[u8]) -> f32 { formats::vec_dot($t, n, w, a) })*
+    };
+}
+scalar_dot!(
+    sdot_f32 => DType::F32, sdot_f16 => DType::F16, sdot_bf16 => DType::BF16,
+    sdot_q4_0 => DType::Q4_0, sdot_q4_1 => DType::Q4_1, sdot_q5_0 => DType::Q5_0,
+    sdot_q5_1 => DType::Q5_1, sdot_q8_0 => DType::Q8_0, sdot_q2_k => DType::Q2_K,
+    sdot_q3_k => DType::Q3_K, sdot_q4_k => DType::Q4_K, sdot_q5_k => DType::Q5_K,
+    sdot_q6_k => DType::Q6_K, sdot_q8_k => DType::Q8_K,
+);
+
+fn squant_f32(x: &[f32], out: &mut [u8]) {
+    formats::quantize_row(DType::F32, x, out)
+}
+fn squant_q8_0(x: &[f32], out: &mut [u8]) {
+    formats::quantize_row(DType::Q8_0, x, out)
+}
+fn squant_q8_1(x: &[f32], out: &mut [u8]) {
+    formats::quantize_row(DType::Q8_1, x, out)
+}
+fn squant_q8_k(x: &[f32], out: &mut [u8]) {
+    formats::quantize_row(DType::Q8_K, x, out)
+}
+
+fn no_dot(_: usize, _: &[u8], _: &[u8]) -> f32 {
+    panic!("no dot product for this format")
+}
+fn no_quant(_: &[f32], _: &mut [u8]) {
+    panic!("not an activation format")
+}
+
+impl Kernels {
+    /// The plain scalar reference kernels.
+    pub fn scalar() -> Kernels {
+        let mut k = Kernels { isa: Isa::Scalar, vec_dot: [no_dot; 31], quantize: [no_quant; 31] };
+        let dots: [(DType, VecDotFn); 14] = [
+            (DType::F32, sdot_f32),
+            (DType::F16, sdot_f16),
+            (DType::BF16, sdot_bf16),
+            (DType::Q4_0, sdot_q4_0),
+            (DType::Q4_1, sdot_q4_1),
+            (DType::Q5_0, sdot_q5_0),
+            (DType::Q5_1, sdot_q5_1),
+            (DType::Q8_0, sdot_q8_0),
+            (DType::Q2_K, sdot_q2_k),
+            (DType::Q3_K, sdot_q3_k),
+            (DType::Q4_K, sdot_q4_k),
+            (DType::Q5_K, sdot_q5_k),
+            (DType::Q6_K, sdot_q6_k),
+            (DType::Q8_K, sdot_q8_k),
+        ];
+        for (t, f) in dots {
+            k.vec_dot[t as usize] = f;
+        }
+        k.quantize[DType::F32 as usize] = squant_f32;
+        k.quantize[DType::Q8_0 as usize] = squant_q8_0;
+        k.quantize[DType::Q8_1 as usize] = squant_q8_1;
+        k.quantize[DType::Q8_K as usize] = squant_q8_k;
+        k
+    }
+
+    /// The best kernels for the given instruction set, falling back to scalar per format.
+    pub fn for_isa(isa: Isa) -> Kernels {
+        let mut k = Kernels::scalar();
+        match isa {
+            Isa::Scalar => {}
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => {
+                use crate::simd::avx2;
+                assert!(avx2::available(), "this CPU lacks AVX2/FMA/F16C");
+                k.isa = Isa::Avx2;
+                k.vec_dot[DType::F32 as usize] = avx2::dot_f32;
+                k.vec_dot[DType::F16 as usize] = avx2::dot_f16;
+                k.vec_dot[DType::Q4_0 as usize] = avx2::dot_q4_0;
+                k.vec_dot[DType::Q4_1 as usize] = avx2::dot_q4_1;
+                k.vec_dot[DType::Q5_0 as usize] = avx2::dot_q5_0;
+                k.vec_dot[DType::Q5_1 as usize] = avx2::dot_q5_1;
+                k.vec_dot[DType::Q8_0 as usize] = avx2::dot_q8_0;
+                k.vec_dot[DType::Q4_K as usize] = avx2::dot_q4_k;
+                k.vec_dot[DType::Q5_K as usize] = avx2::dot_q5_k;
+                k.vec_dot[DType::Q6_K as usize] = avx2::dot_q6_k;
+                k.quantize[DType::Q8_0 as usize] = avx2::quantize_q8_0;
+                k.quantize[DType::Q8_K as usize] = avx2::quantize_q8_k;
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            Isa::Avx2 => panic!("AVX2 kernels exist only on x86-64"),
+        }
+        k
+    }
+
+    /// Instruction sets this CPU can run, best first.
+    pub fn available_isas() -> Vec<Isa> {
+        let mut v = Vec::new();
+        #[cfg(target_arch = "x86_64")]
+        if crate::simd::avx2::available() {
+            v.push(Isa::Avx2);
+        }
+        v.push(Isa::Scalar);
+        v
+    }
+
+    #[inline]
+    pub fn vec_dot(&self, dtype: DType) -> VecDotFn {
+        self.vec_dot[dtype as usize]
+    }
+
+    #[inline]
+    pub fn quantize(&self, dtype: DType) -> QuantizeFn {
+        self.quantize[dtype as usize]
+    }
+}
+
+/// The process-wide kernel table.
+pub fn kernels() -> &'static Kernels {
+    static K: OnceLock<Kernels> = OnceLock::new();
+    K.get_or_init(|| {
+        let forced = std::env::var("SMELT_ISA").ok();
+        let isa = match forced.as_deref() {
+            Some("scalar") => Isa::Scalar,
+            _ => Kernels::available_isas()[0],
+        };
+        Kernels::for_isa(isa)
+    })
+}

@@ -1,0 +1,14 @@
+//! smelt-kernels: the numeric bottom layer.
+//!
+//! - [`formats`]: tensor element formats with scalar reference kernels.
+//! - [`dispatch`]: the kernel table, picking SIMD variants from CPU features at run time.
+//! - [`pool`]: a persistent thread pool for data-parallel kernels.
+//! - [`ops`]: the compute interface the model code uses (matmul, norms, rope, attention helpers).
+
+pub mod dispatch;
+pub mod formats;
+pub mod ops;
+pub mod pool;
+mod simd;
+
+pub use formats::DType;
