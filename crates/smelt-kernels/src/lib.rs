@@ -7,6 +7,7 @@
 
 pub mod dispatch;
 pub mod formats;
+pub mod mmap;
 pub mod ops;
 pub mod pool;
 mod simd;

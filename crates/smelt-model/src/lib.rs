@@ -1,14 +1,9 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! smelt-model: what a model is.
+//!
+//! - [`gguf`]: the file format (memory-mapped, validated).
+//! - [`tokenizer`]: SentencePiece-style and byte-level BPE tokenizers built from GGUF metadata.
+//! - [`chat`]: the model's own Jinja chat template.
+//! - [`arch`]: architectures (one small file each) built from shared blocks, and their weights.
+//! - [`kv`]: the per-sequence KV cache.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub mod gguf;
