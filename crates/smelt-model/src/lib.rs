@@ -7,3 +7,4 @@
 //! - [`kv`]: the per-sequence KV cache.
 
 pub mod gguf;
+pub mod tokenizer;
