@@ -1,1 +1,292 @@
-//! Placeholder
+//! The compute interface the model code uses: matrix products over quantized weights and the
+//! small f32 operations around them. Everything a forward pass computes goes through these
+//! functions, so another backend (GPU) can replace them behind the same signatures.
+
+use crate::dispatch::kernels;
+use crate::formats::{dequantize_row, DType};
+use crate::pool::ThreadPool;
+
+/// A weight matrix of `rows` × `cols` elements (row-major, each row `cols` elements of `dtype`).
+/// GGUF stores an [in, out] tensor as `out` rows of `in` elements, so `rows` = output features.
+#[derive(Clone, Copy, Debug)]
+pub struct Matrix<'a> {
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    pub data: &'a [u8],
+}
+
+impl<'a> Matrix<'a> {
+    pub fn new(dtype: DType, rows: usize, cols: usize, data: &'a [u8]) -> Matrix<'a> {
+        let rb = dtype.row_bytes(cols).expect("row length must be whole blocks");
+        assert!(data.len() >= rb * rows, "matrix data too short");
+        Matrix { dtype, rows, cols, data }
+    }
+
+    pub fn row_bytes(&self) -> usize {
+        self.dtype.row_bytes(self.cols).unwrap_or(0)
+    }
+
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// Decode row `r` into f32 (an embedding lookup).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        dequantize_row(self.dtype, self.row(r), &mut out[..self.cols]);
+    }
+}
+
+/// A raw pointer that may be shared across the pool's threads for disjoint writes.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: only used for writes to disjoint indices, each by one thread, while the owner waits.
+unsafe impl Send for SharedMut {}
+// SAFETY: as above.
+unsafe impl Sync for SharedMut {}
+
+/// Rows of weights each work item covers: enough to amortize scheduling, small enough to balance.
+const ROW_CHUNK: usize = 16;
+
+/// out[t * w.rows + r] = w.row(r) · x[t], for `n` activation rows `x` of `w.cols` floats.
+/// The activations are quantized once to the weight's `vec_dot_type`, so the inner loop is an
+/// integer dot product; `scratch` holds them (grown as needed, reused across calls).
+pub fn matmul(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize, out: &mut [f32], scratch: &mut Vec<u8>) {
+    let (k, m) = (w.cols, w.rows);
+    assert!(x.len() >= n * k && out.len() >= n * m, "matmul shapes");
+    let kt = kernels();
+    let vt = w.dtype.vec_dot_type();
+    let arb = vt.row_bytes(k).expect("activation row must be whole blocks");
+    if scratch.len() < n * arb {
+        scratch.resize(n * arb, 0);
+    }
+    let quant = kt.quantize(vt);
+    if n >= 8 {
+        let sp = scratch.as_mut_ptr() as usize;
+        pool.for_chunks(n, 4, &|ts| {
+            for t in ts {
+                // SAFETY: each t is handled by exactly one thread; rows t*arb..(t+1)*arb are disjoint
+                // and lie within `scratch`, which outlives this call.
+                let dst = unsafe { std::slice::from_raw_parts_mut((sp as *mut u8).add(t * arb), arb) };
+                quant(&x[t * k..(t + 1) * k], dst);
+            }
+        });
+    } else {
+        for t in 0..n {
+            quant(&x[t * k..(t + 1) * k], &mut scratch[t * arb..(t + 1) * arb]);
+        }
+    }
+    let act: &[u8] = scratch;
+    let dot = kt.vec_dot(w.dtype);
+    let optr = SharedMut(out.as_mut_ptr());
+    pool.for_chunks(m, ROW_CHUNK, &|rows| {
+        let optr = optr;
+        for t in 0..n {
+            let a = &act[t * arb..(t + 1) * arb];
+            for r in rows.clone() {
+                let v = dot(k, w.row(r), a);
+                // SAFETY: (t, r) pairs are disjoint across chunks and t * m + r < out.len().
+                unsafe { *optr.0.add(t * m + r) = v };
+            }
+        }
+    });
+}
+
+/// RMS normalization of each `dim`-sized row, times `weight`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let dim = weight.len();
+    for (xr, or) in x.chunks_exact(dim).zip(out.chunks_exact_mut(dim)) {
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = 1.0 / ((ss / dim as f64) as f32 + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(weight) {
+            *o = v * scale * g;
+        }
+    }
+}
+
+/// In-place RMS normalization of each `weight.len()`-sized chunk (per-head Q/K norms).
+pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) {
+    let dim = weight.len();
+    for xr in x.chunks_exact_mut(dim) {
+        let ss: f64 = xr.iter().map(|&v| (v as f64) * (v as f64)).sum();
+        let scale = 1.0 / ((ss / dim as f64) as f32 + eps).sqrt();
+        for (v, &g) in xr.iter_mut().zip(weight) {
+            *v = *v * scale * g;
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Rotate adjacent pairs (x[2i], x[2i+1]) — GGML's "normal" mode (Llama).
+    Interleaved,
+    /// Rotate (x[i], x[i + n_rot/2]) — GGML's "NeoX" mode (Qwen, Gemma).
+    Neox,
+}
+
+#[derive(Clone, Debug)]
+pub struct Rope {
+    pub style: RopeStyle,
+    /// Leading dimensions of each head that rotate.
+    pub n_rot: usize,
+    pub base: f32,
+    /// Position scale (1 / linear scaling factor).
+    pub freq_scale: f32,
+    /// Per-frequency divisors (Llama 3.1 `rope_freqs`), if any.
+    pub freq_factors: Option<Vec<f32>>,
+}
+
+impl Rope {
+    /// Rotate every head (`head_dim` floats each) of one token's vector at position `pos`.
+    pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize, cache: &mut Vec<(f32, f32)>) {
+        let half = self.n_rot / 2;
+        cache.clear();
+        // Angles computed as GGML does: theta_i = pos * base^(-2i/n_rot), by repeated products.
+        let theta_scale = self.base.powf(-2.0 / self.n_rot as f32);
+        let mut theta = pos as f32;
+        for i in 0..half {
+            let ff = self.freq_factors.as_ref().map(|f| f[i]).unwrap_or(1.0);
+            let t = self.freq_scale * (theta / ff);
+            cache.push((t.cos(), t.sin()));
+            theta *= theta_scale;
+        }
+        for head in x.chunks_exact_mut(head_dim) {
+            for (i, &(c, s)) in cache.iter().enumerate() {
+                let (a, b) = match self.style {
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                    RopeStyle::Neox => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * c - x1 * s;
+                head[b] = x0 * s + x1 * c;
+            }
+        }
+    }
+}
+
+/// gate = silu(gate) * up, in place in `gate`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+/// gate = gelu(gate) * up (tanh approximation, as GGML and Gemma use), in place in `gate`.
+pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let x = *g;
+        *g = 0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + 0.044715 * x * x)).tanh()) * u;
+    }
+}
+
+pub fn add_inplace(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// Dot product of two f32 slices (dispatches to SIMD where available).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let f = kernels().vec_dot(DType::F32);
+    f(n, f32_bytes(&a[..n]), f32_bytes(&b[..n]))
+}
+
+/// View f32 data as bytes for the byte-oriented kernel interface.
+pub fn f32_bytes(x: &[f32]) -> &[u8] {
+    // SAFETY: any f32 bit pattern is valid as bytes; length scales by 4; alignment of u8 is 1.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}
+
+/// y += a * x
+pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// Softmax attention of one query head over cached keys/values:
+/// out = Σ_j softmax_j(q·k_j * scale) v_j over the slots j in `ranges` (half-open slot ranges);
+/// slot j's key and value are the `q.len()` floats at `keys[j * stride + offset ..]`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(
+    q: &[f32],
+    keys: &[f32],
+    values: &[f32],
+    stride: usize,
+    offset: usize,
+    ranges: &[std::ops::Range<usize>],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    scores.clear();
+    let mut max = f32::NEG_INFINITY;
+    for j in ranges.iter().flat_map(|r| r.clone()) {
+        let k = &keys[j * stride + offset..][..hd];
+        let s = dot_f32(q, k) * scale;
+        max = max.max(s);
+        scores.push(s);
+    }
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    out[..hd].fill(0.0);
+    let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+    for (j, &p) in ranges.iter().flat_map(|r| r.clone()).zip(scores.iter()) {
+        let v = &values[j * stride + offset..][..hd];
+        axpy(&mut out[..hd], p * inv, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmul_matches_row_by_row_dots() {
+        let pool = ThreadPool::new(2);
+        let (rows, cols, n) = (37, 64, 9);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
+        let x: Vec<f32> = (0..n * cols).map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5).collect();
+        let wm = Matrix::new(DType::F32, rows, cols, f32_bytes(&w));
+        let mut out = vec![0f32; n * rows];
+        matmul(&pool, &wm, &x, n, &mut out, &mut Vec::new());
+        for t in 0..n {
+            for r in 0..rows {
+                let want: f32 = (0..cols).map(|c| w[r * cols + c] * x[t * cols + c]).sum();
+                assert!((out[t * rows + r] - want).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn rope_rotates_by_position_and_keeps_norm() {
+        let rope = Rope { style: RopeStyle::Neox, n_rot: 4, base: 10000.0, freq_scale: 1.0, freq_factors: None };
+        let mut x = vec![1.0, 0.0, 0.0, 1.0];
+        let mut c = Vec::new();
+        rope.apply(&mut x, 4, 0, &mut c);
+        assert_eq!(x, vec![1.0, 0.0, 0.0, 1.0]);
+        rope.apply(&mut x, 4, 1, &mut c);
+        // Pair (x0, x2) rotates by 1 radian; pair (x1, x3) by 1/100.
+        assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[2] - 1f32.sin()).abs() < 1e-6);
+        assert!((x[1] + (0.01f32).sin()).abs() < 1e-6 && (x[3] - (0.01f32).cos()).abs() < 1e-6);
+    }
+
+    #[test]
+    fn attention_weights_sum_to_one() {
+        let q = [1.0, 0.0];
+        let keys = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0];
+        let values = [1.0, 1.0, 3.0, 3.0, 5.0, 5.0];
+        let mut out = [0.0; 2];
+        attend(&q, &keys, &values, 2, 0, &[0..1, 1..3], 1.0, &mut Vec::new(), &mut out);
+        let e = 1f32.exp();
+        let want = (e * 1.0 + 3.0 + e * 5.0) / (2.0 * e + 1.0);
+        assert!((out[0] - want).abs() < 1e-5 && (out[1] - want).abs() < 1e-5);
+    }
+}

@@ -125,6 +125,29 @@ impl ThreadPool {
     }
 }
 
+impl ThreadPool {
+    /// Run `f(row_index, row)` over the `row_len`-sized rows of `data`, in parallel chunks of
+    /// `chunk_rows` rows. Each row is visited exactly once, by one thread.
+    pub fn for_rows<T: Send>(&self, data: &mut [T], row_len: usize, chunk_rows: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
+        assert!(row_len > 0 && data.len() % row_len == 0, "rows must tile the slice");
+        let n_rows = data.len() / row_len;
+        let base = SendPtr(data.as_mut_ptr());
+        self.for_chunks(n_rows, chunk_rows, &|rows| {
+            let base = &base;
+            for r in rows {
+                // SAFETY: `for_chunks` hands each row index to exactly one thread, rows are
+                // disjoint `row_len`-sized windows of `data`, and `data` outlives the job.
+                let row = unsafe { std::slice::from_raw_parts_mut(base.0.add(r * row_len), row_len) };
+                f(r, row);
+            }
+        });
+    }
+}
+
+struct SendPtr<T>(*mut T);
+// SAFETY: used only to hand disjoint rows of one slice to the pool's threads (see `for_rows`).
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
 fn worker_loop(shared: &Shared, ith: usize, nth: usize) {
     let mut seen = 0usize;
     loop {
@@ -200,6 +223,14 @@ mod tests {
             }
         });
         assert!(seen.iter().all(|c| c.load(Ordering::SeqCst) == 1));
+    }
+
+    #[test]
+    fn rows_are_each_visited_once() {
+        let pool = ThreadPool::new(2);
+        let mut data = vec![0usize; 5 * 3];
+        pool.for_rows(&mut data, 3, 1, &|r, row| row.iter_mut().for_each(|v| *v += r + 1));
+        assert_eq!(data, vec![1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5]);
     }
 
     #[test]

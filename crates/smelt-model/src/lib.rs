@@ -8,3 +8,5 @@
 
 pub mod gguf;
 pub mod tokenizer;
+pub mod arch;
+pub mod kv;

@@ -151,6 +151,11 @@ impl GgufFile {
         &self.map.bytes()[t.offset as usize..(t.offset + t.n_bytes) as usize]
     }
 
+    /// `len` bytes of the file from `offset`; callers pass ranges of validated tensors.
+    pub fn slice(&self, offset: usize, len: usize) -> &[u8] {
+        &self.map.bytes()[offset..offset + len]
+    }
+
     pub fn file_len(&self) -> u64 {
         self.map.bytes().len() as u64
     }

@@ -1,0 +1,25 @@
+// Quick timing of a prefill + a few decode steps (development aid; `smelt bench` is the real tool).
+use smelt_kernels::pool::ThreadPool;
+use smelt_model::arch::{BatchToken, Model, Workspace};
+use std::sync::Arc;
+use std::time::Instant;
+
+fn main() {
+    let path = std::env::args().nth(1).expect("model path");
+    let n: usize = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(256);
+    let threads: usize = std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(2);
+    let model = Model::load(std::path::Path::new(&path)).unwrap();
+    let mut ws = Workspace::new(Arc::new(ThreadPool::new(threads)));
+    let mut caches = vec![model.new_cache(4096, 512)];
+    let batch: Vec<BatchToken> = (0..n).map(|i| BatchToken { token: (i * 37 % 1000) as u32 + 100, pos: i, seq: 0, logits: i == n - 1 }).collect();
+    let t = Instant::now();
+    model.forward(&batch, &mut caches, &mut ws).unwrap();
+    let pp = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    for i in 0..16 {
+        let b = [BatchToken { token: 200, pos: n + i, seq: 0, logits: true }];
+        model.forward(&b, &mut caches, &mut ws).unwrap();
+    }
+    let tg = t.elapsed().as_secs_f64();
+    println!("pp{n}: {:.1} t/s   tg16: {:.1} t/s", n as f64 / pp, 16.0 / tg);
+}

@@ -1,0 +1,253 @@
+//! Shared building blocks of a transformer layer, and the forward pass that runs them.
+//!
+//! Buffers (n = tokens in the batch, E = n_embd): `x` is the residual stream [n, E]; blocks read
+//! their input from `h` (a normed copy of `x`) and write their output to `a`, which the layer then
+//! norms and/or adds back into `x`.
+
+use super::{Activation, LayerWeights, Linear, Model, ModelError};
+use crate::kv::KvCache;
+use smelt_kernels::ops::{self, attend, rms_norm, rms_norm_inplace};
+use smelt_kernels::pool::ThreadPool;
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::Arc;
+
+/// One token of a batch: its id, its position in its sequence, which sequence (index into the
+/// caches passed to `forward`), and whether its logits are wanted.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchToken {
+    pub token: u32,
+    pub pos: usize,
+    pub seq: usize,
+    pub logits: bool,
+}
+
+/// Scratch buffers for forward passes, reused across calls so the token loop does not allocate.
+pub struct Workspace {
+    pub pool: Arc<ThreadPool>,
+    x: Vec<f32>,
+    h: Vec<f32>,
+    a: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    logits: Vec<f32>,
+    /// Final normed hidden states of the rows whose logits were computed.
+    hidden: Vec<f32>,
+    matmul: Vec<u8>,
+    rope: Vec<(f32, f32)>,
+}
+
+impl Workspace {
+    pub fn new(pool: Arc<ThreadPool>) -> Workspace {
+        Workspace {
+            pool,
+            x: Vec::new(),
+            h: Vec::new(),
+            a: Vec::new(),
+            q: Vec::new(),
+            k: Vec::new(),
+            v: Vec::new(),
+            att: Vec::new(),
+            gate: Vec::new(),
+            up: Vec::new(),
+            logits: Vec::new(),
+            hidden: Vec::new(),
+            matmul: Vec::new(),
+            rope: Vec::new(),
+        }
+    }
+
+    /// The final normed hidden states (one row of n_embd per logits row) of the last forward pass.
+    pub fn hidden(&self) -> &[f32] {
+        &self.hidden
+    }
+}
+
+fn fit(v: &mut Vec<f32>, n: usize) {
+    if v.len() != n {
+        v.resize(n, 0.0);
+    }
+}
+
+/// The state one layer function works on.
+pub struct Block<'a> {
+    model: &'a Model,
+    ws: &'a mut Workspace,
+    batch: &'a [BatchToken],
+    caches: &'a mut [KvCache],
+}
+
+thread_local! {
+    static ATTN_SCRATCH: RefCell<(Vec<f32>, Vec<Range<usize>>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// out[n, w.rows] = x[n, w.cols] · wᵀ — the single place weights are multiplied (adapters hook here).
+fn linear(pool: &ThreadPool, w: &Linear, x: &[f32], n: usize, out: &mut Vec<f32>, scratch: &mut Vec<u8>) {
+    fit(out, n * w.rows);
+    ops::matmul(pool, &w.matrix(), x, n, out, scratch);
+}
+
+fn add_bias(x: &mut [f32], bias: &Option<Vec<f32>>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            ops::add_inplace(row, b);
+        }
+    }
+}
+
+impl Block<'_> {
+    fn n(&self) -> usize {
+        self.batch.len()
+    }
+
+    /// h = rms_norm(x) · weight
+    pub fn norm_input(&mut self, weight: &[f32]) {
+        let ws = &mut *self.ws;
+        fit(&mut ws.h, ws.x.len());
+        rms_norm(&ws.x, weight, self.model.hp.norm_eps, &mut ws.h);
+    }
+
+    /// a = rms_norm(a) · weight (Gemma's post-attention and post-FFN norms)
+    pub fn norm_output(&mut self, weight: &[f32]) {
+        rms_norm_inplace(&mut self.ws.a, weight, self.model.hp.norm_eps);
+    }
+
+    /// x += a
+    pub fn add_residual(&mut self) {
+        ops::add_inplace(&mut self.ws.x, &self.ws.a);
+    }
+
+    /// a = self-attention over h for layer `il`: project Q/K/V (+ bias, per-head norm), rotate,
+    /// store K/V in each token's sequence cache, attend causally, project out.
+    pub fn attention(&mut self, w: &LayerWeights, il: usize) {
+        let hp = &self.model.hp;
+        let n = self.n();
+        let (d, nh, nkv) = (hp.head_dim, hp.n_head, hp.n_head_kv);
+        let ws = &mut *self.ws;
+        let pool = ws.pool.clone();
+        linear(&pool, &w.wq, &ws.h, n, &mut ws.q, &mut ws.matmul);
+        linear(&pool, &w.wk, &ws.h, n, &mut ws.k, &mut ws.matmul);
+        linear(&pool, &w.wv, &ws.h, n, &mut ws.v, &mut ws.matmul);
+        add_bias(&mut ws.q, &w.bq);
+        add_bias(&mut ws.k, &w.bk);
+        add_bias(&mut ws.v, &w.bv);
+        if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
+            rms_norm_inplace(&mut ws.q, qn, hp.norm_eps);
+            rms_norm_inplace(&mut ws.k, kn, hp.norm_eps);
+        }
+        let rope = &hp.rope[il];
+        for (t, bt) in self.batch.iter().enumerate() {
+            rope.apply(&mut ws.q[t * nh * d..(t + 1) * nh * d], d, bt.pos, &mut ws.rope);
+            rope.apply(&mut ws.k[t * nkv * d..(t + 1) * nkv * d], d, bt.pos, &mut ws.rope);
+            let row = nkv * d;
+            self.caches[bt.seq].write(il, bt.pos, &ws.k[t * row..(t + 1) * row], &ws.v[t * row..(t + 1) * row]);
+        }
+        fit(&mut ws.att, n * nh * d);
+        let (q, caches, batch) = (&ws.q, &*self.caches, self.batch);
+        let group = nh / nkv;
+        let scale = hp.attn_scale;
+        pool.for_rows(&mut ws.att, d, 1, &|row, out| {
+            let (t, head) = (row / nh, row % nh);
+            let bt = &batch[t];
+            let cache = &caches[bt.seq];
+            let layer = &cache.layers[il];
+            ATTN_SCRATCH.with(|s| {
+                let (scores, ranges) = &mut *s.borrow_mut();
+                cache.visible(il, bt.pos, ranges);
+                let qh = &q[(t * nh + head) * d..][..d];
+                attend(qh, &layer.k, &layer.v, nkv * d, (head / group) * d, ranges, scale, scores, out);
+            });
+        });
+        linear(&pool, &w.wo, &ws.att, n, &mut ws.a, &mut ws.matmul);
+    }
+
+    /// a = down(act(gate(h)) * up(h))
+    pub fn ffn(&mut self, w: &LayerWeights, act: Activation) {
+        let n = self.n();
+        let ws = &mut *self.ws;
+        let pool = ws.pool.clone();
+        linear(&pool, &w.gate, &ws.h, n, &mut ws.gate, &mut ws.matmul);
+        linear(&pool, &w.up, &ws.h, n, &mut ws.up, &mut ws.matmul);
+        match act {
+            Activation::Silu => ops::silu_mul(&mut ws.gate, &ws.up),
+            Activation::GeluTanh => ops::gelu_mul(&mut ws.gate, &ws.up),
+        }
+        linear(&pool, &w.down, &ws.gate, n, &mut ws.a, &mut ws.matmul);
+    }
+}
+
+impl Model {
+    fn check_batch(&self, batch: &[BatchToken], caches: &[KvCache]) -> Result<(), ModelError> {
+        if batch.is_empty() {
+            return Err(ModelError::Batch("empty batch".into()));
+        }
+        let mut added = vec![0usize; caches.len()];
+        for bt in batch {
+            let cache = caches.get(bt.seq).ok_or_else(|| ModelError::Batch(format!("sequence {} has no cache", bt.seq)))?;
+            if bt.token as usize >= self.hp.n_vocab {
+                return Err(ModelError::Batch(format!("token id {} is outside the vocabulary ({} tokens)", bt.token, self.hp.n_vocab)));
+            }
+            let expect = cache.len + added[bt.seq];
+            if bt.pos != expect {
+                return Err(ModelError::Batch(format!("sequence {}: position {} given, {expect} expected next", bt.seq, bt.pos)));
+            }
+            if bt.pos >= cache.n_ctx {
+                return Err(ModelError::Batch(format!("sequence {}: position {} is beyond the context of {} tokens", bt.seq, bt.pos, cache.n_ctx)));
+            }
+            added[bt.seq] += 1;
+            if added[bt.seq] > cache.max_batch {
+                return Err(ModelError::Batch(format!("sequence {}: more than {} tokens in one batch", bt.seq, cache.max_batch)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Run the model on a batch of tokens (from one or more sequences), appending their keys and
+    /// values to the sequences' caches. Returns the logits [rows, n_vocab] of the tokens whose
+    /// `logits` flag is set, in batch order.
+    pub fn forward<'w>(&self, batch: &[BatchToken], caches: &mut [KvCache], ws: &'w mut Workspace) -> Result<&'w [f32], ModelError> {
+        self.check_batch(batch, caches)?;
+        let hp = &self.hp;
+        let (n, e) = (batch.len(), hp.n_embd);
+        for (seq, cache) in caches.iter_mut().enumerate() {
+            let add = batch.iter().filter(|b| b.seq == seq).count();
+            if add > 0 {
+                cache.reserve(cache.len + add);
+            }
+        }
+        fit(&mut ws.x, n * e);
+        let scale = if self.spec().scale_embeddings { (e as f32).sqrt() } else { 1.0 };
+        for (t, bt) in batch.iter().enumerate() {
+            let row = &mut ws.x[t * e..(t + 1) * e];
+            self.token_embd.row_f32(bt.token as usize, row);
+            if scale != 1.0 {
+                row.iter_mut().for_each(|v| *v *= scale);
+            }
+        }
+        {
+            let layer_fn = self.arch.layer();
+            let mut block = Block { model: self, ws: &mut *ws, batch, caches: &mut *caches };
+            for (il, lw) in self.layers.iter().enumerate() {
+                layer_fn(&mut block, lw, il);
+            }
+        }
+        for (seq, cache) in caches.iter_mut().enumerate() {
+            cache.len += batch.iter().filter(|b| b.seq == seq).count();
+        }
+        let rows: Vec<usize> = (0..n).filter(|&t| batch[t].logits).collect();
+        fit(&mut ws.hidden, rows.len() * e);
+        for (i, &t) in rows.iter().enumerate() {
+            rms_norm(&ws.x[t * e..(t + 1) * e], &self.output_norm, hp.norm_eps, &mut ws.hidden[i * e..(i + 1) * e]);
+        }
+        if rows.is_empty() {
+            return Ok(&[]);
+        }
+        let pool = ws.pool.clone();
+        linear(&pool, &self.output, &ws.hidden, rows.len(), &mut ws.logits, &mut ws.matmul);
+        Ok(&ws.logits)
+    }
+}

@@ -1,0 +1,247 @@
+//! Model architectures. Each is described by data ([`ArchSpec`]: which tensors it has, its
+//! activation and RoPE style) plus a small file whose `layer` function composes the shared blocks
+//! in [`blocks`]. Quantized and float weights go through the same code ([`Linear`]).
+
+pub mod blocks;
+mod gemma3;
+mod llama;
+mod qwen2;
+mod qwen3;
+mod weights;
+
+pub use blocks::{BatchToken, Workspace};
+pub use weights::{LayerWeights, Linear};
+
+use crate::gguf::{GgufError, GgufFile, Header};
+use crate::tokenizer::{Tokenizer, TokenizerError};
+use smelt_kernels::ops::{Rope, RopeStyle};
+use std::path::Path;
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("unsupported architecture {0:?} (smelt supports: llama, qwen2, qwen3, gemma3)")]
+    Architecture(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Batch(String),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// SwiGLU: silu(gate) * up.
+    Silu,
+    /// GeGLU with the tanh approximation of GELU.
+    GeluTanh,
+}
+
+/// What distinguishes one architecture's tensors and math from another's.
+#[derive(Clone, Copy, Debug)]
+pub struct ArchSpec {
+    pub name: &'static str,
+    /// Q, K and V projections carry biases.
+    pub qkv_bias: bool,
+    /// Per-head RMS norms of Q and K before RoPE.
+    pub qk_norm: bool,
+    /// Norms applied to the attention and FFN outputs before the residual add.
+    pub post_norms: bool,
+    pub activation: Activation,
+    pub rope_style: RopeStyle,
+    /// Token embeddings are multiplied by sqrt(n_embd).
+    pub scale_embeddings: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Arch {
+    Llama,
+    Qwen2,
+    Qwen3,
+    Gemma3,
+}
+
+impl Arch {
+    pub fn from_name(name: &str) -> Result<Arch, ModelError> {
+        match name {
+            "llama" => Ok(Arch::Llama),
+            "qwen2" => Ok(Arch::Qwen2),
+            "qwen3" => Ok(Arch::Qwen3),
+            "gemma3" => Ok(Arch::Gemma3),
+            other => Err(ModelError::Architecture(other.to_string())),
+        }
+    }
+
+    pub fn spec(self) -> &'static ArchSpec {
+        match self {
+            Arch::Llama => &llama::SPEC,
+            Arch::Qwen2 => &qwen2::SPEC,
+            Arch::Qwen3 => &qwen3::SPEC,
+            Arch::Gemma3 => &gemma3::SPEC,
+        }
+    }
+
+    fn layer(self) -> fn(&mut blocks::Block, &LayerWeights, usize) {
+        match self {
+            Arch::Llama => llama::layer,
+            Arch::Qwen2 => qwen2::layer,
+            Arch::Qwen3 => qwen3::layer,
+            Arch::Gemma3 => gemma3::layer,
+        }
+    }
+}
+
+/// Hyperparameters, read from `{arch}.*` metadata.
+#[derive(Clone, Debug)]
+pub struct Hparams {
+    pub n_vocab: usize,
+    pub n_ctx_train: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub norm_eps: f32,
+    /// Multiplier of q·k before the softmax.
+    pub attn_scale: f32,
+    /// Per layer: RoPE parameters and sliding window (None = full attention).
+    pub rope: Vec<Rope>,
+    pub window: Vec<Option<usize>>,
+}
+
+fn key(arch: &str, k: &str) -> String {
+    format!("{arch}.{k}")
+}
+
+impl Hparams {
+    fn read(h: &Header, arch: Arch, n_vocab: usize) -> Result<Hparams, ModelError> {
+        let a = arch.spec().name;
+        let req = |k: &str| -> Result<usize, ModelError> {
+            let full = key(a, k);
+            Ok(h.require(&full, h.get_u64(&full))? as usize)
+        };
+        let n_embd = req("embedding_length")?;
+        let n_layer = req("block_count")?;
+        let n_head = req("attention.head_count")?;
+        let n_ff = req("feed_forward_length")?;
+        let n_head_kv = h.get_u64(&key(a, "attention.head_count_kv"))?.map(|v| v as usize).unwrap_or(n_head);
+        if n_head == 0 || n_head_kv == 0 || n_head % n_head_kv != 0 || n_layer == 0 || n_embd == 0 || n_layer > 1024 {
+            return Err(ModelError::Invalid(format!(
+                "invalid shape: {n_layer} layers, {n_head} heads, {n_head_kv} KV heads, embedding {n_embd}"
+            )));
+        }
+        let head_dim = h.get_u64(&key(a, "attention.key_length"))?.map(|v| v as usize).unwrap_or(n_embd / n_head);
+        if let Some(vl) = h.get_u64(&key(a, "attention.value_length"))? {
+            if vl as usize != head_dim {
+                return Err(ModelError::Invalid(format!("value length {vl} differs from key length {head_dim}")));
+            }
+        }
+        let norm_eps = h.get_f32(&key(a, "attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5);
+        let n_ctx_train = h.get_u64(&key(a, "context_length"))?.map(|v| v as usize).unwrap_or(4096);
+        let n_rot = h.get_u64(&key(a, "rope.dimension_count"))?.map(|v| v as usize).unwrap_or(head_dim);
+        if n_rot > head_dim || n_rot % 2 != 0 || head_dim == 0 || head_dim > 1024 {
+            return Err(ModelError::Invalid(format!("invalid head size {head_dim} / rotary dims {n_rot}")));
+        }
+        let base = h.get_f32(&key(a, "rope.freq_base"))?.unwrap_or(10000.0);
+        let scaling = h.get_str(&key(a, "rope.scaling.type"))?.unwrap_or("none");
+        let factor = h.get_f32(&key(a, "rope.scaling.factor"))?.unwrap_or(1.0);
+        let freq_scale = match scaling {
+            "none" => 1.0,
+            "linear" if factor > 0.0 => 1.0 / factor,
+            other => return Err(ModelError::Invalid(format!("unsupported RoPE scaling {other:?} (factor {factor})"))),
+        };
+        let rope = Rope { style: arch.spec().rope_style, n_rot, base, freq_scale, freq_factors: None };
+        let mut hp = Hparams {
+            n_vocab,
+            n_ctx_train,
+            n_embd,
+            n_layer,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff,
+            norm_eps,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            rope: vec![rope; n_layer],
+            window: vec![None; n_layer],
+        };
+        if arch == Arch::Gemma3 {
+            gemma3::hparams(h, &mut hp)?;
+        }
+        Ok(hp)
+    }
+}
+
+/// A loaded model: hyperparameters, tokenizer, chat template and memory-mapped weights.
+pub struct Model {
+    pub arch: Arch,
+    pub name: String,
+    pub hp: Hparams,
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<String>,
+    pub file: Arc<GgufFile>,
+    token_embd: Linear,
+    output_norm: Vec<f32>,
+    output: Linear,
+    layers: Vec<LayerWeights>,
+}
+
+impl Model {
+    pub fn load(path: &Path) -> Result<Model, ModelError> {
+        let file = Arc::new(GgufFile::open(path)?);
+        Self::from_file(file)
+    }
+
+    pub fn from_file(file: Arc<GgufFile>) -> Result<Model, ModelError> {
+        let h = &file.header;
+        let arch_name = h.require("general.architecture", h.get_str("general.architecture"))?;
+        let arch = Arch::from_name(arch_name)?;
+        let tokenizer = Tokenizer::from_gguf(h)?;
+        let mut hp = Hparams::read(h, arch, tokenizer.n_vocab())?;
+        let spec = arch.spec();
+        let token_embd = Linear::load(&file, "token_embd.weight", hp.n_embd, None)?;
+        if token_embd.rows != hp.n_vocab {
+            return Err(ModelError::Invalid(format!(
+                "token_embd.weight has {} rows but the vocabulary has {} tokens",
+                token_embd.rows, hp.n_vocab
+            )));
+        }
+        let output = match h.tensor("output.weight") {
+            Some(_) => Linear::load(&file, "output.weight", hp.n_embd, Some(hp.n_vocab))?,
+            None => token_embd.clone(),
+        };
+        let output_norm = weights::vector(&file, "output_norm.weight", hp.n_embd)?;
+        if let Some(t) = h.tensor("rope_freqs.weight") {
+            let half = hp.rope[0].n_rot / 2;
+            let f = weights::vector(&file, &t.name, half)?;
+            for r in &mut hp.rope {
+                r.freq_factors = Some(f.clone());
+            }
+        }
+        let layers = (0..hp.n_layer).map(|il| LayerWeights::load(&file, il, &hp, spec)).collect::<Result<Vec<_>, _>>()?;
+        let chat_template = h.get_str("tokenizer.chat_template")?.map(String::from);
+        let name = h.get_str("general.name")?.unwrap_or(arch_name).to_string();
+        Ok(Model { arch, name, hp, tokenizer, chat_template, file, token_embd, output_norm, output, layers })
+    }
+
+    pub fn spec(&self) -> &'static ArchSpec {
+        self.arch.spec()
+    }
+
+    /// A KV cache for one sequence of up to `n_ctx` positions, fed at most `max_batch` tokens per pass.
+    pub fn new_cache(&self, n_ctx: usize, max_batch: usize) -> crate::kv::KvCache {
+        crate::kv::KvCache::new(&self.hp.window, self.hp.n_head_kv * self.hp.head_dim, n_ctx, max_batch)
+    }
+
+    /// Bytes of weights read per generated token (every matrix once, plus one embedding row).
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let mut total: usize = self.layers.iter().map(|l| l.matrix_bytes()).sum();
+        total += self.output.bytes();
+        total += self.token_embd.bytes() / self.hp.n_vocab.max(1);
+        total
+    }
+}

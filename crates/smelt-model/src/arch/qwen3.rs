@@ -1,0 +1,24 @@
+//! Qwen3 (dense): no Q/K/V biases; instead each head of Q and K is RMS-normed before RoPE.
+
+use super::blocks::Block;
+use super::{Activation, ArchSpec, LayerWeights};
+use smelt_kernels::ops::RopeStyle;
+
+pub const SPEC: ArchSpec = ArchSpec {
+    name: "qwen3",
+    qkv_bias: false,
+    qk_norm: true,
+    post_norms: false,
+    activation: Activation::Silu,
+    rope_style: RopeStyle::Neox,
+    scale_embeddings: false,
+};
+
+pub fn layer(b: &mut Block, w: &LayerWeights, il: usize) {
+    b.norm_input(&w.attn_norm);
+    b.attention(w, il);
+    b.add_residual();
+    b.norm_input(&w.ffn_norm);
+    b.ffn(w, SPEC.activation);
+    b.add_residual();
+}

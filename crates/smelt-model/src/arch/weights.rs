@@ -1,0 +1,139 @@
+//! Weight tensors: shape-checked views into the memory-mapped file.
+
+use super::{ArchSpec, Hparams, ModelError};
+use crate::gguf::GgufFile;
+use smelt_kernels::formats::{dequantize_row, DType};
+use smelt_kernels::ops::Matrix;
+use std::sync::Arc;
+
+/// A weight matrix of `rows` output features × `cols` input features, in any format. Every
+/// matrix multiply in the model goes through one of these (see `blocks::Block::linear`).
+#[derive(Clone)]
+pub struct Linear {
+    pub name: String,
+    pub dtype: DType,
+    pub rows: usize,
+    pub cols: usize,
+    offset: usize,
+    file: Arc<GgufFile>,
+}
+
+impl Linear {
+    /// Load a 2-D tensor with `cols` inputs; `rows` is checked when given.
+    pub fn load(file: &Arc<GgufFile>, name: &str, cols: usize, rows: Option<usize>) -> Result<Linear, ModelError> {
+        let t = file.header.tensor(name).ok_or_else(|| ModelError::Invalid(format!("tensor {name:?} is missing")))?;
+        let dims = &t.dims;
+        let (c, r) = match dims.as_slice() {
+            [c, r] => (*c as usize, *r as usize),
+            [c, r, 1] | [c, r, 1, 1] => (*c as usize, *r as usize),
+            _ => return Err(ModelError::Invalid(format!("tensor {name:?} has shape {dims:?}, expected 2 dimensions"))),
+        };
+        if c != cols || rows.is_some_and(|want| want != r) {
+            let want = match rows {
+                Some(rw) => format!("[{cols}, {rw}]"),
+                None => format!("[{cols}, *]"),
+            };
+            return Err(ModelError::Invalid(format!("tensor {name:?} has shape {dims:?}, expected {want}")));
+        }
+        let offset = t.offset as usize;
+        Ok(Linear { name: name.to_string(), dtype: t.dtype, rows: r, cols: c, offset, file: file.clone() })
+    }
+
+    pub fn matrix(&self) -> Matrix<'_> {
+        Matrix::new(self.dtype, self.rows, self.cols, self.file.slice(self.offset, self.bytes()))
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.dtype.row_bytes(self.cols).unwrap_or(0) * self.rows
+    }
+
+    /// Decode one row (an embedding lookup).
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let m = self.matrix();
+        dequantize_row(self.dtype, m.row(r), &mut out[..self.cols]);
+    }
+}
+
+/// A 1-D F32/F16 tensor of `n` elements, decoded to f32.
+pub fn vector(file: &GgufFile, name: &str, n: usize) -> Result<Vec<f32>, ModelError> {
+    let t = file.header.tensor(name).ok_or_else(|| ModelError::Invalid(format!("tensor {name:?} is missing")))?;
+    if t.n_elements() != n as u64 {
+        return Err(ModelError::Invalid(format!("tensor {name:?} has shape {:?}, expected [{n}]", t.dims)));
+    }
+    let mut out = vec![0f32; n];
+    dequantize_row(t.dtype, file.tensor_data(t), &mut out);
+    Ok(out)
+}
+
+fn optional_vector(file: &GgufFile, name: &str, n: usize) -> Result<Option<Vec<f32>>, ModelError> {
+    if file.header.tensor(name).is_some() {
+        vector(file, name, n).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
+/// One transformer block's weights. Shapes: E = n_embd, D = head_dim, H / Hkv = heads, F = n_ff.
+pub struct LayerWeights {
+    pub attn_norm: Vec<f32>,            // [E]
+    pub wq: Linear,                     // [E] -> [H*D]
+    pub wk: Linear,                     // [E] -> [Hkv*D]
+    pub wv: Linear,                     // [E] -> [Hkv*D]
+    pub wo: Linear,                     // [H*D] -> [E]
+    pub bq: Option<Vec<f32>>,           // [H*D]
+    pub bk: Option<Vec<f32>>,           // [Hkv*D]
+    pub bv: Option<Vec<f32>>,           // [Hkv*D]
+    pub q_norm: Option<Vec<f32>>,       // [D]
+    pub k_norm: Option<Vec<f32>>,       // [D]
+    pub post_attn_norm: Option<Vec<f32>>, // [E]
+    pub ffn_norm: Vec<f32>,             // [E]
+    pub gate: Linear,                   // [E] -> [F]
+    pub up: Linear,                     // [E] -> [F]
+    pub down: Linear,                   // [F] -> [E]
+    pub post_ffn_norm: Option<Vec<f32>>, // [E]
+}
+
+impl LayerWeights {
+    pub fn load(file: &Arc<GgufFile>, il: usize, hp: &Hparams, spec: &ArchSpec) -> Result<LayerWeights, ModelError> {
+        let n = |s: &str| format!("blk.{il}.{s}");
+        let (e, d, f) = (hp.n_embd, hp.head_dim, hp.n_ff);
+        let (q_out, kv_out) = (hp.n_head * d, hp.n_head_kv * d);
+        let required = |name: &str, v: Option<Vec<f32>>| v.ok_or_else(|| ModelError::Invalid(format!("tensor {name:?} is missing")));
+        let bias = |s: &str, len: usize| -> Result<Option<Vec<f32>>, ModelError> {
+            let v = optional_vector(file, &n(s), len)?;
+            if spec.qkv_bias { required(&n(s), v).map(Some) } else { Ok(v) }
+        };
+        let (q_norm, k_norm) = if spec.qk_norm {
+            (Some(vector(file, &n("attn_q_norm.weight"), d)?), Some(vector(file, &n("attn_k_norm.weight"), d)?))
+        } else {
+            (None, None)
+        };
+        let (post_attn_norm, post_ffn_norm) = if spec.post_norms {
+            (Some(vector(file, &n("post_attention_norm.weight"), e)?), Some(vector(file, &n("post_ffw_norm.weight"), e)?))
+        } else {
+            (None, None)
+        };
+        Ok(LayerWeights {
+            attn_norm: vector(file, &n("attn_norm.weight"), e)?,
+            wq: Linear::load(file, &n("attn_q.weight"), e, Some(q_out))?,
+            wk: Linear::load(file, &n("attn_k.weight"), e, Some(kv_out))?,
+            wv: Linear::load(file, &n("attn_v.weight"), e, Some(kv_out))?,
+            wo: Linear::load(file, &n("attn_output.weight"), q_out, Some(e))?,
+            bq: bias("attn_q.bias", q_out)?,
+            bk: bias("attn_k.bias", kv_out)?,
+            bv: bias("attn_v.bias", kv_out)?,
+            q_norm,
+            k_norm,
+            post_attn_norm,
+            ffn_norm: vector(file, &n("ffn_norm.weight"), e)?,
+            gate: Linear::load(file, &n("ffn_gate.weight"), e, Some(f))?,
+            up: Linear::load(file, &n("ffn_up.weight"), e, Some(f))?,
+            down: Linear::load(file, &n("ffn_down.weight"), f, Some(e))?,
+            post_ffn_norm,
+        })
+    }
+
+    pub fn matrix_bytes(&self) -> usize {
+        [&self.wq, &self.wk, &self.wv, &self.wo, &self.gate, &self.up, &self.down].iter().map(|l| l.bytes()).sum()
+    }
+}
