@@ -9,4 +9,5 @@
 pub mod gguf;
 pub mod tokenizer;
 pub mod arch;
+pub mod chat;
 pub mod kv;

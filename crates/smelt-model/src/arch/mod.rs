@@ -237,6 +237,18 @@ impl Model {
         crate::kv::KvCache::new(&self.hp.window, self.hp.n_head_kv * self.hp.head_dim, n_ctx, max_batch)
     }
 
+    /// The model's chat template, or a fallback for models without one (Gemma's turn format for
+    /// Gemma models, ChatML otherwise).
+    pub fn chat_template(&self) -> Result<crate::chat::ChatTemplate, crate::chat::ChatError> {
+        let text = |id: Option<u32>| id.and_then(|i| self.tokenizer.token_text(i)).unwrap_or("").to_string();
+        let source = match (&self.chat_template, self.arch) {
+            (Some(s), _) => s.as_str(),
+            (None, Arch::Gemma3) => crate::chat::GEMMA,
+            (None, _) => crate::chat::CHATML,
+        };
+        crate::chat::ChatTemplate::new(source, &text(self.tokenizer.bos), &text(self.tokenizer.eos))
+    }
+
     /// Bytes of weights read per generated token (every matrix once, plus one embedding row).
     pub fn weight_bytes_per_token(&self) -> usize {
         let mut total: usize = self.layers.iter().map(|l| l.matrix_bytes()).sum();
