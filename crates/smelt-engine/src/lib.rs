@@ -1,14 +1,8 @@
-pub fn add(left: u64, right: u64) -> u64 {
-    left + right
-}
+//! smelt-engine: running sequences on a model — sampling, stop conditions, generation.
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+pub mod generate;
+mod rng;
+pub mod sampling;
 
-    #[test]
-    fn it_works() {
-        let result = add(2, 2);
-        assert_eq!(result, 4);
-    }
-}
+pub use generate::{FinishReason, GenerateError, GenerateParams, Generation, Session, Step};
+pub use sampling::{Sampler, SamplingParams};

@@ -1,0 +1,309 @@
+//! Token sampling: logit bias, repetition/presence/frequency penalties, top-k, top-p, min-p,
+//! temperature — applied in that order, as llama.cpp's default chain does — then a draw from a
+//! seeded generator. Temperature 0 is greedy.
+
+use crate::rng::Rng;
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SamplingParams {
+    /// 0 = greedy (argmax after bias and penalties).
+    pub temperature: f32,
+    /// Keep the k most likely tokens; 0 = off.
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches p; 1 = off.
+    pub top_p: f32,
+    /// Drop tokens less likely than min_p × the most likely one; 0 = off.
+    pub min_p: f32,
+    /// Divide positive (multiply negative) logits of recent tokens; 1 = off.
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token seen recently.
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence of a token seen recently.
+    pub frequency_penalty: f32,
+    /// How many recent tokens the penalties look at (prompt included); 0 = all.
+    pub penalty_last_n: usize,
+    /// Added to the logits of the given tokens (-inf bans a token).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// None = a random seed.
+    pub seed: Option<u64>,
+}
+
+impl Default for SamplingParams {
+    /// llama.cpp's defaults.
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.8,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.05,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            penalty_last_n: 64,
+            logit_bias: Vec::new(),
+            seed: None,
+        }
+    }
+}
+
+impl SamplingParams {
+    pub fn greedy() -> Self {
+        SamplingParams { temperature: 0.0, ..Default::default() }
+    }
+
+    /// Reject values that make no sense, naming the parameter.
+    pub fn validate(&self, n_vocab: usize) -> Result<(), String> {
+        let finite = |name: &str, v: f32| if v.is_finite() { Ok(()) } else { Err(format!("{name} must be a finite number")) };
+        finite("temperature", self.temperature)?;
+        if self.temperature < 0.0 {
+            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+        }
+        finite("top_p", self.top_p)?;
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(format!("top_p must be in (0, 1], got {}", self.top_p));
+        }
+        finite("min_p", self.min_p)?;
+        if !(0.0..=1.0).contains(&self.min_p) {
+            return Err(format!("min_p must be in [0, 1], got {}", self.min_p));
+        }
+        finite("repetition_penalty", self.repetition_penalty)?;
+        if self.repetition_penalty <= 0.0 {
+            return Err(format!("repetition_penalty must be > 0, got {}", self.repetition_penalty));
+        }
+        finite("presence_penalty", self.presence_penalty)?;
+        finite("frequency_penalty", self.frequency_penalty)?;
+        for &(id, b) in &self.logit_bias {
+            if id as usize >= n_vocab {
+                return Err(format!("logit_bias names token {id}, outside the vocabulary of {n_vocab}"));
+            }
+            if b.is_nan() || b == f32::INFINITY {
+                return Err(format!("logit_bias for token {id} must be a number or -inf"));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub struct Sampler {
+    pub params: SamplingParams,
+    rng: Rng,
+    candidates: Vec<(u32, f32)>,
+    counts: std::collections::HashMap<u32, u32>,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Sampler {
+        let seed = params.seed.unwrap_or_else(|| {
+            let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+            t ^ (std::process::id() as u64) << 32
+        });
+        Sampler { params, rng: Rng::new(seed), candidates: Vec::new(), counts: Default::default() }
+    }
+
+    /// Pick the next token from `logits` (modified in place by bias and penalties), given the
+    /// sequence so far (`history`: prompt and generated tokens).
+    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+        let p = &self.params;
+        for &(id, b) in &p.logit_bias {
+            if let Some(l) = logits.get_mut(id as usize) {
+                *l += b;
+            }
+        }
+        let penalize = p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        if penalize {
+            let recent = if p.penalty_last_n == 0 { history } else { &history[history.len().saturating_sub(p.penalty_last_n)..] };
+            self.counts.clear();
+            for &t in recent {
+                *self.counts.entry(t).or_default() += 1;
+            }
+            for (&t, &c) in &self.counts {
+                if let Some(l) = logits.get_mut(t as usize) {
+                    if *l > 0.0 {
+                        *l /= p.repetition_penalty;
+                    } else {
+                        *l *= p.repetition_penalty;
+                    }
+                    *l -= c as f32 * p.frequency_penalty + p.presence_penalty;
+                }
+            }
+        }
+        if p.temperature <= 0.0 {
+            return argmax(logits);
+        }
+
+        let cands = &mut self.candidates;
+        cands.clear();
+        cands.extend(logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l)));
+        if cands.is_empty() {
+            return argmax(logits);
+        }
+        let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        // top-k, then sort what is left (for top-p we need the whole distribution in order, but
+        // only as far as the cut: sort a generous head first and widen if it is not enough).
+        if p.top_k > 0 && p.top_k < cands.len() {
+            cands.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
+            cands.truncate(p.top_k);
+        }
+        sort_head(cands, p.top_p, by_logit_desc);
+
+        let max = cands[0].1;
+        let mut probs: Vec<f64> = cands.iter().map(|c| ((c.1 - max) as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        // top-p over the sorted candidates.
+        if p.top_p < 1.0 {
+            let mut cum = 0.0;
+            let mut keep = cands.len();
+            for (i, pr) in probs.iter().enumerate() {
+                cum += pr / total;
+                if cum >= p.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+            cands.truncate(keep);
+            probs.truncate(keep);
+        }
+        // min-p relative to the most likely token.
+        if p.min_p > 0.0 {
+            let keep = probs.iter().take_while(|&&pr| pr >= p.min_p as f64 * probs[0]).count().max(1);
+            cands.truncate(keep);
+        }
+        // Temperature, then draw.
+        let inv_t = 1.0 / p.temperature as f64;
+        let weights: Vec<f64> = cands.iter().map(|c| (((c.1 - max) as f64) * inv_t).exp()).collect();
+        let sum: f64 = weights.iter().sum();
+        let mut r = self.rng.uniform() * sum;
+        for (c, w) in cands.iter().zip(&weights) {
+            if r < *w {
+                return c.0;
+            }
+            r -= w;
+        }
+        cands[cands.len() - 1].0
+    }
+}
+
+/// Sort candidates by descending logit, far enough that a top-p cut lies inside the sorted part.
+fn sort_head(cands: &mut [(u32, f32)], top_p: f32, cmp: impl Fn(&(u32, f32), &(u32, f32)) -> std::cmp::Ordering + Copy) {
+    const HEAD: usize = 1024;
+    if cands.len() > HEAD && top_p < 1.0 {
+        cands.select_nth_unstable_by(HEAD - 1, cmp);
+        cands[..HEAD].sort_unstable_by(cmp);
+        let max = cands[0].1;
+        let head: f64 = cands[..HEAD].iter().map(|c| ((c.1 - max) as f64).exp()).sum();
+        let tail: f64 = cands[HEAD..].iter().map(|c| ((c.1 - max) as f64).exp()).sum();
+        if head / (head + tail) >= top_p as f64 {
+            return;
+        }
+    }
+    cands.sort_unstable_by(cmp);
+}
+
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0usize;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Log-softmax normalizer (log-sum-exp) of a logits row.
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    (s.ln() as f32) + max
+}
+
+/// The `k` most likely tokens with their log-probabilities, most likely first.
+pub fn top_logprobs(logits: &[f32], lse: f32, k: usize) -> Vec<(u32, f32)> {
+    let k = k.min(logits.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    let mut idx: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
+    let cmp = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    idx.select_nth_unstable_by(k - 1, cmp);
+    idx.truncate(k);
+    idx.sort_unstable_by(cmp);
+    idx.into_iter().map(|(i, l)| (i, l - lse)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn logits() -> Vec<f32> {
+        vec![1.0, 3.0, 2.0, -1.0, 2.5]
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax_after_bias() {
+        let mut s = Sampler::new(SamplingParams::greedy());
+        assert_eq!(s.sample(&mut logits(), &[]), 1);
+        let mut s = Sampler::new(SamplingParams { logit_bias: vec![(1, f32::NEG_INFINITY)], ..SamplingParams::greedy() });
+        assert_eq!(s.sample(&mut logits(), &[]), 4);
+    }
+
+    #[test]
+    fn penalties_follow_llama_cpp() {
+        let mut l = logits();
+        let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, presence_penalty: 0.5, frequency_penalty: 0.25, ..SamplingParams::greedy() });
+        s.sample(&mut l, &[1, 1, 3]);
+        assert_eq!(l[1], 3.0 / 2.0 - 2.0 * 0.25 - 0.5);
+        assert_eq!(l[3], -1.0 * 2.0 - 0.25 - 0.5);
+        assert_eq!(l[0], 1.0);
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_respects_filters() {
+        let draw = |seed, top_k, top_p, min_p| {
+            let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k, top_p, min_p, seed: Some(seed), ..Default::default() });
+            (0..200).map(|_| s.sample(&mut logits(), &[])).collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7, 0, 1.0, 0.0), draw(7, 0, 1.0, 0.0));
+        assert_ne!(draw(7, 0, 1.0, 0.0), draw(8, 0, 1.0, 0.0));
+        assert!(draw(1, 2, 1.0, 0.0).iter().all(|&t| t == 1 || t == 4));
+        assert!(draw(1, 0, 1.0, 0.0).contains(&3));
+        // p(1)=.48 p(4)=.29: top_p .5 keeps both; min_p .7 keeps only tokens >= .7 * p(1).
+        assert!(draw(2, 0, 0.5, 0.0).iter().all(|&t| t == 1 || t == 4));
+        assert!(draw(2, 0, 1.0, 0.7).iter().all(|&t| t == 1));
+    }
+
+    #[test]
+    fn sampling_frequencies_follow_the_distribution() {
+        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: Some(3), ..Default::default() });
+        let n = 20000;
+        let mut hits = [0usize; 5];
+        for _ in 0..n {
+            hits[s.sample(&mut logits(), &[]) as usize] += 1;
+        }
+        let l = logits();
+        let lse = log_sum_exp(&l);
+        for i in 0..5 {
+            let p = ((l[i] - lse) as f64).exp();
+            assert!((hits[i] as f64 / n as f64 - p).abs() < 0.015, "token {i}");
+        }
+    }
+
+    #[test]
+    fn top_logprobs_are_sorted_and_normalized() {
+        let l = logits();
+        let top = top_logprobs(&l, log_sum_exp(&l), 3);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 4, 2]);
+        let total: f64 = l.iter().map(|&x| ((x - log_sum_exp(&l)) as f64).exp()).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn invalid_parameters_are_named() {
+        let bad = SamplingParams { top_p: 1.5, ..Default::default() };
+        assert!(bad.validate(10).unwrap_err().contains("top_p"));
+        let bad = SamplingParams { temperature: f32::NAN, ..Default::default() };
+        assert!(bad.validate(10).unwrap_err().contains("temperature"));
+        let bad = SamplingParams { logit_bias: vec![(99, 1.0)], ..Default::default() };
+        assert!(bad.validate(10).unwrap_err().contains("99"));
+    }
+}

