@@ -1,107 +1,106 @@
 //! A persistent thread pool for data-parallel kernels.
 //!
-//! Workers live as long as the pool. A job is a borrowed closure run once on every thread (the
-//! caller is thread 0); `run` returns when all threads have finished it, so the closure may borrow
-//! from the caller's stack. Workers spin briefly for the next job (jobs arrive back to back during a
-//! forward pass) and then sleep on a condition variable so an idle pool costs nothing.
+//! A job is a range of work items handed out in chunks from an atomic counter; the calling thread
+//! takes part, and workers join in as they notice the job. The caller never waits for a worker
+//! that has not started — it closes the job once every chunk is taken and waits only for chunks
+//! in progress — so a descheduled or sleeping worker cannot stall the caller (which matters when
+//! the machine is busy). Workers spin briefly for the next job, then sleep on a condition variable.
 
+use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
-type Job = dyn Fn(usize, usize) + Sync;
+type ChunkFn = dyn Fn(Range<usize>) + Sync;
+
+/// One job: `f` over `0..n` in chunks of `chunk`.
+struct Job {
+    f: *const ChunkFn,
+    n: usize,
+    chunk: usize,
+    next: AtomicUsize,
+}
+
+impl Job {
+    /// Take and run chunks until none are left.
+    fn work(&self, panicked: &AtomicBool) {
+        loop {
+            let start = self.next.fetch_add(self.chunk, Ordering::Relaxed);
+            if start >= self.n {
+                return;
+            }
+            // SAFETY: `f` points to the closure passed to `for_chunks`, which does not return
+            // (and so keeps the closure alive) until no thread can be running a chunk.
+            let f = unsafe { &*self.f };
+            if catch_unwind(AssertUnwindSafe(|| f(start..(start + self.chunk).min(self.n)))).is_err() {
+                panicked.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
 
 struct Shared {
-    /// Incremented (under `lock`) to publish a job.
-    epoch: AtomicUsize,
-    /// Workers still running the current job.
-    pending: AtomicUsize,
-    /// The current job; valid while `pending > 0`. Stored as a fat pointer with its lifetime erased.
-    job: Mutex<Option<JobPtr>>,
+    /// epoch * 2 + 1 while job `epoch` is open, epoch * 2 once it is closed.
+    state: AtomicUsize,
+    /// Workers inside the current job.
+    active: AtomicUsize,
+    job: AtomicPtrJob,
+    sleepers: AtomicUsize,
     lock: Mutex<()>,
     wake: Condvar,
     shutdown: AtomicBool,
     panicked: AtomicBool,
 }
 
-#[derive(Clone, Copy)]
-struct JobPtr(*const Job);
-// SAFETY: the pointee is `Sync` and outlives every use: `run` waits for all workers before returning.
-unsafe impl Send for JobPtr {}
+/// The current job, published before `state` opens it.
+struct AtomicPtrJob(std::sync::atomic::AtomicPtr<Job>);
 
 pub struct ThreadPool {
     shared: Arc<Shared>,
     workers: Vec<JoinHandle<()>>,
     n_threads: usize,
-    /// Serializes callers: one job at a time.
+    /// One job at a time.
     run_lock: Mutex<()>,
+    epoch: AtomicUsize,
 }
 
-/// Iterations a worker spins on the epoch before sleeping.
-const SPIN_ITERS: usize = 20_000;
+/// Iterations a worker spins waiting for a job before it sleeps.
+const SPIN_ITERS: usize = 50_000;
 
 impl ThreadPool {
     /// A pool with `n_threads` threads in all, the calling thread included.
     pub fn new(n_threads: usize) -> ThreadPool {
         let n_threads = n_threads.max(1);
         let shared = Arc::new(Shared {
-            epoch: AtomicUsize::new(0),
-            pending: AtomicUsize::new(0),
-            job: Mutex::new(None),
+            state: AtomicUsize::new(0),
+            active: AtomicUsize::new(0),
+            job: AtomicPtrJob(std::sync::atomic::AtomicPtr::new(std::ptr::null_mut())),
+            sleepers: AtomicUsize::new(0),
             lock: Mutex::new(()),
             wake: Condvar::new(),
             shutdown: AtomicBool::new(false),
             panicked: AtomicBool::new(false),
         });
         let workers = (1..n_threads)
-            .map(|ith| {
+            .map(|i| {
                 let shared = shared.clone();
                 std::thread::Builder::new()
-                    .name(format!("smelt-worker-{ith}"))
-                    .spawn(move || worker_loop(&shared, ith, n_threads))
+                    .name(format!("smelt-worker-{i}"))
+                    .spawn(move || worker_loop(&shared))
                     .expect("spawning a worker thread")
             })
             .collect();
-        ThreadPool { shared, workers, n_threads, run_lock: Mutex::new(()) }
+        ThreadPool { shared, workers, n_threads, run_lock: Mutex::new(()), epoch: AtomicUsize::new(0) }
     }
 
     pub fn n_threads(&self) -> usize {
         self.n_threads
     }
 
-    /// Run `f(ith, nth)` on every thread of the pool and wait for all of them.
-    pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
-        if self.n_threads == 1 {
-            f(0, 1);
-            return;
-        }
-        let _one_job = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
-        // SAFETY: erasing the lifetime is sound because this function does not return until
-        // `pending` reaches zero, i.e. until no worker can touch `f` any more.
-        let ptr: *const Job = unsafe { std::mem::transmute::<*const (dyn Fn(usize, usize) + Sync + '_), *const Job>(f) };
-        *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = Some(JobPtr(ptr));
-        self.shared.pending.store(self.n_threads - 1, Ordering::SeqCst);
-        {
-            let _g = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.shared.epoch.fetch_add(1, Ordering::SeqCst);
-        }
-        self.shared.wake.notify_all();
-        let mine = catch_unwind(AssertUnwindSafe(|| f(0, self.n_threads)));
-        while self.shared.pending.load(Ordering::Acquire) != 0 {
-            std::hint::spin_loop();
-        }
-        *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        if let Err(p) = mine {
-            std::panic::resume_unwind(p);
-        }
-        if self.shared.panicked.swap(false, Ordering::SeqCst) {
-            panic!("a thread-pool worker panicked");
-        }
-    }
-
-    /// Split `0..n` into chunks of `chunk` and hand them out dynamically to all threads.
-    pub fn for_chunks(&self, n: usize, chunk: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    /// Run `f` over `0..n` split into chunks of `chunk` items, in parallel. Each index is in
+    /// exactly one chunk; returns when all chunks are done.
+    pub fn for_chunks(&self, n: usize, chunk: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
         let chunk = chunk.max(1);
         if n == 0 {
             return;
@@ -114,18 +113,40 @@ impl ThreadPool {
             }
             return;
         }
-        let next = AtomicUsize::new(0);
-        self.run(&|_, _| loop {
-            let start = next.fetch_add(chunk, Ordering::Relaxed);
-            if start >= n {
-                break;
+        let _one = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: erasing the closure's lifetime is sound because this function returns only
+        // after the job is closed and no worker is inside it (see `Job::work`).
+        let fptr: *const ChunkFn = unsafe { std::mem::transmute::<*const (dyn Fn(Range<usize>) + Sync + '_), *const ChunkFn>(f) };
+        let job = Job { f: fptr, n, chunk, next: AtomicUsize::new(0) };
+        let s = &self.shared;
+        let epoch = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
+        s.job.0.store(&job as *const Job as *mut Job, Ordering::SeqCst);
+        s.state.store(epoch * 2 + 1, Ordering::SeqCst);
+        if s.sleepers.load(Ordering::SeqCst) > 0 {
+            let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+            s.wake.notify_all();
+        }
+        job.work(&s.panicked);
+        s.state.store(epoch * 2, Ordering::SeqCst);
+        while s.active.load(Ordering::SeqCst) != 0 {
+            std::hint::spin_loop();
+        }
+        s.job.0.store(std::ptr::null_mut(), Ordering::SeqCst);
+        if s.panicked.swap(false, Ordering::SeqCst) {
+            panic!("a thread-pool task panicked");
+        }
+    }
+
+    /// Run `f(i, n)` once for every i in 0..n, in parallel (i is a task index, not a thread).
+    pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
+        let n = self.n_threads;
+        self.for_chunks(n, 1, &|r| {
+            for i in r {
+                f(i, n)
             }
-            f(start..(start + chunk).min(n));
         });
     }
-}
 
-impl ThreadPool {
     /// Run `f(row_index, row)` over the `row_len`-sized rows of `data`, in parallel chunks of
     /// `chunk_rows` rows. Each row is visited exactly once, by one thread.
     pub fn for_rows<T: Send>(&self, data: &mut [T], row_len: usize, chunk_rows: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
@@ -148,35 +169,47 @@ struct SendPtr<T>(*mut T);
 // SAFETY: used only to hand disjoint rows of one slice to the pool's threads (see `for_rows`).
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
-fn worker_loop(shared: &Shared, ith: usize, nth: usize) {
-    let mut seen = 0usize;
+fn worker_loop(s: &Shared) {
+    let mut last_epoch = 0usize;
+    let mut spins = 0usize;
     loop {
-        let mut spins = 0;
-        while shared.epoch.load(Ordering::Acquire) == seen && !shared.shutdown.load(Ordering::Acquire) {
-            if spins < SPIN_ITERS {
-                spins += 1;
-                std::hint::spin_loop();
-            } else {
-                let mut g = shared.lock.lock().unwrap_or_else(|e| e.into_inner());
-                while shared.epoch.load(Ordering::Acquire) == seen && !shared.shutdown.load(Ordering::Acquire) {
-                    g = shared.wake.wait(g).unwrap_or_else(|e| e.into_inner());
-                }
-            }
-        }
-        if shared.shutdown.load(Ordering::Acquire) {
+        if s.shutdown.load(Ordering::Acquire) {
             return;
         }
-        seen = shared.epoch.load(Ordering::Acquire);
-        let job = *shared.job.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(JobPtr(ptr)) = job {
-            // SAFETY: the caller of `run` keeps the closure alive until `pending` reaches zero,
-            // which happens only after this call returns.
-            let f = unsafe { &*ptr };
-            if catch_unwind(AssertUnwindSafe(|| f(ith, nth))).is_err() {
-                shared.panicked.store(true, Ordering::SeqCst);
+        let st = s.state.load(Ordering::SeqCst);
+        if st & 1 == 1 && st >> 1 != last_epoch {
+            s.active.fetch_add(1, Ordering::SeqCst);
+            // Join only if the job is still the same open one (the caller may have closed it).
+            if s.state.load(Ordering::SeqCst) == st {
+                let job = s.job.0.load(Ordering::SeqCst);
+                // SAFETY: the job stays alive while it is open or `active` is non-zero, and we
+                // incremented `active` before confirming it is open.
+                if let Some(job) = unsafe { job.as_ref() } {
+                    job.work(&s.panicked);
+                }
             }
+            last_epoch = st >> 1;
+            s.active.fetch_sub(1, Ordering::SeqCst);
+            spins = 0;
+            continue;
         }
-        shared.pending.fetch_sub(1, Ordering::AcqRel);
+        if spins < SPIN_ITERS {
+            spins += 1;
+            std::hint::spin_loop();
+            continue;
+        }
+        // Sleep until the next job is published.
+        let mut g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
+        s.sleepers.fetch_add(1, Ordering::SeqCst);
+        loop {
+            let st = s.state.load(Ordering::SeqCst);
+            if s.shutdown.load(Ordering::Acquire) || (st & 1 == 1 && st >> 1 != last_epoch) {
+                break;
+            }
+            g = s.wake.wait(g).unwrap_or_else(|e| e.into_inner());
+        }
+        s.sleepers.fetch_sub(1, Ordering::SeqCst);
+        spins = 0;
     }
 }
 
@@ -185,8 +218,8 @@ impl Drop for ThreadPool {
         {
             let _g = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
             self.shared.shutdown.store(true, Ordering::SeqCst);
+            self.shared.wake.notify_all();
         }
-        self.shared.wake.notify_all();
         for w in self.workers.drain(..) {
             let _ = w.join();
         }
@@ -198,15 +231,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_thread_runs_each_job_once() {
+    fn every_task_index_runs_once() {
         let pool = ThreadPool::new(4);
         for _ in 0..1000 {
             let hits = AtomicUsize::new(0);
             let mask = AtomicUsize::new(0);
-            pool.run(&|ith, nth| {
-                assert_eq!(nth, 4);
+            pool.run(&|i, n| {
+                assert_eq!(n, 4);
                 hits.fetch_add(1, Ordering::SeqCst);
-                mask.fetch_or(1 << ith, Ordering::SeqCst);
+                mask.fetch_or(1 << i, Ordering::SeqCst);
             });
             assert_eq!(hits.load(Ordering::SeqCst), 4);
             assert_eq!(mask.load(Ordering::SeqCst), 0b1111);
@@ -216,13 +249,15 @@ mod tests {
     #[test]
     fn chunks_cover_the_range_exactly_once() {
         let pool = ThreadPool::new(3);
-        let seen: Vec<AtomicUsize> = (0..1001).map(|_| AtomicUsize::new(0)).collect();
-        pool.for_chunks(1001, 7, &|r| {
-            for i in r {
-                seen[i].fetch_add(1, Ordering::SeqCst);
-            }
-        });
-        assert!(seen.iter().all(|c| c.load(Ordering::SeqCst) == 1));
+        for n in [1, 2, 7, 1001] {
+            let seen: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+            pool.for_chunks(n, 7, &|r| {
+                for i in r {
+                    seen[i].fetch_add(1, Ordering::SeqCst);
+                }
+            });
+            assert!(seen.iter().all(|c| c.load(Ordering::SeqCst) == 1));
+        }
     }
 
     #[test]
@@ -234,14 +269,28 @@ mod tests {
     }
 
     #[test]
-    fn a_worker_panic_reaches_the_caller_and_the_pool_survives() {
+    fn a_task_panic_reaches_the_caller_and_the_pool_survives() {
         let pool = ThreadPool::new(2);
-        let r = catch_unwind(AssertUnwindSafe(|| pool.run(&|ith, _| assert_ne!(ith, 1, "boom"))));
+        let r = catch_unwind(AssertUnwindSafe(|| pool.for_chunks(8, 1, &|r| assert_ne!(r.start, 5, "boom"))));
         assert!(r.is_err());
         let hits = AtomicUsize::new(0);
-        pool.run(&|_, _| {
+        pool.for_chunks(10, 1, &|_| {
             hits.fetch_add(1, Ordering::SeqCst);
         });
-        assert_eq!(hits.load(Ordering::SeqCst), 2);
+        assert_eq!(hits.load(Ordering::SeqCst), 10);
+    }
+
+    #[test]
+    fn sleeping_workers_wake_for_new_jobs() {
+        let pool = ThreadPool::new(2);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let who = Mutex::new(std::collections::HashSet::new());
+        for _ in 0..50 {
+            pool.for_chunks(64, 1, &|_| {
+                who.lock().unwrap().insert(std::thread::current().id());
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            });
+        }
+        assert_eq!(who.lock().unwrap().len(), 2, "the worker took part");
     }
 }

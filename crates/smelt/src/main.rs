@@ -1,3 +1,46 @@
+//! The `smelt` command line.
+
+mod cmd;
+mod common;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "smelt", version, about = "Run, serve and customize foundation models on your own hardware.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Chat with a model in the terminal (its own chat template, streamed replies).
+    Run(cmd::run::Args),
+    /// Complete a prompt (raw text, no chat template).
+    Generate(cmd::generate::Args),
+    /// Print the token ids of a text as a JSON array.
+    Tokenize(cmd::tokenize::Args),
+    /// Download a model into the local store.
+    Pull(cmd::store::PullArgs),
+    /// List the models in the local store.
+    List(cmd::store::ListArgs),
+    /// Remove a model from the local store.
+    Rm(cmd::store::RmArgs),
+}
+
 fn main() {
-    println!("Hello, world!");
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(a) => cmd::run::run(a),
+        Command::Generate(a) => cmd::generate::run(a),
+        Command::Tokenize(a) => cmd::tokenize::run(a),
+        Command::Pull(a) => cmd::store::pull(a),
+        Command::List(a) => cmd::store::list(a),
+        Command::Rm(a) => cmd::store::rm(a),
+    };
+    if let Err(e) = result {
+        // One line: the error and its causes.
+        eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+        std::process::exit(1);
+    }
 }

@@ -266,6 +266,17 @@ impl Tokenizer {
         out
     }
 
+    /// Tokenize a prompt the way llama.cpp does for user input: BOS as the metadata asks and
+    /// special-token text parsed — without doubling BOS when the text (e.g. a rendered chat
+    /// template) already starts with it.
+    pub fn encode_prompt(&self, text: &str) -> Vec<u32> {
+        let mut ids = self.encode(text, true, true);
+        if self.add_bos && ids.len() >= 2 && ids[0] == ids[1] && Some(ids[0]) == self.bos {
+            ids.remove(0);
+        }
+        ids
+    }
+
     /// Split text around special tokens, longest token text first.
     fn split_specials<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
         let mut frags = if text.is_empty() { vec![] } else { vec![Fragment::Text(text)] };

@@ -1,0 +1,91 @@
+//! `smelt generate`: complete a prompt, streaming text or printing one JSON object.
+
+use crate::common::{load, ModelArgs, SamplingArgs};
+use anyhow::Result;
+use smelt_engine::{GenerateParams, Session};
+use std::io::Write;
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// The prompt (BOS is added as the model asks; special-token text is parsed).
+    #[arg(long, short = 'p')]
+    prompt: String,
+    /// Most tokens to generate.
+    #[arg(long, short = 'n', default_value_t = 128)]
+    max_tokens: usize,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+    /// Stop before this string (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Report the K most likely alternatives at each step (with --json).
+    #[arg(long, default_value_t = 0)]
+    logprobs: usize,
+    /// Keep generating past end-of-generation tokens.
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object: prompt_ids, output_ids, text, steps, finish_reason.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    anyhow::ensure!(a.logprobs <= 100, "--logprobs must be at most 100");
+    let (model, pool, n_ctx) = load(&a.model)?;
+    let prompt = model.tokenizer.encode_prompt(&a.prompt);
+    let mut session = Session::new(model.clone(), pool, n_ctx);
+    let params = GenerateParams {
+        max_tokens: a.max_tokens,
+        sampling: a.sampling.params(),
+        stop: a.stop.clone(),
+        ignore_eos: a.ignore_eos,
+        top_logprobs: a.logprobs,
+    };
+    let start = Instant::now();
+    let mut first_token = None;
+    let stdout = std::io::stdout();
+    let gen = session.generate(&prompt, &params, |step| {
+        first_token.get_or_insert_with(Instant::now);
+        if !a.json {
+            let mut out = stdout.lock();
+            let _ = out.write_all(step.text.as_bytes());
+            let _ = out.flush();
+        }
+        true
+    })?;
+    let end = Instant::now();
+    if a.json {
+        let steps: Vec<serde_json::Value> = gen
+            .steps
+            .iter()
+            .map(|s| serde_json::json!({"id": s.id, "logprob": s.logprob, "top": s.top.iter().map(|(i, l)| serde_json::json!([i, l])).collect::<Vec<_>>()}))
+            .collect();
+        let out = serde_json::json!({
+            "prompt_ids": prompt,
+            "output_ids": gen.steps.iter().map(|s| s.id).collect::<Vec<_>>(),
+            "text": gen.text,
+            "steps": steps,
+            "finish_reason": gen.finish,
+        });
+        println!("{out}");
+    } else {
+        println!();
+        let first = first_token.unwrap_or(end);
+        let pp = (first - start).as_secs_f64();
+        let tg = (end - first).as_secs_f64();
+        let n = gen.steps.len();
+        eprintln!(
+            "[prompt {} tokens in {:.2}s ({:.1} t/s) | generated {} tokens ({:.1} t/s) | {:?}]",
+            prompt.len(),
+            pp,
+            prompt.len() as f64 / pp.max(1e-9),
+            n,
+            if n > 1 { (n - 1) as f64 / tg.max(1e-9) } else { 0.0 },
+            gen.finish
+        );
+    }
+    Ok(())
+}

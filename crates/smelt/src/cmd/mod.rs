@@ -1,0 +1,4 @@
+pub mod generate;
+pub mod run;
+pub mod store;
+pub mod tokenize;

@@ -1,0 +1,65 @@
+//! `smelt pull`, `smelt list`, `smelt rm`: the local model store.
+
+use crate::common::{progress_bar, report_to};
+use anyhow::Result;
+use smelt_store::{known_models, Store};
+
+#[derive(clap::Args)]
+pub struct PullArgs {
+    /// A short name (see `smelt list --available`) or a Hugging Face file: owner/repo/file.gguf
+    name: String,
+}
+
+#[derive(clap::Args)]
+pub struct ListArgs {
+    /// Also list the models that can be pulled by short name.
+    #[arg(long)]
+    available: bool,
+}
+
+#[derive(clap::Args)]
+pub struct RmArgs {
+    /// The stored model's name.
+    name: String,
+}
+
+pub fn pull(a: PullArgs) -> Result<()> {
+    let store = Store::from_env();
+    let pb = progress_bar();
+    let path = store.pull(&a.name, &mut report_to(&pb))?;
+    pb.finish_and_clear();
+    println!("{}", path.display());
+    Ok(())
+}
+
+fn size(bytes: u64) -> String {
+    if bytes >= 1 << 30 {
+        format!("{:.1} GB", bytes as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+pub fn list(a: ListArgs) -> Result<()> {
+    let store = Store::from_env();
+    let entries = store.list()?;
+    if entries.is_empty() {
+        println!("no models in {} (try `smelt pull {}`)", store.models_dir().display(), smelt_store::DEFAULT_MODEL);
+    }
+    for e in &entries {
+        println!("{:40} {:>9}  {}", e.name, size(e.size), e.path.display());
+    }
+    if a.available {
+        println!("\npullable by short name:");
+        for m in known_models() {
+            println!("{:40} {:>9}  {}", m.name, size(m.size), m.description);
+        }
+    }
+    Ok(())
+}
+
+pub fn rm(a: RmArgs) -> Result<()> {
+    let path = Store::from_env().remove(&a.name)?;
+    println!("removed {}", path.display());
+    Ok(())
+}

@@ -1,0 +1,137 @@
+//! What several commands share: finding (and if needed pulling) a model, loading it, threads.
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use smelt_kernels::pool::ThreadPool;
+use smelt_model::arch::Model;
+use smelt_store::{Progress, Store};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Options every model-running command takes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ModelArgs {
+    /// Model: a .gguf path, a stored name, or a pullable short name (pulled on first use).
+    #[arg(long, short = 'm', default_value = smelt_store::DEFAULT_MODEL)]
+    pub model: String,
+    /// Worker threads (default: all cores).
+    #[arg(long, short = 't')]
+    pub threads: Option<usize>,
+    /// Context size in tokens (default: 4096, at most the model's training context).
+    #[arg(long)]
+    pub ctx: Option<usize>,
+}
+
+pub fn progress_bar() -> ProgressBar {
+    let pb = ProgressBar::new(0);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:30} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb
+}
+
+/// A progress callback drawing `pb`.
+pub fn report_to(pb: &ProgressBar) -> impl FnMut(Progress) + '_ {
+    move |p: Progress| {
+        if let Some(t) = p.total {
+            pb.set_length(t);
+        }
+        pb.set_position(p.done);
+        pb.set_message(p.stage);
+    }
+}
+
+/// The model file for a `--model` argument, pulling known models that are not stored yet.
+pub fn model_path(model: &str) -> Result<PathBuf> {
+    let store = Store::from_env();
+    match store.resolve(model) {
+        Ok(p) => Ok(p),
+        Err(e) => {
+            if smelt_store::known_models().iter().any(|m| m.name == model) {
+                eprintln!("{model} is not in the store yet; pulling it");
+                let pb = progress_bar();
+                let path = store.pull(model, &mut report_to(&pb))?;
+                pb.finish_and_clear();
+                Ok(path)
+            } else {
+                Err(e.into())
+            }
+        }
+    }
+}
+
+pub fn threads(requested: Option<usize>) -> usize {
+    requested.filter(|&t| t > 0).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+}
+
+pub fn load(args: &ModelArgs) -> Result<(Arc<Model>, Arc<ThreadPool>, usize)> {
+    let path = model_path(&args.model)?;
+    let model = Model::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
+    let n_ctx = args.ctx.unwrap_or(4096).min(model.hp.n_ctx_train).max(1);
+    if let Some(c) = args.ctx {
+        anyhow::ensure!(c > 0, "--ctx must be at least 1");
+    }
+    let pool = Arc::new(ThreadPool::new(threads(args.threads)));
+    Ok((Arc::new(model), pool, n_ctx))
+}
+
+/// Sampling options shared by `run` and `generate`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct SamplingArgs {
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 40)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    pub top_p: f32,
+    /// Drop tokens less likely than MIN_P × the most likely (0 = off).
+    #[arg(long, default_value_t = 0.05)]
+    pub min_p: f32,
+    /// Penalize repeating recent tokens (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    /// Penalty for tokens present in the recent text.
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    /// Penalty per occurrence in the recent text.
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// How many recent tokens the penalties consider (0 = all).
+    #[arg(long, default_value_t = 64)]
+    pub repeat_last_n: usize,
+    /// Bias a token's logit: ID=BIAS (repeatable; BIAS may be -inf to ban the token).
+    #[arg(long = "logit-bias", value_parser = parse_bias)]
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Random seed for reproducible sampling.
+    #[arg(long)]
+    pub seed: Option<u64>,
+}
+
+fn parse_bias(s: &str) -> Result<(u32, f32), String> {
+    let (id, b) = s.split_once('=').ok_or("expected ID=BIAS")?;
+    let id = id.trim().parse::<u32>().map_err(|_| format!("bad token id {id:?}"))?;
+    let b = b.trim().parse::<f32>().map_err(|_| format!("bad bias {b:?}"))?;
+    Ok((id, b))
+}
+
+impl SamplingArgs {
+    pub fn params(&self) -> smelt_engine::SamplingParams {
+        smelt_engine::SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            min_p: self.min_p,
+            repetition_penalty: self.repeat_penalty,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            penalty_last_n: self.repeat_last_n,
+            logit_bias: self.logit_bias.clone(),
+            seed: self.seed,
+        }
+    }
+}
