@@ -11,3 +11,4 @@ pub mod tokenizer;
 pub mod arch;
 pub mod chat;
 pub mod kv;
+pub mod synthetic;

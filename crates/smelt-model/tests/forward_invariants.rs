@@ -1,0 +1,118 @@
+//! Properties every architecture must have, checked on small random-weight models: a token's
+//! logits do not depend on how the sequence was split into batches (so the sliding-window ring,
+//! chunked prefill and decoding agree), nor on other sequences in the same batch.
+
+use smelt_kernels::pool::ThreadPool;
+use smelt_model::arch::{BatchToken, Model, Workspace};
+use smelt_model::synthetic::{tiny_model, TinySpec};
+use std::sync::Arc;
+
+fn load(spec: &TinySpec) -> Model {
+    let path = std::env::temp_dir().join(format!("smelt-tiny-{}-{}-{}.gguf", spec.arch, spec.seed, std::process::id()));
+    std::fs::write(&path, tiny_model(spec).to_bytes()).unwrap();
+    let m = Model::load(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    m
+}
+
+fn tokens(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| 4 + (i * 7919 + salt * 31) % 290).collect()
+}
+
+/// Logits of every position of `toks`, fed in chunks of `chunk`.
+fn run(model: &Model, ws: &mut Workspace, toks: &[u32], chunk: usize) -> Vec<Vec<f32>> {
+    let mut caches = vec![model.new_cache(toks.len(), chunk)];
+    let mut out = Vec::new();
+    for (c, part) in toks.chunks(chunk).enumerate() {
+        let batch: Vec<BatchToken> = part.iter().enumerate().map(|(i, &token)| BatchToken { token, pos: c * chunk + i, seq: 0, logits: true }).collect();
+        let logits = model.forward(&batch, &mut caches, ws).unwrap();
+        out.extend(logits.chunks(model.hp.n_vocab).map(|r| r.to_vec()));
+    }
+    out
+}
+
+#[test]
+fn batching_does_not_change_logits() {
+    for arch in ["llama", "qwen2", "qwen3", "gemma3"] {
+        let model = load(&TinySpec::new(arch));
+        let mut ws = Workspace::new(Arc::new(ThreadPool::new(2)));
+        let toks = tokens(40, 1);
+        let one = run(&model, &mut ws, &toks, 1);
+        for chunk in [3, 8, 40] {
+            let other = run(&model, &mut ws, &toks, chunk);
+            assert_eq!(one, other, "{arch}: chunk {chunk} differs from token-by-token");
+        }
+        assert!(one.iter().flatten().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn sliding_window_limits_what_a_token_sees() {
+    // With every layer local (pattern 0), tokens more than `window` back cannot matter.
+    let mut spec = TinySpec::new("gemma3");
+    spec.swa_pattern = 0;
+    spec.window = 4;
+    let model = load(&spec);
+    assert!(model.hp.window.iter().all(|w| *w == Some(4)));
+    let mut ws = Workspace::new(Arc::new(ThreadPool::new(1)));
+    let a = tokens(20, 1);
+    let mut b = a.clone();
+    for t in b.iter_mut().take(10) {
+        *t = 100;
+    }
+    let (la, lb) = (run(&model, &mut ws, &a, 5), run(&model, &mut ws, &b, 5));
+    // Position 19 sees 16..=19 in the last layer, 13..=19 two layers down...: with 3 layers the
+    // receptive field is 3 * (window - 1) + 1 = 10 positions, i.e. 10..=19: unchanged.
+    assert_eq!(la[19], lb[19]);
+    assert_ne!(la[12], lb[12]);
+    // A global layer in the mix sees everything.
+    spec.swa_pattern = 2;
+    let model = load(&spec);
+    let (la, lb) = (run(&model, &mut ws, &a, 5), run(&model, &mut ws, &b, 5));
+    assert_ne!(la[19], lb[19]);
+}
+
+#[test]
+fn sequences_in_one_batch_do_not_interact() {
+    let model = load(&TinySpec::new("gemma3"));
+    let mut ws = Workspace::new(Arc::new(ThreadPool::new(2)));
+    let (a, b) = (tokens(12, 1), tokens(9, 2));
+    let alone_a = run(&model, &mut ws, &a, 12);
+    let alone_b = run(&model, &mut ws, &b, 9);
+    let mut caches = vec![model.new_cache(16, 16), model.new_cache(16, 16)];
+    let mut batch = Vec::new();
+    for (i, (&ta, &tb)) in a.iter().zip(b.iter().chain(std::iter::repeat(&0))).enumerate() {
+        batch.push(BatchToken { token: ta, pos: i, seq: 0, logits: true });
+        if i < b.len() {
+            batch.push(BatchToken { token: tb, pos: i, seq: 1, logits: true });
+        }
+    }
+    let logits = model.forward(&batch, &mut caches, &mut ws).unwrap().to_vec();
+    let rows: Vec<&[f32]> = logits.chunks(model.hp.n_vocab).collect();
+    let (mut ia, mut ib) = (0, 0);
+    for (bt, row) in batch.iter().zip(rows) {
+        if bt.seq == 0 {
+            assert_eq!(row, &alone_a[ia][..]);
+            ia += 1;
+        } else {
+            assert_eq!(row, &alone_b[ib][..]);
+            ib += 1;
+        }
+    }
+}
+
+#[test]
+fn bad_batches_are_errors_not_panics() {
+    let model = load(&TinySpec::new("llama"));
+    let mut ws = Workspace::new(Arc::new(ThreadPool::new(1)));
+    let mut caches = vec![model.new_cache(4, 4)];
+    let bt = |token, pos, seq| BatchToken { token, pos, seq, logits: true };
+    let e = |b: &[BatchToken], c: &mut Vec<_>, ws: &mut Workspace| model.forward(b, c, ws).err().unwrap().to_string();
+    assert!(e(&[], &mut caches, &mut ws).contains("empty"));
+    assert!(e(&[bt(9999, 0, 0)], &mut caches, &mut ws).contains("outside the vocabulary"));
+    assert!(e(&[bt(5, 1, 0)], &mut caches, &mut ws).contains("position 1 given, 0 expected"));
+    assert!(e(&[bt(5, 0, 3)], &mut caches, &mut ws).contains("no cache"));
+    let full: Vec<BatchToken> = (0..4).map(|i| bt(5, i, 0)).collect();
+    model.forward(&full, &mut caches, &mut ws).unwrap();
+    assert!(e(&[bt(5, 4, 0)], &mut caches, &mut ws).contains("beyond the context"));
+}
