@@ -81,31 +81,31 @@ pub fn load(args: &ModelArgs) -> Result<(Arc<Model>, Arc<ThreadPool>, usize)> {
 #[derive(clap::Args, Clone, Debug)]
 pub struct SamplingArgs {
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.8)]
     pub temperature: f32,
     /// Keep the K most likely tokens (0 = off).
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
     /// Nucleus sampling threshold (1 = off).
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.95)]
     pub top_p: f32,
     /// Drop tokens less likely than MIN_P × the most likely (0 = off).
     #[arg(long, default_value_t = 0.05)]
     pub min_p: f32,
     /// Penalize repeating recent tokens (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     pub repeat_penalty: f32,
     /// Penalty for tokens present in the recent text.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     pub presence_penalty: f32,
     /// Penalty per occurrence in the recent text.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     pub frequency_penalty: f32,
     /// How many recent tokens the penalties consider (0 = all).
     #[arg(long, default_value_t = 64)]
     pub repeat_last_n: usize,
     /// Bias a token's logit: ID=BIAS (repeatable; BIAS may be -inf to ban the token).
-    #[arg(long = "logit-bias", value_parser = parse_bias)]
+    #[arg(long = "logit-bias", value_parser = parse_bias, allow_hyphen_values = true)]
     pub logit_bias: Vec<(u32, f32)>,
     /// Random seed for reproducible sampling.
     #[arg(long)]

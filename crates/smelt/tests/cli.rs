@@ -1,0 +1,228 @@
+//! The `smelt` binary end to end: real models from the store, real processes, real terminals.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+
+const QWEN: &str = "qwen2.5-coder-0.5b-instruct";
+const GEMMA: &str = "gemma-3-270m";
+
+fn smelt(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_smelt"));
+    c.args(args);
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    smelt(args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn golden(file: &str) -> Vec<serde_json::Value> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../smelt-model/tests/data/golden").join(file);
+    std::fs::read_to_string(p).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+fn temp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("smelt-cli-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+#[test]
+fn tokenize_prints_llama_cpp_ids() {
+    for (model, file) in [(GEMMA, "gemma-3-270m.tokenize.jsonl"), (QWEN, "qwen2.5-coder-0.5b-instruct.tokenize.jsonl")] {
+        for case in golden(file).iter().step_by(5) {
+            let text = case["text"].as_str().unwrap();
+            let plain = run(&["tokenize", "-m", model, text]);
+            assert!(plain.status.success(), "{}", stderr(&plain));
+            let ids: serde_json::Value = serde_json::from_str(stdout(&plain).trim()).unwrap();
+            assert_eq!(ids, case["ids"], "{model} {text:?}");
+            let special = run(&["tokenize", "-m", model, "--special", text]);
+            let ids: serde_json::Value = serde_json::from_str(stdout(&special).trim()).unwrap();
+            assert_eq!(ids, case["ids_with_bos_and_special"], "{model} --special {text:?}");
+        }
+    }
+}
+
+fn generate_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["generate", "--json"];
+    all.extend_from_slice(args);
+    let o = run(&all);
+    assert!(o.status.success(), "{}", stderr(&o));
+    serde_json::from_str(stdout(&o).trim()).unwrap()
+}
+
+#[test]
+fn generate_json_reports_ids_text_and_logprobs() {
+    let prompt = "def quicksort(arr):\n";
+    let v = generate_json(&["-m", QWEN, "-p", prompt, "-n", "8", "--temperature", "0", "--logprobs", "3"]);
+    let tok = run(&["tokenize", "-m", QWEN, "--special", prompt]);
+    let want: serde_json::Value = serde_json::from_str(stdout(&tok).trim()).unwrap();
+    assert_eq!(v["prompt_ids"], want);
+    let steps = v["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 8);
+    assert_eq!(v["output_ids"].as_array().unwrap().len(), 8);
+    assert_eq!(v["finish_reason"], "length");
+    assert!(!v["text"].as_str().unwrap().is_empty());
+    for s in steps {
+        let top = s["top"].as_array().unwrap();
+        assert_eq!(top.len(), 3);
+        let lps: Vec<f64> = top.iter().map(|t| t[1].as_f64().unwrap()).collect();
+        assert!(lps.windows(2).all(|w| w[0] >= w[1]) && lps[0] <= 0.0);
+        // Greedy: the chosen token is the most likely one.
+        assert_eq!(s["id"], top[0][0]);
+        assert!((s["logprob"].as_f64().unwrap() - lps[0]).abs() < 1e-6);
+    }
+}
+
+#[test]
+fn seeded_sampling_is_reproducible() {
+    let args = |seed: &str| vec!["-m", GEMMA, "-p", "Once upon a time", "-n", "24", "--temperature", "1.0", "--seed", seed].into_iter().map(String::from).collect::<Vec<_>>();
+    let g = |seed: &str| {
+        let a = args(seed);
+        let refs: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        generate_json(&refs)["output_ids"].clone()
+    };
+    assert_eq!(g("42"), g("42"));
+    assert_ne!(g("42"), g("43"));
+}
+
+fn one_line_error(o: &Output) -> String {
+    assert!(!o.status.success());
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(o);
+    let lines: Vec<&str> = e.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "one line: {e:?}");
+    assert!(lines[0].starts_with("error: "), "{e}");
+    lines[0].to_string()
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let dir = temp("errors");
+    let e = one_line_error(&run(&["generate", "-m", "/no/such/model.gguf", "-p", "x"]));
+    assert!(e.contains("/no/such/model.gguf"), "{e}");
+    let e = one_line_error(&run(&["generate", "-m", "no-such-model", "-p", "x"]));
+    assert!(e.contains("unknown model"), "{e}");
+
+    let junk = dir.join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model at all").unwrap();
+    let e = one_line_error(&run(&["generate", "-m", junk.to_str().unwrap(), "-p", "x"]));
+    assert!(e.contains("not a GGUF file"), "{e}");
+
+    let real = smelt_store_path(GEMMA);
+    let bytes = std::fs::read(&real).unwrap();
+    let cut = dir.join("truncated.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let e = one_line_error(&run(&["generate", "-m", cut.to_str().unwrap(), "-p", "x"]));
+    assert!(e.contains("beyond the end of the file"), "{e}");
+    let mut flipped = bytes[..4096].to_vec();
+    flipped[20] = 0xff; // metadata count
+    std::fs::write(&cut, &flipped).unwrap();
+    let e = one_line_error(&run(&["tokenize", "-m", cut.to_str().unwrap(), "x"]));
+    assert!(e.contains("metadata"), "{e}");
+
+    let e = one_line_error(&run(&["generate", "-m", GEMMA, "-p", "x", "--temperature", "-1"]));
+    assert!(e.contains("temperature"), "{e}");
+    let e = one_line_error(&run(&["generate", "-m", GEMMA, "-p", "x", "--top-p", "0"]));
+    assert!(e.contains("top_p"), "{e}");
+    let e = one_line_error(&run(&["generate", "-m", GEMMA, "-p", "one two three four five six seven", "--ctx", "4"]));
+    assert!(e.contains("tokens but the context holds 4"), "{e}");
+    let e = one_line_error(&run(&["generate", "-m", GEMMA, "-p", "x", "--logit-bias", "999999999=1"]));
+    assert!(e.contains("logit_bias"), "{e}");
+}
+
+fn smelt_store_path(name: &str) -> PathBuf {
+    let home = std::env::var_os("SMELT_HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/smelt"));
+    home.join("models").join(format!("{name}.gguf"))
+}
+
+#[test]
+fn chat_over_a_pipe_answers_each_line() {
+    let mut child = smelt(&["run", QWEN, "--temperature", "0", "--max-tokens", "12"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"Say hello.\nWhat is 2+2?\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = stdout(&out);
+    let replies: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(replies.len() >= 2, "two replies: {text:?}");
+}
+
+/// Drive `smelt run` in a real pseudo-terminal: two turns, Ctrl-C during a reply stops it,
+/// Ctrl-C at the prompt exits cleanly (and so does Ctrl-D, checked in a second session).
+#[test]
+fn chat_in_a_terminal_handles_ctrl_c_and_ctrl_d() {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/pty_chat.py");
+    for ending in ["ctrl-c", "ctrl-d"] {
+        let o = Command::new("python3").arg(&script).arg(env!("CARGO_BIN_EXE_smelt")).arg(QWEN).arg(ending).output().unwrap();
+        assert!(o.status.success(), "{ending}: {}\n{}", stdout(&o), stderr(&o));
+    }
+}
+
+/// A Hugging Face endpoint on localhost serving one GGUF file.
+fn serve_file(path: &'static str, body: Vec<u8>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = r.read_line(&mut line);
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+            }
+            let resp = if line.split_whitespace().nth(1) == Some(path) {
+                [format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).into_bytes(), body.clone()].concat()
+            } else {
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
+            };
+            let _ = s.write_all(&resp);
+        }
+    });
+    base
+}
+
+#[test]
+fn pull_list_run_and_remove_a_hugging_face_model() {
+    let home = temp("hf-home");
+    let model = smelt_model::synthetic::tiny_model(&smelt_model::synthetic::TinySpec::new("llama")).to_bytes();
+    let base = serve_file("/acme/tiny-llama/resolve/main/tiny.gguf", model.clone());
+    let with_env = |args: &[&str]| {
+        let mut c = smelt(args);
+        c.env("SMELT_HOME", &home).env("HF_ENDPOINT", &base);
+        c.output().unwrap()
+    };
+    let o = with_env(&["pull", "acme/tiny-llama/tiny.gguf"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let path = PathBuf::from(stdout(&o).trim());
+    assert_eq!(std::fs::read(&path).unwrap(), model);
+    let o = with_env(&["list"]);
+    assert!(stdout(&o).contains("acme/tiny-llama/tiny.gguf"), "{}", stdout(&o));
+    let o = with_env(&["generate", "-m", "acme/tiny-llama/tiny.gguf", "-p", "the model", "-n", "4", "--json", "--temperature", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = with_env(&["rm", "acme/tiny-llama/tiny.gguf"]);
+    assert!(o.status.success());
+    assert!(!path.exists());
+    let e = one_line_error(&with_env(&["pull", "acme/tiny-llama/missing.gguf"]));
+    assert!(e.contains("not found"), "{e}");
+    let e = one_line_error(&with_env(&["rm", "acme/tiny-llama/tiny.gguf"]));
+    assert!(e.contains("not in the store"), "{e}");
+}
