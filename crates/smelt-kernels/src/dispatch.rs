@@ -143,6 +143,25 @@ impl Kernels {
     pub fn quantize(&self, dtype: DType) -> QuantizeFn {
         self.quantize[dtype as usize]
     }
+
+    /// Block product: `out[c * nr + r] = w_row(r) · a_row(c)` for `nr` weight rows (each
+    /// `w_stride` bytes apart, `k` elements of `dtype`) and `nc` activation rows (`a_stride`
+    /// bytes apart, in `dtype.vec_dot_type()`). Uses tiled SIMD kernels where they exist.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm(&self, dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx2 && crate::simd::avx2_gemm::has_gemm(dtype) {
+            crate::simd::avx2_gemm::gemm(dtype, k, w, w_stride, nr, a, a_stride, nc, out);
+            return;
+        }
+        let dot = self.vec_dot(dtype);
+        for c in 0..nc {
+            let arow = &a[c * a_stride..];
+            for r in 0..nr {
+                out[c * nr + r] = dot(k, &w[r * w_stride..], arow);
+            }
+        }
+    }
 }
 
 /// The process-wide kernel table.

@@ -47,7 +47,7 @@ unsafe impl Send for SharedMut {}
 unsafe impl Sync for SharedMut {}
 
 /// Rows of weights each work item covers: enough to amortize scheduling, small enough to balance.
-const ROW_CHUNK: usize = 16;
+const ROW_CHUNK: usize = 32;
 
 /// out[t * w.rows + r] = w.row(r) · x[t], for `n` activation rows `x` of `w.cols` floats.
 /// The activations are quantized once to the weight's `vec_dot_type`, so the inner loop is an
@@ -78,19 +78,41 @@ pub fn matmul(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize, out: &mut [f32
         }
     }
     let act: &[u8] = scratch;
-    let dot = kt.vec_dot(w.dtype);
+    let wrb = w.row_bytes();
     let optr = SharedMut(out.as_mut_ptr());
+    if n == 1 {
+        // Decoding: long contiguous row ranges per task keep the hardware prefetchers streaming.
+        let chunk = (m / (pool.n_threads() * 8)).clamp(16, 256) / 4 * 4;
+        pool.for_chunks(m, chunk, &|rows| {
+            let optr = optr;
+            // SAFETY: row ranges handed out by `for_chunks` are disjoint and lie within out[..m].
+            let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(rows.start), rows.len()) };
+            kt.gemm(w.dtype, k, &w.data[rows.start * wrb..], wrb, rows.len(), act, arb, 1, dst);
+        });
+        return;
+    }
     pool.for_chunks(m, ROW_CHUNK, &|rows| {
         let optr = optr;
-        for t in 0..n {
-            let a = &act[t * arb..(t + 1) * arb];
-            for r in rows.clone() {
-                let v = dot(k, w.row(r), a);
-                // SAFETY: (t, r) pairs are disjoint across chunks and t * m + r < out.len().
-                unsafe { *optr.0.add(t * m + r) = v };
+        TILE.with(|tile| {
+            let mut tile = tile.borrow_mut();
+            let nr = rows.len();
+            if tile.len() < nr * n {
+                tile.resize(nr * n, 0.0);
             }
-        }
+            kt.gemm(w.dtype, k, &w.data[rows.start * wrb..], wrb, nr, act, arb, n, &mut tile);
+            for t in 0..n {
+                for (i, r) in rows.clone().enumerate() {
+                    // SAFETY: (t, r) pairs are disjoint across chunks and t * m + r < out.len().
+                    unsafe { *optr.0.add(t * m + r) = tile[t * nr + i] };
+                }
+            }
+        });
     });
+}
+
+thread_local! {
+    /// Each thread's output tile for `matmul`.
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// RMS normalization of each `dim`-sized row, times `weight`.

@@ -289,3 +289,33 @@ fn simd_kernels_match_the_scalar_reference() {
         }
     }
 }
+
+#[test]
+fn tiled_products_match_the_scalar_reference() {
+    let scalar = Kernels::scalar();
+    let mut rng = Rng(99);
+    for isa in Kernels::available_isas() {
+        let k = Kernels::for_isa(isa);
+        for dtype in WEIGHT_DTYPES {
+            let vt = dtype.vec_dot_type();
+            let n = 3 * dtype.block_len().max(256);
+            let (wrb, arb) = (dtype.row_bytes(n).unwrap(), vt.row_bytes(n).unwrap());
+            for (nr, nc) in [(1, 1), (4, 1), (5, 1), (7, 3), (3, 5), (9, 2), (2, 9)] {
+                let w: Vec<u8> = (0..nr).flat_map(|_| random_row(&mut rng, dtype, n)).collect();
+                let mut a = vec![0u8; nc * arb];
+                for c in 0..nc {
+                    let x: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+                    scalar.quantize(vt)(&x, &mut a[c * arb..(c + 1) * arb]);
+                }
+                let (mut want, mut got) = (vec![0f32; nr * nc], vec![0f32; nr * nc]);
+                scalar.gemm(dtype, n, &w, wrb, nr, &a, arb, nc, &mut want);
+                k.gemm(dtype, n, &w, wrb, nr, &a, arb, nc, &mut got);
+                for i in 0..nr * nc {
+                    let (r, c) = (i % nr, i / nr);
+                    let mag: f32 = decode(dtype, &w[r * wrb..(r + 1) * wrb]).iter().zip(decode(vt, &a[c * arb..(c + 1) * arb])).map(|(p, q)| (p * q).abs()).sum();
+                    assert!((got[i] - want[i]).abs() <= 1e-5 * mag.max(1e-6), "{isa:?} {dtype} {nr}x{nc} at ({r},{c}): {} vs {}", got[i], want[i]);
+                }
+            }
+        }
+    }
+}

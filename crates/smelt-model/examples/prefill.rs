@@ -16,10 +16,11 @@ fn main() {
     model.forward(&batch, &mut caches, &mut ws).unwrap();
     let pp = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    for i in 0..16 {
+    let steps: usize = std::env::var("STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
+    for i in 0..steps {
         let b = [BatchToken { token: 200, pos: n + i, seq: 0, logits: true }];
         model.forward(&b, &mut caches, &mut ws).unwrap();
     }
     let tg = t.elapsed().as_secs_f64();
-    println!("pp{n}: {:.1} t/s   tg16: {:.1} t/s", n as f64 / pp, 16.0 / tg);
+    println!("pp{n}: {:.1} t/s   tg{steps}: {:.1} t/s", n as f64 / pp, steps as f64 / tg);
 }

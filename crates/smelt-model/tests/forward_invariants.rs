@@ -8,7 +8,10 @@ use smelt_model::synthetic::{tiny_model, TinySpec};
 use std::sync::Arc;
 
 fn load(spec: &TinySpec) -> Model {
-    let path = std::env::temp_dir().join(format!("smelt-tiny-{}-{}-{}.gguf", spec.arch, spec.seed, std::process::id()));
+    // Tests run in parallel: give every model file its own name.
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = std::env::temp_dir().join(format!("smelt-tiny-{}-{}-{k}.gguf", spec.arch, std::process::id()));
     std::fs::write(&path, tiny_model(spec).to_bytes()).unwrap();
     let m = Model::load(&path).unwrap();
     let _ = std::fs::remove_file(&path);

@@ -20,6 +20,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Print the token ids of a text as a JSON array.
     Tokenize(cmd::tokenize::Args),
+    /// Measure prompt-processing and generation speed (like llama-bench).
+    Bench(cmd::bench::Args),
     /// Download a model into the local store.
     Pull(cmd::store::PullArgs),
     /// List the models in the local store.
@@ -34,6 +36,7 @@ fn main() {
         Command::Run(a) => cmd::run::run(a),
         Command::Generate(a) => cmd::generate::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
         Command::Pull(a) => cmd::store::pull(a),
         Command::List(a) => cmd::store::list(a),
         Command::Rm(a) => cmd::store::rm(a),

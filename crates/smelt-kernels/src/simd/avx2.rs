@@ -63,7 +63,7 @@ pub fn quantize_q8_k(x: &[f32], out: &mut [u8]) {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16(p: *const u8) -> f32 {
+pub(super) unsafe fn f16(p: *const u8) -> f32 {
     // SAFETY: caller guarantees 2 readable bytes at p.
     let bits = unsafe { (p as *const u16).read_unaligned() };
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
@@ -71,7 +71,7 @@ unsafe fn f16(p: *const u8) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_f32(v: __m256) -> f32 {
+pub(super) fn hsum_f32(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_movehdup_ps(s));
@@ -80,7 +80,7 @@ fn hsum_f32(v: __m256) -> f32 {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_i32(v: __m256i) -> i32 {
+pub(super) fn hsum_i32(v: __m256i) -> i32 {
     let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
@@ -90,7 +90,7 @@ fn hsum_i32(v: __m256i) -> i32 {
 /// Sum of products of 32 signed bytes, as 8 i32 lanes. Neither input may hold -128.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn dot_i8(x: __m256i, y: __m256i) -> __m256i {
+pub(super) fn dot_i8(x: __m256i, y: __m256i) -> __m256i {
     let ax = _mm256_sign_epi8(x, x);
     let sy = _mm256_sign_epi8(y, x);
     _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1))
@@ -106,7 +106,7 @@ fn dot_u8_i8(x: __m256i, y: __m256i) -> __m256i {
 /// 16 packed nibbles → 32 bytes: low nibbles first, then high nibbles.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles32(p: *const u8) -> __m256i {
+pub(super) unsafe fn nibbles32(p: *const u8) -> __m256i {
     // SAFETY: caller guarantees 16 readable bytes at p.
     let q = unsafe { _mm_loadu_si128(p as *const __m128i) };
     let m = _mm_set1_epi8(0x0f);
@@ -116,7 +116,7 @@ unsafe fn nibbles32(p: *const u8) -> __m256i {
 /// 32 bits → 32 bytes, 0xFF where the bit is set.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn bits_to_bytes(bits: u32) -> __m256i {
+pub(super) fn bits_to_bytes(bits: u32) -> __m256i {
     let v = _mm256_set1_epi32(bits as i32);
     let spread = _mm256_shuffle_epi8(
         v,
@@ -128,7 +128,7 @@ fn bits_to_bytes(bits: u32) -> __m256i {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn load(p: *const u8) -> __m256i {
+pub(super) unsafe fn load(p: *const u8) -> __m256i {
     // SAFETY: caller guarantees 32 readable bytes at p.
     unsafe { _mm256_loadu_si256(p as *const __m256i) }
 }
@@ -222,7 +222,7 @@ unsafe fn q5_1_q8_1(blocks: usize, w: *const u8, a: *const u8) -> f32 {
 
 /// The 8 scales and 8 mins of a Q4_K/Q5_K block (12 packed bytes at p).
 #[inline]
-unsafe fn scales_mins_k4(p: *const u8) -> ([u8; 8], [u8; 8]) {
+pub(super) unsafe fn scales_mins_k4(p: *const u8) -> ([u8; 8], [u8; 8]) {
     let mut b = [0u8; 12];
     // SAFETY: caller guarantees 12 readable bytes at p.
     unsafe { std::ptr::copy_nonoverlapping(p, b.as_mut_ptr(), 12) };

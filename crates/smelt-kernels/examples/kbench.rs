@@ -1,0 +1,44 @@
+// Kernel micro-benchmark (development aid): GB/s and ns per block for each format.
+use smelt_kernels::dispatch::{Isa, Kernels};
+use smelt_kernels::formats::{DType, WEIGHT_DTYPES};
+use std::time::Instant;
+
+fn main() {
+    let rows = 4864;
+    let k = 896 * 2;
+    let nc: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1);
+    for isa in [Isa::Avx2] {
+        let kt = Kernels::for_isa(isa);
+        for dtype in WEIGHT_DTYPES {
+            if dtype.block_len() == 256 && k % 256 != 0 { continue; }
+            let k = if dtype.block_len() == 256 { 1024 } else { k };
+            let wrb = dtype.row_bytes(k).unwrap();
+            let mut w = vec![0u8; wrb * rows];
+            for (i, b) in w.iter_mut().enumerate() { *b = (i * 2654435761usize >> 7) as u8; }
+            // sane f16 scales: overwrite with small values every block start
+            for blk in w.chunks_mut(dtype.block_bytes()) { if dtype.block_len() > 1 { blk[0] = 0; blk[1] = 0x20; } }
+            let vt = dtype.vec_dot_type();
+            let arb = vt.row_bytes(k).unwrap();
+            let x: Vec<f32> = (0..k * nc).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+            let mut a = vec![0u8; arb * nc];
+            for c in 0..nc { kt.quantize(vt)(&x[c * k..(c + 1) * k], &mut a[c * arb..(c + 1) * arb]); }
+            let mut out = vec![0f32; rows * nc];
+            let reps = 20;
+            let t = Instant::now();
+            for _ in 0..reps {
+                for r0 in (0..rows).step_by(16) {
+                    kt.gemm(dtype, k, &w[r0 * wrb..], wrb, 16, &a, arb, nc, &mut out[..16 * nc]);
+                }
+            }
+            let dt = t.elapsed().as_secs_f64() / reps as f64;
+            let blocks = (rows * k / dtype.block_len()) as f64;
+            let t2 = Instant::now();
+            let dot = kt.vec_dot(dtype);
+            for _ in 0..reps {
+                for c in 0..nc { for r in 0..rows { out[r] = dot(k, &w[r * wrb..], &a[c * arb..]); } }
+            }
+            let dt2 = t2.elapsed().as_secs_f64() / reps as f64;
+            println!("{:5} nc={nc}: gemm {:6.2} GB/s {:6.2} ns/blk/col | vec_dot {:6.2} GB/s {:6.2} ns/blk/col", dtype.name(), (wrb * rows) as f64 / dt / 1e9, dt * 1e9 / blocks / nc as f64, (wrb * rows) as f64 / dt2 / 1e9, dt2 * 1e9 / blocks / nc as f64);
+        }
+    }
+}

@@ -1,0 +1,71 @@
+#!/usr/bin/env python3
+"""Side-by-side speed of llama.cpp and smelt on the same machine, models and threads.
+
+usage: scripts/bench-vs-llama.py [--threads 2] [--reps 3] [-p 512] [-n 128] [MODEL ...]
+
+MODEL is a store name or .gguf path (default: the two reference models). llama.cpp's llama-bench
+is found through $LLAMA_BENCH (or $LLAMA_CPP_DIR/bin/llama-bench, or
+~/.cache/smelt-ref/llama.cpp/bin/llama-bench; README says how to build it). The two programs run
+alternately, one repetition each at a time, so both see the same machine conditions, and the
+table gives mean t/s and the ratio smelt / llama.cpp.
+"""
+import argparse, json, os, shutil, statistics, subprocess, sys
+
+here = os.path.dirname(os.path.abspath(__file__))
+root = os.path.dirname(here)
+
+def find_llama_bench():
+    for cand in [os.environ.get("LLAMA_BENCH"),
+                 os.environ.get("LLAMA_CPP_DIR") and os.path.join(os.environ["LLAMA_CPP_DIR"], "bin", "llama-bench"),
+                 os.path.expanduser("~/.cache/smelt-ref/llama.cpp/bin/llama-bench"),
+                 shutil.which("llama-bench")]:
+        if cand and os.path.exists(cand):
+            return cand
+    sys.exit("llama-bench not found: set LLAMA_BENCH (see README, 'Benchmarks')")
+
+def model_path(smelt, name):
+    if os.path.exists(name):
+        return name
+    out = subprocess.run([smelt, "pull", name], check=True, capture_output=True, text=True).stdout.strip()
+    return out.splitlines()[-1]
+
+def llama_rep(bench, path, threads, p, n):
+    out = subprocess.run([bench, "-m", path, "-t", str(threads), "-p", str(p), "-n", str(n), "-r", "1", "-o", "json"],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)[0]["avg_ts"]
+
+def smelt_rep(smelt, path, threads, p, n):
+    out = subprocess.run([smelt, "bench", "-m", path, "-t", str(threads), "-p", str(p), "-n", str(n), "-r", "1", "--json", "--no-bandwidth"],
+                         check=True, capture_output=True, text=True).stdout
+    return json.loads(out)[0]["avg_ts"]
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="*", default=["gemma-3-270m", "qwen2.5-coder-0.5b-instruct"])
+    ap.add_argument("--threads", "-t", type=int, default=os.cpu_count())
+    ap.add_argument("--reps", "-r", type=int, default=3)
+    ap.add_argument("-p", type=int, default=512)
+    ap.add_argument("-n", type=int, default=128)
+    a = ap.parse_args()
+    smelt = os.path.join(root, "target", "release", "smelt")
+    if not os.path.exists(smelt):
+        subprocess.run(["cargo", "build", "--release", "-p", "smelt"], check=True, cwd=root)
+    bench = find_llama_bench()
+    rows = []
+    for name in a.models:
+        path = model_path(smelt, name)
+        for test, p, n in [(f"pp{a.p}", a.p, 0), (f"tg{a.n}", 0, a.n)]:
+            ll, sm = [], []
+            for rep in range(a.reps):
+                print(f"{name} {test}: repetition {rep + 1}/{a.reps}", file=sys.stderr, flush=True)
+                ll.append(llama_rep(bench, path, a.threads, p, n))
+                sm.append(smelt_rep(smelt, path, a.threads, p, n))
+            rows.append((name, test, statistics.mean(ll), statistics.mean(sm)))
+    print(f"\nthreads: {a.threads}, repetitions: {a.reps} (alternating)\n")
+    print("| model | test | llama.cpp t/s | smelt t/s | ratio |")
+    print("| --- | --- | ---: | ---: | ---: |")
+    for name, test, ll, sm in rows:
+        print(f"| {name} | {test} | {ll:.1f} | {sm:.1f} | {sm / ll:.2f} |")
+
+if __name__ == "__main__":
+    main()
