@@ -22,5 +22,10 @@ fn main() {
         model.forward(&b, &mut caches, &mut ws).unwrap();
     }
     let tg = t.elapsed().as_secs_f64();
+    if std::env::var_os("SMELT_PROFILE").is_some() {
+        for (k, secs) in smelt_model::arch::blocks::profile::take() {
+            println!("  {k:12} {:8.2} ms/token", secs * 1e3 / (n + steps) as f64);
+        }
+    }
     println!("pp{n}: {:.1} t/s   tg{steps}: {:.1} t/s", n as f64 / pp, steps as f64 / tg);
 }

@@ -256,6 +256,7 @@ unsafe fn q4_k_q8_k(blocks: usize, w: *const u8, a: *const u8) -> f32 {
     let mask = _mm256_set1_epi8(0x0f);
     for i in 0..blocks {
         // SAFETY: block i lies within the checked lengths (144 B per weight block, 292 per activation).
+        super::avx2_gemm::prefetch_block(w.add(144 * i), 144);
         unsafe {
             let (wb, ab) = (w.add(144 * i), a.add(292 * i));
             let da = (ab as *const f32).read_unaligned();
@@ -286,6 +287,7 @@ unsafe fn q5_k_q8_k(blocks: usize, w: *const u8, a: *const u8) -> f32 {
     let mask = _mm256_set1_epi8(0x0f);
     for i in 0..blocks {
         // SAFETY: block i lies within the checked lengths (176 B per weight block, 292 per activation).
+        super::avx2_gemm::prefetch_block(w.add(176 * i), 176);
         unsafe {
             let (wb, ab) = (w.add(176 * i), a.add(292 * i));
             let da = (ab as *const f32).read_unaligned();
@@ -320,6 +322,7 @@ unsafe fn q6_k_q8_k(blocks: usize, w: *const u8, a: *const u8) -> f32 {
     let m2 = _mm256_set1_epi8(0x03);
     for i in 0..blocks {
         // SAFETY: block i lies within the checked lengths (210 B per weight block, 292 per activation).
+        super::avx2_gemm::prefetch_block(w.add(210 * i), 210);
         unsafe {
             let (wb, ab) = (w.add(210 * i), a.add(292 * i));
             let da = (ab as *const f32).read_unaligned();

@@ -85,10 +85,43 @@ thread_local! {
     static ATTN_SCRATCH: RefCell<(Vec<f32>, Vec<Range<usize>>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
+/// Wall time per operation kind, collected when SMELT_PROFILE is set (a development aid: see
+/// `crates/smelt-kernels/PERF.md`).
+pub mod profile {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::OnceLock;
+    pub const KINDS: [&str; 6] = ["matmul", "attention", "norm+rope", "activation", "embed", "logits"];
+    static NANOS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+    pub fn enabled() -> bool {
+        static E: OnceLock<bool> = OnceLock::new();
+        *E.get_or_init(|| std::env::var_os("SMELT_PROFILE").is_some())
+    }
+    pub fn add(kind: usize, t: std::time::Instant) {
+        NANOS[kind].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    }
+    /// (kind, seconds) so far, and reset.
+    pub fn take() -> Vec<(&'static str, f64)> {
+        KINDS.iter().zip(&NANOS).map(|(k, n)| (*k, n.swap(0, Ordering::Relaxed) as f64 * 1e-9)).collect()
+    }
+}
+
+macro_rules! timed {
+    ($kind:expr, $body:expr) => {{
+        if profile::enabled() {
+            let t = std::time::Instant::now();
+            let r = $body;
+            profile::add($kind, t);
+            r
+        } else {
+            $body
+        }
+    }};
+}
+
 /// out[n, w.rows] = x[n, w.cols] · wᵀ — the single place weights are multiplied (adapters hook here).
 fn linear(pool: &ThreadPool, w: &Linear, x: &[f32], n: usize, out: &mut Vec<f32>, scratch: &mut Vec<u8>) {
     fit(out, n * w.rows);
-    ops::matmul(pool, &w.matrix(), x, n, out, scratch);
+    timed!(0, ops::matmul(pool, &w.matrix(), x, n, out, scratch));
 }
 
 fn add_bias(x: &mut [f32], bias: &Option<Vec<f32>>) {
@@ -108,7 +141,7 @@ impl Block<'_> {
     pub fn norm_input(&mut self, weight: &[f32]) {
         let ws = &mut *self.ws;
         fit(&mut ws.h, ws.x.len());
-        rms_norm(&ws.x, weight, self.model.hp.norm_eps, &mut ws.h);
+        timed!(2, rms_norm(&ws.x, weight, self.model.hp.norm_eps, &mut ws.h));
     }
 
     /// a = rms_norm(a) · weight (Gemma's post-attention and post-FFN norms)
@@ -140,16 +173,21 @@ impl Block<'_> {
             rms_norm_inplace(&mut ws.k, kn, hp.norm_eps);
         }
         let rope = &hp.rope[il];
+        let t_rope = std::time::Instant::now();
         for (t, bt) in self.batch.iter().enumerate() {
             rope.apply(&mut ws.q[t * nh * d..(t + 1) * nh * d], d, bt.pos, &mut ws.rope);
             rope.apply(&mut ws.k[t * nkv * d..(t + 1) * nkv * d], d, bt.pos, &mut ws.rope);
             let row = nkv * d;
             self.caches[bt.seq].write(il, bt.pos, &ws.k[t * row..(t + 1) * row], &ws.v[t * row..(t + 1) * row]);
         }
+        if profile::enabled() {
+            profile::add(2, t_rope);
+        }
         fit(&mut ws.att, n * nh * d);
         let (q, caches, batch) = (&ws.q, &*self.caches, self.batch);
         let group = nh / nkv;
         let scale = hp.attn_scale;
+        let t_att = std::time::Instant::now();
         pool.for_rows(&mut ws.att, d, 1, &|row, out| {
             let (t, head) = (row / nh, row % nh);
             let bt = &batch[t];
@@ -162,6 +200,9 @@ impl Block<'_> {
                 attend(qh, &layer.k, &layer.v, nkv * d, (head / group) * d, ranges, scale, scores, out);
             });
         });
+        if profile::enabled() {
+            profile::add(1, t_att);
+        }
         linear(&pool, &w.wo, &ws.att, n, &mut ws.a, &mut ws.matmul);
     }
 
@@ -172,10 +213,10 @@ impl Block<'_> {
         let pool = ws.pool.clone();
         linear(&pool, &w.gate, &ws.h, n, &mut ws.gate, &mut ws.matmul);
         linear(&pool, &w.up, &ws.h, n, &mut ws.up, &mut ws.matmul);
-        match act {
+        timed!(3, match act {
             Activation::Silu => ops::silu_mul(&mut ws.gate, &ws.up),
             Activation::GeluTanh => ops::gelu_mul(&mut ws.gate, &ws.up),
-        }
+        });
         linear(&pool, &w.down, &ws.gate, n, &mut ws.a, &mut ws.matmul);
     }
 }
@@ -247,7 +288,12 @@ impl Model {
             return Ok(&[]);
         }
         let pool = ws.pool.clone();
-        linear(&pool, &self.output, &ws.hidden, rows.len(), &mut ws.logits, &mut ws.matmul);
+        let t = std::time::Instant::now();
+        fit(&mut ws.logits, rows.len() * self.output.rows);
+        ops::matmul(&pool, &self.output.matrix(), &ws.hidden, rows.len(), &mut ws.logits, &mut ws.matmul);
+        if profile::enabled() {
+            profile::add(5, t);
+        }
         Ok(&ws.logits)
     }
 }
