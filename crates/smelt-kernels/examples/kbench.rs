@@ -1,6 +1,6 @@
 // Kernel micro-benchmark (development aid): GB/s and ns per block for each format.
 use smelt_kernels::dispatch::{Isa, Kernels};
-use smelt_kernels::formats::{DType, WEIGHT_DTYPES};
+use smelt_kernels::formats::WEIGHT_DTYPES;
 use std::time::Instant;
 
 fn main() {
@@ -24,10 +24,17 @@ fn main() {
             for c in 0..nc { kt.quantize(vt)(&x[c * k..(c + 1) * k], &mut a[c * arb..(c + 1) * arb]); }
             let mut out = vec![0f32; rows * nc];
             let reps = 20;
+            let mut prep = Vec::new();
+            let grouped = kt.group_usable(dtype, k);
+            if grouped { kt.group_prepare(dtype, k, &a, arb, nc, &mut prep); }
             let t = Instant::now();
             for _ in 0..reps {
                 for r0 in (0..rows).step_by(16) {
-                    kt.gemm(dtype, k, &w[r0 * wrb..], wrb, 16, &a, arb, nc, &mut out[..16 * nc]);
+                    if grouped {
+                        kt.group_gemm(dtype, k, &w[r0 * wrb..], wrb, 16, &a, arb, nc, &prep, &mut out[..16 * nc]);
+                    } else {
+                        kt.gemm(dtype, k, &w[r0 * wrb..], wrb, 16, &a, arb, nc, &mut out[..16 * nc]);
+                    }
                 }
             }
             let dt = t.elapsed().as_secs_f64() / reps as f64;

@@ -144,11 +144,46 @@ impl Kernels {
         self.quantize[dtype as usize]
     }
 
+    /// Whether products of `k`-element rows of `dtype` use the group kernels (which need the
+    /// activations prepared once with [`Kernels::group_prepare`]).
+    pub fn group_usable(&self, dtype: DType, k: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if self.isa == Isa::Avx2 {
+            return crate::simd::avx2_group::usable(dtype, k);
+        }
+        let _ = (dtype, k);
+        false
+    }
+
+    /// Per-activation-row data the group kernels need (see `simd::avx2_group`).
+    pub fn group_prepare(&self, dtype: DType, k: usize, a: &[u8], a_stride: usize, nc: usize, out: &mut Vec<f32>) {
+        #[cfg(target_arch = "x86_64")]
+        crate::simd::avx2_group::prepare(dtype.vec_dot_type(), k, a, a_stride, nc, out);
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (dtype, k, a, a_stride, nc, out);
+    }
+
+    /// Block product with the group kernels; `prep` comes from [`Kernels::group_prepare`].
+    #[allow(clippy::too_many_arguments)]
+    pub fn group_gemm(&self, dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: &mut [f32]) {
+        assert!(self.group_usable(dtype, k), "group kernels unavailable for {dtype} with k = {k}");
+        #[cfg(target_arch = "x86_64")]
+        crate::simd::avx2_group::gemm(dtype, k, w, w_stride, nr, a, a_stride, nc, prep, out);
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (w, w_stride, nr, a, a_stride, nc, prep, out);
+    }
+
     /// Block product: `out[c * nr + r] = w_row(r) · a_row(c)` for `nr` weight rows (each
     /// `w_stride` bytes apart, `k` elements of `dtype`) and `nc` activation rows (`a_stride`
     /// bytes apart, in `dtype.vec_dot_type()`). Uses tiled SIMD kernels where they exist.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(&self, dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, out: &mut [f32]) {
+        if self.group_usable(dtype, k) {
+            let mut prep = Vec::new();
+            self.group_prepare(dtype, k, a, a_stride, nc, &mut prep);
+            self.group_gemm(dtype, k, w, w_stride, nr, a, a_stride, nc, &prep, out);
+            return;
+        }
         #[cfg(target_arch = "x86_64")]
         if self.isa == Isa::Avx2 && crate::simd::avx2_gemm::has_gemm(dtype) {
             crate::simd::avx2_gemm::gemm(dtype, k, w, w_stride, nr, a, a_stride, nc, out);

@@ -80,6 +80,38 @@ pub fn matmul(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize, out: &mut [f32
     let act: &[u8] = scratch;
     let wrb = w.row_bytes();
     let optr = SharedMut(out.as_mut_ptr());
+    if kt.group_usable(w.dtype, k) {
+        PREP.with(|prep| {
+            let mut prep = prep.borrow_mut();
+            kt.group_prepare(w.dtype, k, act, arb, n, &mut prep);
+            let prep: &[f32] = &prep;
+            let chunk = if n == 1 { (m / (pool.n_threads() * 8)).clamp(16, 256) / 4 * 4 } else { ROW_CHUNK };
+            pool.for_chunks(m, chunk, &|rows| {
+                let optr = optr;
+                if n == 1 {
+                    // SAFETY: row ranges handed out by `for_chunks` are disjoint and lie within out[..m].
+                    let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(rows.start), rows.len()) };
+                    kt.group_gemm(w.dtype, k, &w.data[rows.start * wrb..], wrb, rows.len(), act, arb, 1, prep, dst);
+                    return;
+                }
+                TILE.with(|tile| {
+                    let mut tile = tile.borrow_mut();
+                    let nr = rows.len();
+                    if tile.len() < nr * n {
+                        tile.resize(nr * n, 0.0);
+                    }
+                    kt.group_gemm(w.dtype, k, &w.data[rows.start * wrb..], wrb, nr, act, arb, n, prep, &mut tile);
+                    for t in 0..n {
+                        for (i, r) in rows.clone().enumerate() {
+                            // SAFETY: (t, r) pairs are disjoint across chunks and t * m + r < out.len().
+                            unsafe { *optr.0.add(t * m + r) = tile[t * nr + i] };
+                        }
+                    }
+                });
+            });
+        });
+        return;
+    }
     if n == 1 {
         // Decoding: long contiguous row ranges per task keep the hardware prefetchers streaming.
         let chunk = (m / (pool.n_threads() * 8)).clamp(16, 256) / 4 * 4;
@@ -111,6 +143,8 @@ pub fn matmul(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize, out: &mut [f32
 }
 
 thread_local! {
+    /// Prepared activations for the group kernels (the calling thread's).
+    static PREP: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Each thread's output tile for `matmul`.
     static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }

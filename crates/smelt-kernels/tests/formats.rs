@@ -189,18 +189,6 @@ impl Rng {
     }
 }
 
-/// Offsets of the f16 scale fields in a block, which get sane values instead of random bits.
-fn scale_fields(dtype: DType) -> &'static [usize] {
-    match dtype {
-        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => &[0],
-        DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
-        DType::Q2_K => &[80, 82],
-        DType::Q3_K => &[108],
-        DType::Q6_K => &[208],
-        _ => &[],
-    }
-}
-
 fn random_row(rng: &mut Rng, dtype: DType, n: usize) -> Vec<u8> {
     match dtype {
         DType::F32 => (0..n).flat_map(|_| rng.normal().to_le_bytes()).collect(),
@@ -210,7 +198,7 @@ fn random_row(rng: &mut Rng, dtype: DType, n: usize) -> Vec<u8> {
             let bb = dtype.block_bytes();
             let mut b: Vec<u8> = (0..n / dtype.block_len() * bb).map(|_| rng.next() as u8).collect();
             for blk in b.chunks_exact_mut(bb) {
-                for &off in scale_fields(dtype) {
+                for &off in smelt_kernels::formats::scale_offsets(dtype) {
                     blk[off..off + 2].copy_from_slice(&f16((rng.uniform() - 0.5) * 0.1));
                 }
             }

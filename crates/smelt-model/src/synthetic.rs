@@ -22,7 +22,7 @@ pub struct TinySpec {
 
 impl TinySpec {
     pub fn new(arch: &'static str) -> TinySpec {
-        TinySpec { arch, n_embd: 64, n_head: 4, n_head_kv: 2, head_dim: 16, n_ff: 96, n_layer: 3, window: 6, swa_pattern: 2, seed: 1 }
+        TinySpec { arch, n_embd: 128, n_head: 4, n_head_kv: 2, head_dim: 32, n_ff: 256, n_layer: 3, window: 6, swa_pattern: 2, seed: 1 }
     }
 }
 
@@ -73,7 +73,8 @@ fn vocab(w: &mut GgufWriter) -> usize {
     n
 }
 
-/// A random-weight model of the given spec (F32 norms, Q8_0 / F16 / F32 matrices).
+/// A random-weight model of the given spec: F32 norms; Q8_0 embeddings; Q4_0, F16, F32 and
+/// Q8_0 attention matrices; Q5_0/Q8_0 or Q4_K/Q5_K/Q6_K feed-forward matrices.
 pub fn tiny_model(s: &TinySpec) -> GgufWriter {
     let mut w = GgufWriter::default();
     let a = s.arch;
@@ -105,7 +106,19 @@ pub fn tiny_model(s: &TinySpec) -> GgufWriter {
                 smelt_kernels::formats::quantize_row(DType::Q8_0, &v, &mut out);
                 out
             }
-            _ => unreachable!(),
+            // Other quantized formats: random blocks with small scales (values need not be
+            // meaningful to exercise the kernels; the norms keep activations bounded).
+            _ => {
+                let bb = dtype.block_bytes();
+                let mut out: Vec<u8> = (0..dtype.row_bytes(cols).unwrap() * rows).map(|i| (v[i % v.len()].to_bits() >> 7) as u8).collect();
+                for (bi, blk) in out.chunks_exact_mut(bb).enumerate() {
+                    for &off in smelt_kernels::formats::scale_offsets(dtype) {
+                        let d = scale * 0.1 * (1.0 + (bi % 7) as f32 / 7.0);
+                        blk[off..off + 2].copy_from_slice(&half::f16::from_f32(d).to_bits().to_le_bytes());
+                    }
+                }
+                out
+            }
         };
         w.tensor(name, &[cols as u64, rows as u64], dtype, data);
     };
@@ -120,13 +133,15 @@ pub fn tiny_model(s: &TinySpec) -> GgufWriter {
         let n = |t: &str| format!("blk.{il}.{t}");
         norm(&mut w, &n("attn_norm.weight"), e, &mut rng);
         norm(&mut w, &n("ffn_norm.weight"), e, &mut rng);
-        mat(&mut w, &n("attn_q.weight"), e, s.n_head * d, DType::Q8_0, &mut rng);
+        mat(&mut w, &n("attn_q.weight"), e, s.n_head * d, DType::Q4_0, &mut rng);
         mat(&mut w, &n("attn_k.weight"), e, s.n_head_kv * d, DType::F16, &mut rng);
         mat(&mut w, &n("attn_v.weight"), e, s.n_head_kv * d, DType::F32, &mut rng);
         mat(&mut w, &n("attn_output.weight"), s.n_head * d, e, DType::Q8_0, &mut rng);
-        mat(&mut w, &n("ffn_gate.weight"), e, s.n_ff, DType::Q8_0, &mut rng);
-        mat(&mut w, &n("ffn_up.weight"), e, s.n_ff, DType::Q8_0, &mut rng);
-        mat(&mut w, &n("ffn_down.weight"), s.n_ff, e, DType::Q8_0, &mut rng);
+        let (gate_t, up_t) = if e % 256 == 0 { (DType::Q4_K, DType::Q5_K) } else { (DType::Q5_0, DType::Q8_0) };
+        mat(&mut w, &n("ffn_gate.weight"), e, s.n_ff, gate_t, &mut rng);
+        mat(&mut w, &n("ffn_up.weight"), e, s.n_ff, up_t, &mut rng);
+        let down_t = if s.n_ff % 256 == 0 { DType::Q6_K } else { DType::Q8_0 };
+        mat(&mut w, &n("ffn_down.weight"), s.n_ff, e, down_t, &mut rng);
         if a == "qwen2" {
             for (t, len) in [("attn_q.bias", s.n_head * d), ("attn_k.bias", s.n_head_kv * d), ("attn_v.bias", s.n_head_kv * d)] {
                 let v: Vec<f32> = (0..len).map(|_| 0.1 * rng.normal()).collect();

@@ -36,8 +36,12 @@ fn run(model: &Model, ws: &mut Workspace, toks: &[u32], chunk: usize) -> Vec<Vec
 
 #[test]
 fn batching_does_not_change_logits() {
-    for arch in ["llama", "qwen2", "qwen3", "gemma3"] {
-        let model = load(&TinySpec::new(arch));
+    // Widths of 128 and 256 put every quantized format through the batched and the streaming
+    // kernels (Q4_0, Q5_0, Q8_0, Q6_K at 128; Q4_K, Q5_K as well at 256).
+    for (arch, width) in [("llama", 128), ("qwen2", 128), ("qwen3", 256), ("gemma3", 256)] {
+        let mut spec = TinySpec::new(arch);
+        spec.n_embd = width;
+        let model = load(&spec);
         let mut ws = Workspace::new(Arc::new(ThreadPool::new(2)));
         let toks = tokens(40, 1);
         let one = run(&model, &mut ws, &toks, 1);

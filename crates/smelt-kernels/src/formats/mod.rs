@@ -201,6 +201,19 @@ pub fn ggml_type_name(id: u32) -> String {
     name.to_string()
 }
 
+/// Byte offsets of the f16 scale fields within a block (for building test and fuzz data: random
+/// bytes with these fields set to sane values make valid blocks).
+pub fn scale_offsets(dtype: DType) -> &'static [usize] {
+    match dtype {
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q8_1 => &[0],
+        DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+        DType::Q2_K => &[80, 82],
+        DType::Q3_K => &[108],
+        DType::Q6_K => &[208],
+        _ => &[],
+    }
+}
+
 #[inline]
 pub(crate) fn f16_at(b: &[u8], off: usize) -> f32 {
     half::f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()

@@ -343,6 +343,7 @@ pub fn gemm(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u
         return;
     }
     let (rm_pref, rn_pref) = if nc == 1 { (4, 1) } else { (rm_pref, rn_pref) };
+    let (rm_pref, rn_pref) = match std::env::var("SMELT_TILE").ok().and_then(|t| { let (a, b) = t.split_once('x')?; Some((a.parse().ok()?, b.parse().ok()?)) }) { Some(t) if nc > 1 => t, _ => (rm_pref, rn_pref) };
     let mut c = 0;
     while c < nc {
         let rn = rn_pref.min(nc - c);

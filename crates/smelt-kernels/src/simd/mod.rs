@@ -5,3 +5,5 @@
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2_gemm;
+#[cfg(target_arch = "x86_64")]
+pub mod avx2_group;

@@ -1,0 +1,403 @@
+//! Group kernels (AVX2): the fast path for the common weight formats, shared by decoding (one
+//! activation row) and prompt processing (many rows), with the *same arithmetic per output* in
+//! both, so a token's logits never depend on how many tokens are in the batch.
+//!
+//! Weights are handled in groups of 128 elements (four 32-element units). A group unpacks to
+//! four vectors of small integers `u` (unsigned where the format allows, so no sign tricks are
+//! needed), a vector of per-16-element scales `sw` and one of per-16 offsets `cw`:
+//!     w[e] = sw[lane(e)] * u[e] + cw[lane(e)]
+//! with lanes ordered [unit0.lo, unit1.lo, unit2.lo, unit3.lo, unit0.hi, …, unit3.hi]
+//! (".lo" = the unit's first 16 elements). Activations (Q8_0 or Q8_K, as llama.cpp uses) are
+//! prepared once per matrix product into the matching per-16 vectors `sa` (scale) and
+//! `ea` (scale × sum of the 16 quantized values). Then per group:
+//!     s   = the 8 per-16 integer sums Σ u·q (maddubs, madd, a 3-hadd tree)
+//!     acc = fma(cvt(s), sw·sa, acc);  acc = fma(cw, ea, acc)
+//! and the result is the horizontal sum of `acc`. For decoding, groups are unpacked into
+//! registers as they stream in; for many activation rows, a chunk of weight rows is unpacked
+//! once into a buffer and reused for every activation row. Both call the same `unpack` and the
+//! same `accumulate`.
+
+use super::avx2::{bits_to_bytes, f16, hsum_f32, load, nibbles32};
+use super::avx2_gemm::prefetch_block;
+use crate::formats::DType;
+use std::arch::x86_64::*;
+use std::cell::RefCell;
+
+pub const GROUP: usize = 128;
+
+/// Floats of activation preparation per group: `sa` (8) then `ea` (8).
+const PREP: usize = 16;
+
+/// One unpacked group.
+#[derive(Clone, Copy)]
+struct Group {
+    u: [__m256i; 4],
+    sw: __m256,
+    cw: __m256,
+}
+
+const fn dtype_of<const T: u32>() -> DType {
+    match T {
+        2 => DType::Q4_0,
+        6 => DType::Q5_0,
+        8 => DType::Q8_0,
+        12 => DType::Q4_K,
+        13 => DType::Q5_K,
+        _ => DType::Q6_K,
+    }
+}
+
+/// Formats with group kernels.
+pub fn supported(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q4_K | DType::Q5_K | DType::Q6_K)
+}
+
+/// Whether a product of rows of `k` elements can use the group kernels.
+pub fn usable(dtype: DType, k: usize) -> bool {
+    supported(dtype) && k % GROUP == 0 && k > 0
+}
+
+/// Q8_0 weights are signed bytes; everything else unpacks to unsigned values plus an offset.
+fn signed(dtype: DType) -> bool {
+    dtype == DType::Q8_0
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn lanes(v: [f32; 4], w: [f32; 4]) -> __m256 {
+    _mm256_setr_ps(v[0], v[1], v[2], v[3], w[0], w[1], w[2], w[3])
+}
+
+/// Unpack group `g` of a weight row.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack<const T: u32>(row: *const u8, g: usize) -> Group {
+    let dtype = dtype_of::<T>();
+    // SAFETY (whole function): the caller guarantees `row` holds the row's blocks; each branch
+    // reads only the blocks of group g, and AVX2/FMA/F16C are enabled in every caller.
+    unsafe {
+        match dtype {
+            DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => {
+                let bb = dtype.block_bytes();
+                let mut u = [_mm256_setzero_si256(); 4];
+                let base = row.add(bb * 4 * g);
+                // One prefetch per cache line of the group (4 blocks are 72 to 136 bytes).
+                prefetch_block(base, 4 * bb);
+                // The four f16 scales, converted together: [d0, d1, d2, d3] in both halves.
+                let h = |i: usize| (base.add(bb * i) as *const i16).read_unaligned();
+                let d4 = _mm_cvtph_ps(_mm_setr_epi16(h(0), h(1), h(2), h(3), 0, 0, 0, 0));
+                let sw = _mm256_set_m128(d4, d4);
+                for i in 0..4 {
+                    let p = base.add(bb * i);
+                    u[i] = match dtype {
+                        DType::Q4_0 => nibbles32(p.add(2)),
+                        DType::Q5_0 => {
+                            let qh = (p.add(2) as *const u32).read_unaligned();
+                            _mm256_or_si256(nibbles32(p.add(6)), _mm256_and_si256(bits_to_bytes(qh), _mm256_set1_epi8(0x10)))
+                        }
+                        _ => load(p.add(2)),
+                    };
+                }
+                let cw = match dtype {
+                    DType::Q4_0 => _mm256_mul_ps(sw, _mm256_set1_ps(-8.0)),
+                    DType::Q5_0 => _mm256_mul_ps(sw, _mm256_set1_ps(-16.0)),
+                    _ => _mm256_setzero_ps(),
+                };
+                Group { u, sw, cw }
+            }
+            DType::Q4_K | DType::Q5_K => {
+                let five = dtype == DType::Q5_K;
+                let bb = if five { 176 } else { 144 };
+                let b = row.add(bb * (g / 2));
+                let half = g % 2;
+                if half == 0 {
+                    prefetch_block(b, bb);
+                }
+                // This half's 4 six-bit scales and mins, as bytes of a u32 each.
+                let word = |o: usize| (b.add(4 + o) as *const u32).read_unaligned();
+                let (sc4, mn4) = if half == 0 {
+                    (word(0) & 0x3f3f3f3f, word(4) & 0x3f3f3f3f)
+                } else {
+                    let lo = word(8);
+                    (
+                        (lo & 0x0f0f0f0f) | (((word(0) >> 6) & 0x03030303) << 4),
+                        ((lo >> 4) & 0x0f0f0f0f) | (((word(4) >> 6) & 0x03030303) << 4),
+                    )
+                };
+                let to_f = |v: u32| _mm_cvtepi32_ps(_mm_cvtepu8_epi32(_mm_cvtsi32_si128(v as i32)));
+                let scale = _mm_mul_ps(to_f(sc4), _mm_set1_ps(f16(b)));
+                let off = _mm_mul_ps(to_f(mn4), _mm_set1_ps(-f16(b.add(2))));
+                let qs = b.add(if five { 48 } else { 16 });
+                let mask = _mm256_set1_epi8(0x0f);
+                let mut u = [_mm256_setzero_si256(); 4];
+                // Group `half` covers 64-element chunks 2*half and 2*half+1; each chunk's 32 bytes
+                // hold two units (low nibbles, then high nibbles).
+                for c in 0..2 {
+                    let chunk = 2 * half + c;
+                    let q = load(qs.add(32 * chunk));
+                    let mut lo = _mm256_and_si256(q, mask);
+                    let mut hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), mask);
+                    if five {
+                        let qh = load(b.add(16));
+                        let b0 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * chunk as i32)), _mm256_set1_epi8(1));
+                        let b1 = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * chunk as i32 + 1)), _mm256_set1_epi8(1));
+                        lo = _mm256_or_si256(lo, _mm256_slli_epi16(b0, 4));
+                        hi = _mm256_or_si256(hi, _mm256_slli_epi16(b1, 4));
+                    }
+                    u[2 * c] = lo;
+                    u[2 * c + 1] = hi;
+                }
+                Group { u, sw: _mm256_set_m128(scale, scale), cw: _mm256_set_m128(off, off) }
+            }
+            _ => {
+                // Q6_K: group `half` is the block's 128-element half; unit i is its quarter i.
+                let b = row.add(210 * (g / 2));
+                let half = g % 2;
+                if half == 0 {
+                    prefetch_block(b, 210);
+                }
+                let d = f16(b.add(208));
+                let (m4, m2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x03));
+                let ql0 = load(b.add(64 * half));
+                let ql1 = load(b.add(64 * half + 32));
+                let qh = load(b.add(128 + 32 * half));
+                let u = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, m4), _mm256_slli_epi16(_mm256_and_si256(qh, m2), 4)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m2), 4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4)),
+                ];
+                let sc = b.add(192 + 8 * half) as *const i8;
+                // Unit i's low 16 elements use scale 2i, its high 16 use 2i+1.
+                let lo: [f32; 4] = std::array::from_fn(|i| d * *sc.add(2 * i) as f32);
+                let hi: [f32; 4] = std::array::from_fn(|i| d * *sc.add(2 * i + 1) as f32);
+                let sw = lanes(lo, hi);
+                // Stored values are q + 32.
+                Group { u, sw, cw: _mm256_mul_ps(sw, _mm256_set1_ps(-32.0)) }
+            }
+        }
+    }
+}
+
+/// The 8 per-16 integer sums of a group against 128 activation bytes at `q`
+/// (four 32-byte units at `q_at(0..4)`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sums(signed: bool, u: &[__m256i; 4], q: [*const u8; 4]) -> __m256i {
+    // SAFETY: the caller guarantees 32 readable bytes at each q pointer.
+    unsafe {
+        let ones = _mm256_set1_epi16(1);
+        let m: [__m256i; 4] = std::array::from_fn(|i| {
+            let y = load(q[i]);
+            let p = if signed { _mm256_maddubs_epi16(_mm256_sign_epi8(u[i], u[i]), _mm256_sign_epi8(y, u[i])) } else { _mm256_maddubs_epi16(u[i], y) };
+            _mm256_madd_epi16(p, ones)
+        });
+        _mm256_hadd_epi32(_mm256_hadd_epi32(m[0], m[1]), _mm256_hadd_epi32(m[2], m[3]))
+    }
+}
+
+/// Where unit i of group g of an activation row starts.
+#[inline(always)]
+fn act_unit(vt_q8k: bool, a: *const u8, g: usize, i: usize) -> *const u8 {
+    let unit = 4 * g + i;
+    if vt_q8k {
+        a.wrapping_add(292 * (unit / 8) + 4 + 32 * (unit % 8))
+    } else {
+        a.wrapping_add(34 * unit + 2)
+    }
+}
+
+/// acc += cvt(s)·(sw·sa) + cw·ea — the one accumulation step both paths share.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn accumulate(acc: __m256, s: __m256i, sw: __m256, cw: __m256, prep: *const f32, with_offset: bool) -> __m256 {
+    // SAFETY: the caller guarantees 16 readable floats at prep.
+    unsafe {
+        let sa = _mm256_loadu_ps(prep);
+        let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(sw, sa), acc);
+        if with_offset {
+            _mm256_fmadd_ps(cw, _mm256_loadu_ps(prep.add(8)), acc)
+        } else {
+            acc
+        }
+    }
+}
+
+/// Prepare activation rows (Q8_0 or Q8_K, `a_stride` bytes apart) for the group kernels:
+/// per group, 8 scales then 8 scale × sum values, in lane order.
+pub fn prepare(vt: DType, k: usize, a: &[u8], a_stride: usize, nc: usize, out: &mut Vec<f32>) {
+    let groups = k / GROUP;
+    out.clear();
+    out.resize(nc * groups * PREP, 0.0);
+    for c in 0..nc {
+        let row = &a[c * a_stride..];
+        for g in 0..groups {
+            let dst = &mut out[(c * groups + g) * PREP..][..PREP];
+            for i in 0..4 {
+                let unit = 4 * g + i;
+                let (d, s_lo, s_hi) = if vt == DType::Q8_K {
+                    let blk = &row[292 * (unit / 8)..];
+                    let d = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
+                    let bs = |j: usize| i16::from_le_bytes([blk[260 + 2 * j], blk[261 + 2 * j]]) as i32;
+                    (d, bs(2 * (unit % 8)), bs(2 * (unit % 8) + 1))
+                } else {
+                    let blk = &row[34 * unit..];
+                    let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
+                    let sum = |r: std::ops::Range<usize>| blk[r].iter().map(|&b| b as i8 as i32).sum::<i32>();
+                    (d, sum(2..18), sum(18..34))
+                };
+                dst[i] = d;
+                dst[4 + i] = d;
+                dst[8 + i] = d * s_lo as f32;
+                dst[12 + i] = d * s_hi as f32;
+            }
+        }
+    }
+}
+
+/// RM weight rows × 1 activation row, unpacking as the weights stream in (decoding).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn stream_tile<const T: u32, const RM: usize>(groups: usize, w: *const u8, ws: usize, a: *const u8, prep: *const f32, out: *mut f32) {
+    let dtype = dtype_of::<T>();
+    let (sg, q8k, off) = (signed(dtype), dtype.vec_dot_type() == DType::Q8_K, !signed(dtype));
+    let mut acc = [_mm256_setzero_ps(); RM];
+    for g in 0..groups {
+        let q = std::array::from_fn(|i| act_unit(q8k, a, g, i));
+        for r in 0..RM {
+            // SAFETY: row r and group g are within the caller-checked ranges.
+            unsafe {
+                let grp = unpack::<T>(w.add(r * ws), g);
+                let s = sums(sg, &grp.u, q);
+                acc[r] = accumulate(acc[r], s, grp.sw, grp.cw, prep.add(g * PREP), off);
+            }
+        }
+    }
+    for r in 0..RM {
+        // SAFETY: the caller's output has RM entries.
+        unsafe { *out.add(r) = hsum_f32(acc[r]) };
+    }
+}
+
+/// Weight rows unpacked once, for reuse across many activation rows.
+#[derive(Default)]
+struct Unpacked {
+    /// Per row: groups × 4 units × 32 bytes.
+    u: Vec<__m256i>,
+    /// Per row: groups × (sw, cw).
+    s: Vec<(__m256, __m256)>,
+}
+
+thread_local! {
+    static UNPACKED: RefCell<Unpacked> = RefCell::new(Unpacked::default());
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_rows<const T: u32>(groups: usize, w: *const u8, ws: usize, nr: usize, into: &mut Unpacked) {
+    into.u.clear();
+    into.s.clear();
+    for r in 0..nr {
+        for g in 0..groups {
+            // SAFETY: rows and groups within the caller-checked ranges.
+            let grp = unsafe { unpack::<T>(w.add(r * ws), g) };
+            into.u.extend_from_slice(&grp.u);
+            into.s.push((grp.sw, grp.cw));
+        }
+    }
+}
+
+/// 1 unpacked weight row × RN activation rows.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn buffered_tile<const T: u32, const RN: usize>(groups: usize, u: *const __m256i, s: *const (__m256, __m256), a: *const u8, as_: usize, prep: *const f32, out: *mut f32, ldo: usize) {
+    let dtype = dtype_of::<T>();
+    let (sg, q8k, off) = (signed(dtype), dtype.vec_dot_type() == DType::Q8_K, !signed(dtype));
+    let mut acc = [_mm256_setzero_ps(); RN];
+    for g in 0..groups {
+        // SAFETY: the caller passes `groups` unpacked groups at u and s.
+        let (gu, (sw, cw)) = unsafe { ([*u.add(4 * g), *u.add(4 * g + 1), *u.add(4 * g + 2), *u.add(4 * g + 3)], *s.add(g)) };
+        for c in 0..RN {
+            // SAFETY: activation row c and group g are within the caller-checked ranges.
+            unsafe {
+                let ac = a.add(c * as_);
+                let q = std::array::from_fn(|i| act_unit(q8k, ac, g, i));
+                let sm = sums(sg, &gu, q);
+                acc[c] = accumulate(acc[c], sm, sw, cw, prep.add((c * groups + g) * PREP), off);
+            }
+        }
+    }
+    for c in 0..RN {
+        // SAFETY: the caller's output has room for RN entries ldo apart.
+        unsafe { *out.add(c * ldo) = hsum_f32(acc[c]) };
+    }
+}
+
+/// out[c * nr + r] = w_row(r) · a_row(c) for r < nr, c < nc, with `prep` from [`prepare`].
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: &mut [f32]) {
+    assert!(usable(dtype, k));
+    let groups = k / GROUP;
+    let vt = dtype.vec_dot_type();
+    let (wrb, arb) = (dtype.row_bytes(k).unwrap_or(0), vt.row_bytes(k).unwrap_or(0));
+    assert!(wrb <= w_stride && arb <= a_stride);
+    assert!(nr == 0 || w.len() >= (nr - 1) * w_stride + wrb);
+    assert!(nc == 0 || a.len() >= (nc - 1) * a_stride + arb);
+    assert!(prep.len() >= nc * groups * PREP && out.len() >= nr * nc);
+    match dtype {
+        DType::Q4_0 => run::<2>(groups, w, w_stride, nr, a, a_stride, nc, prep, out),
+        DType::Q5_0 => run::<6>(groups, w, w_stride, nr, a, a_stride, nc, prep, out),
+        DType::Q8_0 => run::<8>(groups, w, w_stride, nr, a, a_stride, nc, prep, out),
+        DType::Q4_K => run::<12>(groups, w, w_stride, nr, a, a_stride, nc, prep, out),
+        DType::Q5_K => run::<13>(groups, w, w_stride, nr, a, a_stride, nc, prep, out),
+        _ => run::<14>(groups, w, w_stride, nr, a, a_stride, nc, prep, out),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: &mut [f32]) {
+    if nc < 4 {
+        for c in 0..nc {
+            let (ac, pc) = (&a[c * a_stride..], &prep[c * groups * PREP..]);
+            let mut r = 0;
+            while r < nr {
+                let rm = (nr - r).min(4);
+                let mut tile = [0f32; 4];
+                // SAFETY: rows r..r+rm and this activation row are within the ranges asserted by
+                // `gemm`; AVX2/FMA/F16C are present (this module is installed only after checking).
+                unsafe {
+                    let wp = w.as_ptr().add(r * w_stride);
+                    match rm {
+                        4 => stream_tile::<T, 4>(groups, wp, w_stride, ac.as_ptr(), pc.as_ptr(), tile.as_mut_ptr()),
+                        3 => stream_tile::<T, 3>(groups, wp, w_stride, ac.as_ptr(), pc.as_ptr(), tile.as_mut_ptr()),
+                        2 => stream_tile::<T, 2>(groups, wp, w_stride, ac.as_ptr(), pc.as_ptr(), tile.as_mut_ptr()),
+                        _ => stream_tile::<T, 1>(groups, wp, w_stride, ac.as_ptr(), pc.as_ptr(), tile.as_mut_ptr()),
+                    }
+                }
+                out[c * nr + r..c * nr + r + rm].copy_from_slice(&tile[..rm]);
+                r += rm;
+            }
+        }
+        return;
+    }
+    UNPACKED.with(|buf| {
+        let mut buf = buf.borrow_mut();
+        // SAFETY: the rows are within the range asserted by `gemm`; CPU features as above.
+        unsafe { unpack_rows::<T>(groups, w.as_ptr(), w_stride, nr, &mut buf) };
+        for r in 0..nr {
+            let (u, s) = (buf.u[r * groups * 4..].as_ptr(), buf.s[r * groups..].as_ptr());
+            let mut c = 0;
+            while c < nc {
+                let rn = (nc - c).min(2);
+                // SAFETY: activation rows c..c+rn are within the asserted range; out has nr*nc
+                // entries; u and s hold this row's `groups` unpacked groups.
+                unsafe {
+                    let (ap, pp, op) = (a.as_ptr().add(c * a_stride), prep.as_ptr().add(c * groups * PREP), out.as_mut_ptr().add(c * nr + r));
+                    if rn == 2 {
+                        buffered_tile::<T, 2>(groups, u, s, ap, a_stride, pp, op, nr);
+                    } else {
+                        buffered_tile::<T, 1>(groups, u, s, ap, a_stride, pp, op, nr);
+                    }
+                }
+                c += rn;
+            }
+        }
+    });
+}
