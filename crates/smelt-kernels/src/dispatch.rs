@@ -25,10 +25,18 @@ impl Isa {
     }
 }
 
+/// `gate = act(gate) * up` in place.
+pub type GatedFn = fn(&mut [f32], &[f32]);
+/// See `ops::attend`.
+pub type AttendFn = fn(&[f32], &[f32], &[f32], usize, usize, &[std::ops::Range<usize>], f32, &mut Vec<f32>, &mut [f32]);
+
 pub struct Kernels {
     pub isa: Isa,
     vec_dot: [VecDotFn; 31],
     quantize: [QuantizeFn; 31],
+    pub silu_mul: GatedFn,
+    pub gelu_mul: GatedFn,
+    attend: AttendFn,
 }
 
 macro_rules! scalar_dot {
@@ -67,7 +75,14 @@ fn no_quant(_: &[f32], _: &mut [u8]) {
 impl Kernels {
     /// The plain scalar reference kernels.
     pub fn scalar() -> Kernels {
-        let mut k = Kernels { isa: Isa::Scalar, vec_dot: [no_dot; 31], quantize: [no_quant; 31] };
+        let mut k = Kernels {
+            isa: Isa::Scalar,
+            vec_dot: [no_dot; 31],
+            quantize: [no_quant; 31],
+            silu_mul: crate::ops::silu_mul_scalar,
+            gelu_mul: crate::ops::gelu_mul_scalar,
+            attend: crate::ops::attend_scalar,
+        };
         let dots: [(DType, VecDotFn); 14] = [
             (DType::F32, sdot_f32),
             (DType::F16, sdot_f16),
@@ -116,6 +131,9 @@ impl Kernels {
                 k.vec_dot[DType::Q6_K as usize] = avx2::dot_q6_k;
                 k.quantize[DType::Q8_0 as usize] = avx2::quantize_q8_0;
                 k.quantize[DType::Q8_K as usize] = avx2::quantize_q8_k;
+                k.silu_mul = crate::simd::avx2_math::silu_mul;
+                k.gelu_mul = crate::simd::avx2_math::gelu_mul;
+                k.attend = crate::simd::avx2_math::attend;
             }
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 => panic!("AVX2 kernels exist only on x86-64"),
@@ -142,6 +160,14 @@ impl Kernels {
     #[inline]
     pub fn quantize(&self, dtype: DType) -> QuantizeFn {
         self.quantize[dtype as usize]
+    }
+
+    /// Softmax attention of one query head (see `ops::attend`); the SIMD version needs a head
+    /// size that is a multiple of 8.
+    #[allow(clippy::too_many_arguments)]
+    pub fn attend(&self, q: &[f32], keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[std::ops::Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+        let f = if q.len() % 8 == 0 { self.attend } else { crate::ops::attend_scalar as AttendFn };
+        f(q, keys, values, stride, offset, ranges, scale, scores, out)
     }
 
     /// Whether products of `k`-element rows of `dtype` use the group kernels (which need the

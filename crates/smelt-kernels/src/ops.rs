@@ -223,13 +223,23 @@ impl Rope {
 
 /// gate = silu(gate) * up, in place in `gate`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    (kernels().silu_mul)(gate, up)
+}
+
+/// gate = gelu(gate) * up (tanh approximation, as GGML and Gemma use), in place in `gate`.
+pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+    (kernels().gelu_mul)(gate, up)
+}
+
+/// Scalar reference of `silu_mul`.
+pub fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = *g / (1.0 + (-*g).exp()) * u;
     }
 }
 
-/// gate = gelu(gate) * up (tanh approximation, as GGML and Gemma use), in place in `gate`.
-pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+/// Scalar reference of `gelu_mul`.
+pub fn gelu_mul_scalar(gate: &mut [f32], up: &[f32]) {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     for (g, &u) in gate.iter_mut().zip(up) {
         let x = *g;
@@ -267,7 +277,13 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
 /// out = Σ_j softmax_j(q·k_j * scale) v_j over the slots j in `ranges` (half-open slot ranges);
 /// slot j's key and value are the `q.len()` floats at `keys[j * stride + offset ..]`.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(
+pub fn attend(q: &[f32], keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[std::ops::Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    kernels().attend(q, keys, values, stride, offset, ranges, scale, scores, out)
+}
+
+/// Scalar reference of `attend`.
+#[allow(clippy::too_many_arguments)]
+pub fn attend_scalar(
     q: &[f32],
     keys: &[f32],
     values: &[f32],
@@ -283,7 +299,7 @@ pub fn attend(
     let mut max = f32::NEG_INFINITY;
     for j in ranges.iter().flat_map(|r| r.clone()) {
         let k = &keys[j * stride + offset..][..hd];
-        let s = dot_f32(q, k) * scale;
+        let s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
         max = max.max(s);
         scores.push(s);
     }

@@ -7,3 +7,5 @@ pub mod avx2;
 pub mod avx2_gemm;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2_group;
+#[cfg(target_arch = "x86_64")]
+pub mod avx2_math;

@@ -213,10 +213,12 @@ impl Block<'_> {
         let pool = ws.pool.clone();
         linear(&pool, &w.gate, &ws.h, n, &mut ws.gate, &mut ws.matmul);
         linear(&pool, &w.up, &ws.h, n, &mut ws.up, &mut ws.matmul);
-        timed!(3, match act {
-            Activation::Silu => ops::silu_mul(&mut ws.gate, &ws.up),
-            Activation::GeluTanh => ops::gelu_mul(&mut ws.gate, &ws.up),
-        });
+        let f = match act {
+            Activation::Silu => ops::silu_mul,
+            Activation::GeluTanh => ops::gelu_mul,
+        };
+        let (ff, up) = (w.gate.rows, &ws.up);
+        timed!(3, pool.for_rows(&mut ws.gate, ff, 1, &|t, row| f(row, &up[t * ff..(t + 1) * ff])));
         linear(&pool, &w.down, &ws.gate, n, &mut ws.a, &mut ws.matmul);
     }
 }

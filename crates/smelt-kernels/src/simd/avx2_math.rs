@@ -1,0 +1,210 @@
+//! AVX2 versions of the element-wise and attention operations: exp, SiLU/GELU gating, and
+//! softmax attention of one query head over cached keys and values.
+
+use std::arch::x86_64::*;
+use std::ops::Range;
+
+/// e^x for 8 lanes: x = n·ln2 + r, e^r by a degree-6 polynomial (relative error ~2e-7 on
+/// [-87, 88]; below -87 the result flushes to 0, above 88 it saturates).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn exp8(x: __m256) -> __m256 {
+    let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0)), _mm256_set1_ps(88.0));
+    let n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    // r = x - n·ln2, with ln2 split in two parts for precision.
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_145_75), x);
+    let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428_606_8e-6), r);
+    let mut p = _mm256_set1_ps(1.0 / 720.0);
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
+    }
+    let scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+    _mm256_mul_ps(p, scale)
+}
+
+/// Scalar twin of `exp8`, for the tails of arrays (identical arithmetic, so results do not
+/// depend on where an element falls).
+#[inline]
+fn exp1(x: f32) -> f32 {
+    let x = x.clamp(-87.0, 88.0);
+    let n = (x * std::f32::consts::LOG2_E).round_ties_even();
+    let r = (-n).mul_add(0.693_145_75, x);
+    let r = (-n).mul_add(1.428_606_8e-6, r);
+    let mut p = 1.0f32 / 720.0;
+    for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+        p = p.mul_add(r, c);
+    }
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+#[target_feature(enable = "avx2,fma")]
+unsafe fn gated(gate: &mut [f32], up: &[f32], gelu: bool) {
+    let n = gate.len().min(up.len());
+    let mut i = 0;
+    // gelu(x) = x·sigmoid(2·√(2/π)·(x + 0.044715x³)); silu(x) = x·sigmoid(x).
+    const K: f32 = 2.0 * 0.797_884_6;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n, within both slices.
+        unsafe {
+            let x = _mm256_loadu_ps(gate.as_ptr().add(i));
+            let z = if gelu {
+                let x3 = _mm256_mul_ps(_mm256_mul_ps(x, x), x);
+                _mm256_mul_ps(_mm256_set1_ps(K), _mm256_fmadd_ps(_mm256_set1_ps(0.044715), x3, x))
+            } else {
+                x
+            };
+            let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), z));
+            let act = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0), e));
+            _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(act, _mm256_loadu_ps(up.as_ptr().add(i))));
+        }
+        i += 8;
+    }
+    for j in i..n {
+        let x = gate[j];
+        let z = if gelu { K * 0.044715f32.mul_add(x * x * x, x) } else { x };
+        gate[j] = x / (1.0 + exp1(-z)) * up[j];
+    }
+}
+
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    // SAFETY: installed only when the CPU has AVX2 and FMA.
+    unsafe { gated(gate, up, false) }
+}
+
+pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
+    // SAFETY: installed only when the CPU has AVX2 and FMA.
+    unsafe { gated(gate, up, true) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// Dot product of two rows of `hd` floats (hd a multiple of 8).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot(a: *const f32, b: *const f32, hd: usize) -> f32 {
+    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut d = 0;
+    // SAFETY (loads): the caller guarantees hd readable floats at a and b.
+    while d + 16 <= hd {
+        unsafe {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d)), _mm256_loadu_ps(b.add(d)), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d + 8)), _mm256_loadu_ps(b.add(d + 8)), s1);
+        }
+        d += 16;
+    }
+    if d < hd {
+        unsafe { s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d)), _mm256_loadu_ps(b.add(d)), s0) };
+    }
+    hsum(_mm256_add_ps(s0, s1))
+}
+
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn attend_impl(q: &[f32], keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let hd = q.len();
+    for r in ranges {
+        if r.start < r.end {
+            let last = (r.end - 1) * stride + offset + hd;
+            assert!(last <= keys.len() && last <= values.len(), "attention slots out of range");
+        }
+    }
+    let n: usize = ranges.iter().map(|r| r.len()).sum();
+    scores.clear();
+    scores.resize(n, 0.0);
+    let (kp, vp, qp, sp) = (keys.as_ptr(), values.as_ptr(), q.as_ptr(), scores.as_mut_ptr());
+    let mut max = f32::NEG_INFINITY;
+    let mut i = 0;
+    for r in ranges {
+        for j in r.clone() {
+            // SAFETY: slot j's row lies within `keys` (asserted above); i < n.
+            let s = unsafe { dot(qp, kp.add(j * stride + offset), hd) } * scale;
+            max = max.max(s);
+            unsafe { *sp.add(i) = s };
+            i += 1;
+        }
+    }
+    let mut sum = 0f32;
+    let mut i = 0;
+    let vmax = _mm256_set1_ps(max);
+    let mut vsum = _mm256_setzero_ps();
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n = scores.len().
+        unsafe {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sp.add(i)), vmax));
+            _mm256_storeu_ps(sp.add(i), e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        i += 8;
+    }
+    for s in &mut scores[i..] {
+        *s = exp1(*s - max);
+        sum += *s;
+    }
+    sum += hsum(vsum);
+    let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+    let sp = scores.as_ptr();
+    // out = Σ p_j v_j, 32 dimensions at a time so the partial sums stay in registers.
+    let mut d0 = 0;
+    while d0 < hd {
+        let lanes = (hd - d0).min(32) / 8;
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        for r in ranges {
+            for j in r.clone() {
+                // SAFETY: i < n; slot j's row lies within `values` (asserted above).
+                unsafe {
+                    let pv = _mm256_set1_ps(*sp.add(i) * inv);
+                    let row = vp.add(j * stride + offset + d0);
+                    for (k, a) in acc.iter_mut().enumerate().take(lanes) {
+                        *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * k)), *a);
+                    }
+                }
+                i += 1;
+            }
+        }
+        for (k, a) in acc.iter().enumerate().take(lanes) {
+            // SAFETY: d0 + 8k + 8 <= hd <= out.len().
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(d0 + 8 * k), *a) };
+        }
+        d0 += 32;
+    }
+}
+
+/// Softmax attention of one query head (see `ops::attend`); head size a multiple of 8.
+#[allow(clippy::too_many_arguments)]
+pub fn attend(q: &[f32], keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    assert!(q.len() % 8 == 0 && out.len() >= q.len());
+    // SAFETY: installed only when the CPU has AVX2 and FMA; bounds are asserted inside.
+    unsafe { attend_impl(q, keys, values, stride, offset, ranges, scale, scores, out) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_accurate_and_the_scalar_twin_matches() {
+        if !super::super::avx2::available() {
+            return;
+        }
+        let xs: Vec<f32> = (0..4000).map(|i| -90.0 + i as f32 * 0.045).collect();
+        for c in xs.chunks_exact(8) {
+            let mut out = [0f32; 8];
+            // SAFETY: AVX2/FMA checked above.
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), exp8(_mm256_loadu_ps(c.as_ptr()))) };
+            for (x, y) in c.iter().zip(out) {
+                assert_eq!(y, exp1(*x), "vector and scalar exp differ at {x}");
+                let want = (*x as f64).exp();
+                if (-87.0..=88.0).contains(x) {
+                    assert!(((y as f64 - want) / want).abs() < 1e-6, "exp({x}) = {y}, want {want}");
+                }
+            }
+        }
+    }
+}

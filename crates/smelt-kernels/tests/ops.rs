@@ -1,0 +1,59 @@
+//! SIMD element-wise and attention kernels against their scalar references, on random data of
+//! odd sizes.
+
+use smelt_kernels::dispatch::Kernels;
+use smelt_kernels::ops::{attend_scalar, gelu_mul_scalar, silu_mul_scalar};
+
+struct Rng(u64);
+impl Rng {
+    fn f(&mut self) -> f32 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        ((self.0 >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0
+    }
+}
+
+fn close(a: f32, b: f32, tol: f32) -> bool {
+    (a - b).abs() <= tol * (1.0 + b.abs())
+}
+
+#[test]
+fn gated_activations_match_the_scalar_reference() {
+    let mut rng = Rng(5);
+    for isa in Kernels::available_isas() {
+        let k = Kernels::for_isa(isa);
+        for n in [1, 7, 8, 9, 31, 64, 1000] {
+            let gate: Vec<f32> = (0..n).map(|_| rng.f() * 12.0).collect();
+            let up: Vec<f32> = (0..n).map(|_| rng.f() * 3.0).collect();
+            for (fast, slow) in [(k.silu_mul, silu_mul_scalar as fn(&mut [f32], &[f32])), (k.gelu_mul, gelu_mul_scalar)] {
+                let (mut a, mut b) = (gate.clone(), gate.clone());
+                fast(&mut a, &up);
+                slow(&mut b, &up);
+                for i in 0..n {
+                    assert!(close(a[i], b[i], 1e-5), "{isa:?} n={n} i={i}: {} vs {}", a[i], b[i]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_matches_the_scalar_reference() {
+    let mut rng = Rng(9);
+    for isa in Kernels::available_isas() {
+        let k = Kernels::for_isa(isa);
+        for (hd, slots, ranges) in [(64, 5, vec![0..5]), (256, 40, vec![30..40, 0..7]), (8, 1, vec![0..1]), (72, 300, vec![0..300])] {
+            let stride = hd * 2;
+            let keys: Vec<f32> = (0..slots * stride).map(|_| rng.f()).collect();
+            let values: Vec<f32> = (0..slots * stride).map(|_| rng.f()).collect();
+            let q: Vec<f32> = (0..hd).map(|_| rng.f() * 4.0).collect();
+            let (mut a, mut b) = (vec![0f32; hd], vec![0f32; hd]);
+            k.attend(&q, &keys, &values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut a);
+            attend_scalar(&q, &keys, &values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut b);
+            for i in 0..hd {
+                assert!(close(a[i], b[i], 1e-5), "{isa:?} hd={hd}: {} vs {}", a[i], b[i]);
+            }
+        }
+    }
+}
