@@ -6,7 +6,7 @@ use std::time::Instant;
 fn main() {
     let dtype = match std::env::args().nth(1).as_deref() { Some("q5_0") => DType::Q5_0, Some("q4_k") => DType::Q4_K, _ => DType::Q8_0 };
     let rows: usize = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(151936);
-    let k = if dtype.block_len() == 256 { 1024 } else { 896 };
+    let k: usize = std::env::var("K").ok().and_then(|s| s.parse().ok()).unwrap_or(if dtype.block_len() == 256 { 1024 } else { 896 });
     let kt = kernels();
     let wrb = dtype.row_bytes(k).unwrap();
     let mut w = vec![0u8; wrb * rows];

@@ -18,7 +18,7 @@ pub type Tile = unsafe fn(usize, *const u8, usize, *const u8, usize, *mut f32, u
 
 /// How far ahead of the block being computed to prefetch weights. Hardware prefetchers alone
 /// leave decoding latency-bound on this class of machine (2.2 GB/s for Q5_0 from DRAM on one
-/// core); 4 KiB ahead reaches ~7 GB/s (see PERF.md).
+/// core); 4 KiB ahead reaches ~7 GB/s (see PERF.md). Non-temporal: weights are read once.
 pub const PREFETCH: usize = 4096;
 
 /// Prefetch the block `PREFETCH` bytes ahead of `p` (one hint per cache line).
@@ -27,7 +27,7 @@ pub(super) fn prefetch_block(p: *const u8, len: usize) {
     let mut off = 0;
     while off < len {
         // SAFETY: prefetch hints never fault, whatever the address.
-        unsafe { _mm_prefetch(p.wrapping_add(PREFETCH + off) as *const i8, _MM_HINT_T0) };
+        unsafe { _mm_prefetch(p.wrapping_add(PREFETCH + off) as *const i8, _MM_HINT_NTA) };
         off += 64;
     }
 }
@@ -343,7 +343,6 @@ pub fn gemm(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u
         return;
     }
     let (rm_pref, rn_pref) = if nc == 1 { (4, 1) } else { (rm_pref, rn_pref) };
-    let (rm_pref, rn_pref) = match std::env::var("SMELT_TILE").ok().and_then(|t| { let (a, b) = t.split_once('x')?; Some((a.parse().ok()?, b.parse().ok()?)) }) { Some(t) if nc > 1 => t, _ => (rm_pref, rn_pref) };
     let mut c = 0;
     while c < nc {
         let rn = rn_pref.min(nc - c);
