@@ -17,7 +17,7 @@ fn main() {
             for (i, b) in w.iter_mut().enumerate() { *b = (i * 2654435761usize >> 7) as u8; }
             // sane f16 scales: overwrite with small values every block start
             for blk in w.chunks_mut(dtype.block_bytes()) { if dtype.block_len() > 1 { blk[0] = 0; blk[1] = 0x20; } }
-            let vt = dtype.vec_dot_type();
+            let vt = kt.activation_type(dtype, k);
             let arb = vt.row_bytes(k).unwrap();
             let x: Vec<f32> = (0..k * nc).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
             let mut a = vec![0u8; arb * nc];
@@ -26,7 +26,7 @@ fn main() {
             let reps = 20;
             let mut prep = Vec::new();
             let grouped = kt.group_usable(dtype, k);
-            if grouped { kt.group_prepare(dtype, k, &a, arb, nc, &mut prep); }
+            if grouped { kt.group_prepare(k, &a, arb, nc, &mut prep); }
             let t = Instant::now();
             for _ in 0..reps {
                 for r0 in (0..rows).step_by(16) {

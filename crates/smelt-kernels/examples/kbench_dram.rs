@@ -12,7 +12,7 @@ fn main() {
     let mut w = vec![0u8; wrb * rows];
     for (i, b) in w.iter_mut().enumerate() { *b = (i.wrapping_mul(2654435761) >> 9) as u8; }
     for blk in w.chunks_mut(dtype.block_bytes()) { blk[0] = 0; blk[1] = 0x20; }
-    let vt = dtype.vec_dot_type();
+    let vt = kt.activation_type(dtype, k);
     let arb = vt.row_bytes(k).unwrap();
     let x: Vec<f32> = (0..k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
     let mut a = vec![0u8; arb];

@@ -181,12 +181,22 @@ impl Kernels {
         false
     }
 
-    /// Per-activation-row data the group kernels need (see `simd::avx2_group`).
-    pub fn group_prepare(&self, dtype: DType, k: usize, a: &[u8], a_stride: usize, nc: usize, out: &mut Vec<f32>) {
+    /// The activation format a product of `k`-element rows of `dtype` uses: Q8_0 for the group
+    /// kernels, else the format's `vec_dot_type`.
+    pub fn activation_type(&self, dtype: DType, k: usize) -> DType {
+        if self.group_usable(dtype, k) {
+            DType::Q8_0
+        } else {
+            dtype.vec_dot_type()
+        }
+    }
+
+    /// Per-activation-row data the group kernels need (Q8_0 rows; see `simd::avx2_group`).
+    pub fn group_prepare(&self, k: usize, a: &[u8], a_stride: usize, nc: usize, out: &mut Vec<f32>) {
         #[cfg(target_arch = "x86_64")]
-        crate::simd::avx2_group::prepare(dtype.vec_dot_type(), k, a, a_stride, nc, out);
+        crate::simd::avx2_group::prepare(k, a, a_stride, nc, out);
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (dtype, k, a, a_stride, nc, out);
+        let _ = (k, a, a_stride, nc, out);
     }
 
     /// Block product with the group kernels; `prep` comes from [`Kernels::group_prepare`].
@@ -201,12 +211,12 @@ impl Kernels {
 
     /// Block product: `out[c * nr + r] = w_row(r) · a_row(c)` for `nr` weight rows (each
     /// `w_stride` bytes apart, `k` elements of `dtype`) and `nc` activation rows (`a_stride`
-    /// bytes apart, in `dtype.vec_dot_type()`). Uses tiled SIMD kernels where they exist.
+    /// bytes apart, in `self.activation_type(dtype, k)`). Uses tiled SIMD kernels where they exist.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(&self, dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, out: &mut [f32]) {
         if self.group_usable(dtype, k) {
             let mut prep = Vec::new();
-            self.group_prepare(dtype, k, a, a_stride, nc, &mut prep);
+            self.group_prepare(k, a, a_stride, nc, &mut prep);
             self.group_gemm(dtype, k, w, w_stride, nr, a, a_stride, nc, &prep, out);
             return;
         }

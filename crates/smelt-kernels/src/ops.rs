@@ -50,13 +50,14 @@ unsafe impl Sync for SharedMut {}
 const ROW_CHUNK: usize = 32;
 
 /// out[t * w.rows + r] = w.row(r) · x[t], for `n` activation rows `x` of `w.cols` floats.
-/// The activations are quantized once to the weight's `vec_dot_type`, so the inner loop is an
+/// The activations are quantized once (to Q8_0 for the group kernels, else to the weight's
+/// `vec_dot_type`), so the inner loop is an
 /// integer dot product; `scratch` holds them (grown as needed, reused across calls).
 pub fn matmul(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize, out: &mut [f32], scratch: &mut Vec<u8>) {
     let (k, m) = (w.cols, w.rows);
     assert!(x.len() >= n * k && out.len() >= n * m, "matmul shapes");
     let kt = kernels();
-    let vt = w.dtype.vec_dot_type();
+    let vt = kt.activation_type(w.dtype, k);
     let arb = vt.row_bytes(k).expect("activation row must be whole blocks");
     if scratch.len() < n * arb {
         scratch.resize(n * arb, 0);
@@ -83,7 +84,7 @@ pub fn matmul(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize, out: &mut [f32
     if kt.group_usable(w.dtype, k) {
         PREP.with(|prep| {
             let mut prep = prep.borrow_mut();
-            kt.group_prepare(w.dtype, k, act, arb, n, &mut prep);
+            kt.group_prepare(k, act, arb, n, &mut prep);
             let prep: &[f32] = &prep;
             let chunk = if n == 1 { (m / (pool.n_threads() * 8)).clamp(16, 256) / 4 * 4 } else { ROW_CHUNK };
             pool.for_chunks(m, chunk, &|rows| {

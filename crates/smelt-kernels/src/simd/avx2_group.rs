@@ -7,9 +7,10 @@
 //! needed), a vector of per-16-element scales `sw` and one of per-16 offsets `cw`:
 //!     w[e] = sw[lane(e)] * u[e] + cw[lane(e)]
 //! with lanes ordered [unit0.lo, unit1.lo, unit2.lo, unit3.lo, unit0.hi, …, unit3.hi]
-//! (".lo" = the unit's first 16 elements). Activations (Q8_0 or Q8_K, as llama.cpp uses) are
-//! prepared once per matrix product into the matching per-16 vectors `sa` (scale) and
-//! `ea` (scale × sum of the 16 quantized values). Then per group:
+//! (".lo" = the unit's first 16 elements). Activations are Q8_0 (a scale per 32 values) for
+//! every weight format — finer than the per-256 scales (Q8_K) llama.cpp uses with k-quants, so
+//! closer to full precision at no cost here — and are prepared once per matrix product into the
+//! matching per-16 vectors `sa` (scale) and `ea` (scale × sum of the 16 quantized values). Then per group:
 //!     s   = the 8 per-16 integer sums Σ u·q (maddubs, madd, a 3-hadd tree)
 //!     acc = fma(cvt(s), sw·sa, acc);  acc = fma(cw, ea, acc)
 //! and the result is the horizontal sum of `acc`. For decoding, groups are unpacked into
@@ -196,15 +197,13 @@ unsafe fn sums(signed: bool, u: &[__m256i; 4], q: [*const u8; 4]) -> __m256i {
     }
 }
 
-/// Where unit i of group g of an activation row starts.
+/// The activation format of the group kernels.
+pub const ACT: DType = DType::Q8_0;
+
+/// Where the quantized values of unit i of group g of a Q8_0 activation row start.
 #[inline(always)]
-fn act_unit(vt_q8k: bool, a: *const u8, g: usize, i: usize) -> *const u8 {
-    let unit = 4 * g + i;
-    if vt_q8k {
-        a.wrapping_add(292 * (unit / 8) + 4 + 32 * (unit % 8))
-    } else {
-        a.wrapping_add(34 * unit + 2)
-    }
+fn act_unit(a: *const u8, g: usize, i: usize) -> *const u8 {
+    a.wrapping_add(34 * (4 * g + i) + 2)
 }
 
 /// acc += cvt(s)·(sw·sa) + cw·ea — the one accumulation step both paths share.
@@ -223,9 +222,9 @@ unsafe fn accumulate(acc: __m256, s: __m256i, sw: __m256, cw: __m256, prep: *con
     }
 }
 
-/// Prepare activation rows (Q8_0 or Q8_K, `a_stride` bytes apart) for the group kernels:
-/// per group, 8 scales then 8 scale × sum values, in lane order.
-pub fn prepare(vt: DType, k: usize, a: &[u8], a_stride: usize, nc: usize, out: &mut Vec<f32>) {
+/// Prepare Q8_0 activation rows (`a_stride` bytes apart) for the group kernels: per group,
+/// 8 scales then 8 scale × sum values, in lane order.
+pub fn prepare(k: usize, a: &[u8], a_stride: usize, nc: usize, out: &mut Vec<f32>) {
     let groups = k / GROUP;
     out.clear();
     out.resize(nc * groups * PREP, 0.0);
@@ -234,22 +233,13 @@ pub fn prepare(vt: DType, k: usize, a: &[u8], a_stride: usize, nc: usize, out: &
         for g in 0..groups {
             let dst = &mut out[(c * groups + g) * PREP..][..PREP];
             for i in 0..4 {
-                let unit = 4 * g + i;
-                let (d, s_lo, s_hi) = if vt == DType::Q8_K {
-                    let blk = &row[292 * (unit / 8)..];
-                    let d = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
-                    let bs = |j: usize| i16::from_le_bytes([blk[260 + 2 * j], blk[261 + 2 * j]]) as i32;
-                    (d, bs(2 * (unit % 8)), bs(2 * (unit % 8) + 1))
-                } else {
-                    let blk = &row[34 * unit..];
-                    let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
-                    let sum = |r: std::ops::Range<usize>| blk[r].iter().map(|&b| b as i8 as i32).sum::<i32>();
-                    (d, sum(2..18), sum(18..34))
-                };
+                let blk = &row[34 * (4 * g + i)..];
+                let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
+                let sum = |r: std::ops::Range<usize>| blk[r].iter().map(|&b| b as i8 as i32).sum::<i32>();
                 dst[i] = d;
                 dst[4 + i] = d;
-                dst[8 + i] = d * s_lo as f32;
-                dst[12 + i] = d * s_hi as f32;
+                dst[8 + i] = d * sum(2..18) as f32;
+                dst[12 + i] = d * sum(18..34) as f32;
             }
         }
     }
@@ -259,10 +249,10 @@ pub fn prepare(vt: DType, k: usize, a: &[u8], a_stride: usize, nc: usize, out: &
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn stream_tile<const T: u32, const RM: usize>(groups: usize, w: *const u8, ws: usize, a: *const u8, prep: *const f32, out: *mut f32) {
     let dtype = dtype_of::<T>();
-    let (sg, q8k, off) = (signed(dtype), dtype.vec_dot_type() == DType::Q8_K, !signed(dtype));
+    let (sg, off) = (signed(dtype), !signed(dtype));
     let mut acc = [_mm256_setzero_ps(); RM];
     for g in 0..groups {
-        let q = std::array::from_fn(|i| act_unit(q8k, a, g, i));
+        let q = std::array::from_fn(|i| act_unit(a, g, i));
         for r in 0..RM {
             // SAFETY: row r and group g are within the caller-checked ranges.
             unsafe {
@@ -309,7 +299,7 @@ unsafe fn unpack_rows<const T: u32>(groups: usize, w: *const u8, ws: usize, nr: 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn buffered_tile<const T: u32, const RN: usize>(groups: usize, u: *const __m256i, s: *const (__m256, __m256), a: *const u8, as_: usize, prep: *const f32, out: *mut f32, ldo: usize) {
     let dtype = dtype_of::<T>();
-    let (sg, q8k, off) = (signed(dtype), dtype.vec_dot_type() == DType::Q8_K, !signed(dtype));
+    let (sg, off) = (signed(dtype), !signed(dtype));
     let mut acc = [_mm256_setzero_ps(); RN];
     for g in 0..groups {
         // SAFETY: the caller passes `groups` unpacked groups at u and s.
@@ -318,7 +308,7 @@ unsafe fn buffered_tile<const T: u32, const RN: usize>(groups: usize, u: *const 
             // SAFETY: activation row c and group g are within the caller-checked ranges.
             unsafe {
                 let ac = a.add(c * as_);
-                let q = std::array::from_fn(|i| act_unit(q8k, ac, g, i));
+                let q = std::array::from_fn(|i| act_unit(ac, g, i));
                 let sm = sums(sg, &gu, q);
                 acc[c] = accumulate(acc[c], sm, sw, cw, prep.add((c * groups + g) * PREP), off);
             }
@@ -335,8 +325,7 @@ unsafe fn buffered_tile<const T: u32, const RN: usize>(groups: usize, u: *const 
 pub fn gemm(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: &mut [f32]) {
     assert!(usable(dtype, k));
     let groups = k / GROUP;
-    let vt = dtype.vec_dot_type();
-    let (wrb, arb) = (dtype.row_bytes(k).unwrap_or(0), vt.row_bytes(k).unwrap_or(0));
+    let (wrb, arb) = (dtype.row_bytes(k).unwrap_or(0), ACT.row_bytes(k).unwrap_or(0));
     assert!(wrb <= w_stride && arb <= a_stride);
     assert!(nr == 0 || w.len() >= (nr - 1) * w_stride + wrb);
     assert!(nc == 0 || a.len() >= (nc - 1) * a_stride + arb);
