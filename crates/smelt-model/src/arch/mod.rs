@@ -192,15 +192,22 @@ pub struct Model {
 
 impl Model {
     pub fn load(path: &Path) -> Result<Model, ModelError> {
-        let file = Arc::new(GgufFile::open(path)?);
-        Self::from_file(file)
+        Self::from_file(GgufFile::open(path)?)
     }
 
-    pub fn from_file(file: Arc<GgufFile>) -> Result<Model, ModelError> {
+    pub fn from_file(mut file: GgufFile) -> Result<Model, ModelError> {
+        let tokenizer = Tokenizer::from_gguf(&file.header)?;
+        // The tokenizer now holds the vocabulary; drop the parsed copies (tens of MB for
+        // 262k-token vocabularies).
+        for (k, v) in file.header.metadata.iter_mut() {
+            if matches!(k.as_str(), "tokenizer.ggml.tokens" | "tokenizer.ggml.scores" | "tokenizer.ggml.token_type" | "tokenizer.ggml.merges") {
+                *v = crate::gguf::Value::Array(crate::gguf::ValueType::U8, Vec::new());
+            }
+        }
+        let file = Arc::new(file);
         let h = &file.header;
         let arch_name = h.require("general.architecture", h.get_str("general.architecture"))?;
         let arch = Arch::from_name(arch_name)?;
-        let tokenizer = Tokenizer::from_gguf(h)?;
         let mut hp = Hparams::read(h, arch, tokenizer.n_vocab())?;
         let spec = arch.spec();
         let token_embd = Linear::load(&file, "token_embd.weight", hp.n_embd, None)?;
