@@ -211,18 +211,13 @@ impl Kernels {
 
     /// Block product: `out[c * nr + r] = w_row(r) · a_row(c)` for `nr` weight rows (each
     /// `w_stride` bytes apart, `k` elements of `dtype`) and `nc` activation rows (`a_stride`
-    /// bytes apart, in `self.activation_type(dtype, k)`). Uses tiled SIMD kernels where they exist.
+    /// bytes apart, in `self.activation_type(dtype, k)`). Uses the group kernels where they apply, else one dot product per pair.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm(&self, dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, out: &mut [f32]) {
         if self.group_usable(dtype, k) {
             let mut prep = Vec::new();
             self.group_prepare(k, a, a_stride, nc, &mut prep);
             self.group_gemm(dtype, k, w, w_stride, nr, a, a_stride, nc, &prep, out);
-            return;
-        }
-        #[cfg(target_arch = "x86_64")]
-        if self.isa == Isa::Avx2 && crate::simd::avx2_gemm::has_gemm(dtype) {
-            crate::simd::avx2_gemm::gemm(dtype, k, w, w_stride, nr, a, a_stride, nc, out);
             return;
         }
         let dot = self.vec_dot(dtype);

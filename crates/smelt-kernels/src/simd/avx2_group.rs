@@ -19,7 +19,7 @@
 //! same `accumulate`.
 
 use super::avx2::{bits_to_bytes, f16, hsum_f32, load, nibbles32};
-use super::avx2_gemm::prefetch_block;
+use super::avx2::prefetch_block;
 use crate::formats::DType;
 use std::arch::x86_64::*;
 use std::cell::RefCell;

@@ -4,8 +4,6 @@
 #[cfg(target_arch = "x86_64")]
 pub mod avx2;
 #[cfg(target_arch = "x86_64")]
-pub mod avx2_gemm;
-#[cfg(target_arch = "x86_64")]
 pub mod avx2_group;
 #[cfg(target_arch = "x86_64")]
 pub mod avx2_math;

@@ -206,6 +206,16 @@ impl Block<'_> {
         linear(&pool, &w.wo, &ws.att, n, &mut ws.a, &mut ws.matmul);
     }
 
+    /// The pre-norm layer Llama, Qwen2 and Qwen3 share: x += attn(norm(x)); x += ffn(norm(x)).
+    pub fn pre_norm_layer(&mut self, w: &LayerWeights, il: usize, act: Activation) {
+        self.norm_input(&w.attn_norm);
+        self.attention(w, il);
+        self.add_residual();
+        self.norm_input(&w.ffn_norm);
+        self.ffn(w, act);
+        self.add_residual();
+    }
+
     /// a = down(act(gate(h)) * up(h))
     pub fn ffn(&mut self, w: &LayerWeights, act: Activation) {
         let n = self.n();

@@ -15,10 +15,5 @@ pub const SPEC: ArchSpec = ArchSpec {
 };
 
 pub fn layer(b: &mut Block, w: &LayerWeights, il: usize) {
-    b.norm_input(&w.attn_norm);
-    b.attention(w, il);
-    b.add_residual();
-    b.norm_input(&w.ffn_norm);
-    b.ffn(w, SPEC.activation);
-    b.add_residual();
+    b.pre_norm_layer(w, il, SPEC.activation);
 }
