@@ -1,9 +1,46 @@
-//! The per-sequence KV cache.
+//! KV caches. The forward pass sees them through [`KvStore`]; two stores exist:
 //!
+//! - [`KvCache`], one sequence's own cache (the CLI's sessions), described below;
+//! - [`PagedKv`], sequences whose positions live in fixed-size blocks of a shared [`BlockPool`]
+//!   (the server: the engine allocates blocks, shares them between sequences with a common
+//!   prefix and evicts them under a memory budget).
+//!
+//! Both keep keys and values at f16 precision, so results do not depend on the store.
+//!
+//! [`KvCache`]:
 //! A sequence's tokens occupy positions 0..len. Full-attention layers keep every position (slot =
 //! position, storage grown on demand). Sliding-window layers keep a ring of `window + max_batch`
 //! slots (slot = position mod ring): enough for the window of every query in a batch, and for
 //! rolling back up to `max_batch` positions.
+
+use std::ops::Range;
+
+/// What the forward pass needs from the caches of the sequences in a batch.
+pub trait KvStore: Sync {
+    fn n_seqs(&self) -> usize;
+    /// Positions stored for a sequence (the next token goes at this position).
+    fn len(&self, seq: usize) -> usize;
+    /// Most positions the sequence may hold.
+    fn capacity(&self, seq: usize) -> usize;
+    /// Most tokens one forward pass may add to the sequence.
+    fn max_batch(&self, seq: usize) -> usize;
+    /// Make room for positions below `end`.
+    fn reserve(&mut self, seq: usize, end: usize) -> Result<(), String>;
+    /// Store the key and value rows of position `pos` in `layer`.
+    fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]);
+    /// The keys and values of `layer` (rows of n_kv_heads × head_dim floats) and the row ranges
+    /// a query at `pos` attends to.
+    fn view(&self, seq: usize, layer: usize, pos: usize, ranges: &mut Vec<Range<usize>>) -> (&[f32], &[f32]);
+    /// Record that `n` positions were added.
+    fn advance(&mut self, seq: usize, n: usize);
+}
+
+/// Round to f16 precision (llama.cpp's default cache type) while copying.
+fn store_f16(dst: &mut [f32], src: &[f32]) {
+    for (d, &x) in dst.iter_mut().zip(src) {
+        *d = half::f16::from_f32(x).to_f32();
+    }
+}
 
 #[derive(Clone, Debug)]
 pub struct LayerKv {
@@ -72,13 +109,8 @@ impl KvCache {
         let row = self.row;
         let l = &mut self.layers[layer];
         let s = Self::slot(l, pos);
-        // Keys and values are kept at f16 precision, as llama.cpp's default cache does.
-        for (d, &x) in l.k[s * row..(s + 1) * row].iter_mut().zip(k) {
-            *d = half::f16::from_f32(x).to_f32();
-        }
-        for (d, &x) in l.v[s * row..(s + 1) * row].iter_mut().zip(v) {
-            *d = half::f16::from_f32(x).to_f32();
-        }
+        store_f16(&mut l.k[s * row..(s + 1) * row], k);
+        store_f16(&mut l.v[s * row..(s + 1) * row], v);
     }
 
     /// The slot ranges a query at `pos` attends to in `layer` (causal, windowed where the layer is).
@@ -121,6 +153,163 @@ impl KvCache {
     /// Bytes of KV storage currently allocated.
     pub fn allocated_bytes(&self) -> usize {
         self.layers.iter().map(|l| (l.k.len() + l.v.len()) * 4).sum()
+    }
+}
+
+impl KvStore for [KvCache] {
+    fn n_seqs(&self) -> usize {
+        self.len()
+    }
+    fn len(&self, seq: usize) -> usize {
+        self[seq].len
+    }
+    fn capacity(&self, seq: usize) -> usize {
+        self[seq].n_ctx
+    }
+    fn max_batch(&self, seq: usize) -> usize {
+        self[seq].max_batch
+    }
+    fn reserve(&mut self, seq: usize, end: usize) -> Result<(), String> {
+        self[seq].reserve(end);
+        Ok(())
+    }
+    fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        self[seq].write(layer, pos, k, v)
+    }
+    fn view(&self, seq: usize, layer: usize, pos: usize, ranges: &mut Vec<Range<usize>>) -> (&[f32], &[f32]) {
+        let c = &self[seq];
+        c.visible(layer, pos, ranges);
+        (&c.layers[layer].k, &c.layers[layer].v)
+    }
+    fn advance(&mut self, seq: usize, n: usize) {
+        self[seq].len += n;
+    }
+}
+
+impl KvStore for Vec<KvCache> {
+    fn n_seqs(&self) -> usize {
+        self.as_slice().n_seqs()
+    }
+    fn len(&self, seq: usize) -> usize {
+        KvStore::len(self.as_slice(), seq)
+    }
+    fn capacity(&self, seq: usize) -> usize {
+        self.as_slice().capacity(seq)
+    }
+    fn max_batch(&self, seq: usize) -> usize {
+        self.as_slice().max_batch(seq)
+    }
+    fn reserve(&mut self, seq: usize, end: usize) -> Result<(), String> {
+        self.as_mut_slice().reserve(seq, end)
+    }
+    fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        self.as_mut_slice().write(seq, layer, pos, k, v)
+    }
+    fn view(&self, seq: usize, layer: usize, pos: usize, ranges: &mut Vec<Range<usize>>) -> (&[f32], &[f32]) {
+        self.as_slice().view(seq, layer, pos, ranges)
+    }
+    fn advance(&mut self, seq: usize, n: usize) {
+        self.as_mut_slice().advance(seq, n)
+    }
+}
+
+/// Positions per block of a [`BlockPool`].
+pub const BLOCK_SIZE: usize = 16;
+
+/// Fixed-size blocks of KV storage shared by many sequences. Block `b` holds positions in rows
+/// `b * BLOCK_SIZE .. (b + 1) * BLOCK_SIZE` of every layer's key and value arrays, so a
+/// sequence's positions are found through its block table. Sliding-window layers store every
+/// position too (blocks may be shared by later requests whose windows need them).
+pub struct BlockPool {
+    pub n_blocks: usize,
+    row: usize,
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    windows: Vec<Option<usize>>,
+}
+
+impl BlockPool {
+    /// `windows[l]`: layer l's sliding window; `row`: floats per position per layer.
+    pub fn new(windows: &[Option<usize>], row: usize, n_blocks: usize) -> BlockPool {
+        let size = n_blocks * BLOCK_SIZE * row;
+        BlockPool {
+            n_blocks,
+            row,
+            k: windows.iter().map(|_| vec![0.0; size]).collect(),
+            v: windows.iter().map(|_| vec![0.0; size]).collect(),
+            windows: windows.to_vec(),
+        }
+    }
+
+    /// Bytes one block takes (all layers, keys and values).
+    pub fn block_bytes(windows: usize, row: usize) -> usize {
+        windows * 2 * BLOCK_SIZE * row * 4
+    }
+}
+
+/// One sequence of a [`PagedKv`]: its block table, positions stored, and limits.
+pub struct PagedSeq<'a> {
+    pub blocks: &'a [u32],
+    pub len: usize,
+    pub capacity: usize,
+    pub max_batch: usize,
+}
+
+/// Sequences whose caches are block tables into one pool.
+pub struct PagedKv<'a> {
+    pub pool: &'a mut BlockPool,
+    pub seqs: Vec<PagedSeq<'a>>,
+}
+
+impl KvStore for PagedKv<'_> {
+    fn n_seqs(&self) -> usize {
+        self.seqs.len()
+    }
+    fn len(&self, seq: usize) -> usize {
+        self.seqs[seq].len
+    }
+    fn capacity(&self, seq: usize) -> usize {
+        self.seqs[seq].capacity
+    }
+    fn max_batch(&self, seq: usize) -> usize {
+        self.seqs[seq].max_batch
+    }
+    fn reserve(&mut self, seq: usize, end: usize) -> Result<(), String> {
+        let have = self.seqs[seq].blocks.len() * BLOCK_SIZE;
+        if end > have {
+            return Err(format!("sequence {seq} has blocks for {have} positions, {end} needed"));
+        }
+        Ok(())
+    }
+    fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
+        let row = self.pool.row;
+        let slot = self.seqs[seq].blocks[pos / BLOCK_SIZE] as usize * BLOCK_SIZE + pos % BLOCK_SIZE;
+        store_f16(&mut self.pool.k[layer][slot * row..(slot + 1) * row], k);
+        store_f16(&mut self.pool.v[layer][slot * row..(slot + 1) * row], v);
+    }
+    fn view(&self, seq: usize, layer: usize, pos: usize, ranges: &mut Vec<Range<usize>>) -> (&[f32], &[f32]) {
+        ranges.clear();
+        let first = match self.pool.windows[layer] {
+            Some(w) => (pos + 1).saturating_sub(w),
+            None => 0,
+        };
+        let blocks = self.seqs[seq].blocks;
+        let mut p = first;
+        while p <= pos {
+            let end = ((p / BLOCK_SIZE + 1) * BLOCK_SIZE).min(pos + 1);
+            let base = blocks[p / BLOCK_SIZE] as usize * BLOCK_SIZE;
+            let r = base + p % BLOCK_SIZE..base + (end - 1) % BLOCK_SIZE + 1;
+            // Merge with the previous range when blocks happen to be adjacent.
+            match ranges.last_mut() {
+                Some(last) if last.end == r.start => last.end = r.end,
+                _ => ranges.push(r),
+            }
+            p = end;
+        }
+        (&self.pool.k[layer], &self.pool.v[layer])
+    }
+    fn advance(&mut self, seq: usize, n: usize) {
+        self.seqs[seq].len += n;
     }
 }
 

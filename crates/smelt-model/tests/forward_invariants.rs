@@ -123,3 +123,34 @@ fn bad_batches_are_errors_not_panics() {
     model.forward(&full, &mut caches, &mut ws).unwrap();
     assert!(e(&[bt(5, 4, 0)], &mut caches, &mut ws).contains("beyond the context"));
 }
+
+#[test]
+fn paged_blocks_give_the_same_logits_as_a_private_cache() {
+    use smelt_model::kv::{BlockPool, PagedKv, PagedSeq, BLOCK_SIZE};
+    for arch in ["llama", "gemma3"] {
+        let model = load(&TinySpec::new(arch));
+        let mut ws = Workspace::new(Arc::new(ThreadPool::new(2)));
+        let toks = tokens(45, 3);
+        let want = run(&model, &mut ws, &toks, 7);
+        // Blocks in scrambled order, as a shared pool hands them out.
+        let row = model.hp.n_head_kv * model.hp.head_dim;
+        let mut pool = BlockPool::new(&model.hp.window, row, 8);
+        let table: Vec<u32> = vec![5, 2, 7, 0];
+        assert!(table.len() * BLOCK_SIZE >= toks.len());
+        let mut len = 0;
+        let mut got = Vec::new();
+        for part in toks.chunks(7) {
+            let batch: Vec<BatchToken> = part.iter().enumerate().map(|(i, &token)| BatchToken { token, pos: len + i, seq: 0, logits: true }).collect();
+            let mut kv = PagedKv { pool: &mut pool, seqs: vec![PagedSeq { blocks: &table, len, capacity: 64, max_batch: 16 }] };
+            let logits = model.forward(&batch, &mut kv, &mut ws).unwrap().to_vec();
+            len = kv.seqs[0].len;
+            got.extend(logits.chunks(model.hp.n_vocab).map(|r| r.to_vec()));
+        }
+        assert_eq!(len, toks.len());
+        assert_eq!(got, want, "{arch}: paged logits differ");
+        // Running past the allocated blocks is an error, not a panic.
+        let mut kv = PagedKv { pool: &mut pool, seqs: vec![PagedSeq { blocks: &table[..1], len: 16, capacity: 64, max_batch: 16 }] };
+        let e = model.forward(&[BatchToken { token: 5, pos: 16, seq: 0, logits: true }], &mut kv, &mut ws).unwrap_err().to_string();
+        assert!(e.contains("blocks for 16 positions"), "{e}");
+    }
+}

@@ -5,7 +5,7 @@
 //! norms and/or adds back into `x`.
 
 use super::{Activation, LayerWeights, Linear, Model, ModelError};
-use crate::kv::KvCache;
+use crate::kv::KvStore;
 use smelt_kernels::ops::{self, attend, rms_norm, rms_norm_inplace};
 use smelt_kernels::pool::ThreadPool;
 use std::cell::RefCell;
@@ -78,7 +78,7 @@ pub struct Block<'a> {
     model: &'a Model,
     ws: &'a mut Workspace,
     batch: &'a [BatchToken],
-    caches: &'a mut [KvCache],
+    kv: &'a mut dyn KvStore,
 }
 
 thread_local! {
@@ -178,26 +178,24 @@ impl Block<'_> {
             rope.apply(&mut ws.q[t * nh * d..(t + 1) * nh * d], d, bt.pos, &mut ws.rope);
             rope.apply(&mut ws.k[t * nkv * d..(t + 1) * nkv * d], d, bt.pos, &mut ws.rope);
             let row = nkv * d;
-            self.caches[bt.seq].write(il, bt.pos, &ws.k[t * row..(t + 1) * row], &ws.v[t * row..(t + 1) * row]);
+            self.kv.write(bt.seq, il, bt.pos, &ws.k[t * row..(t + 1) * row], &ws.v[t * row..(t + 1) * row]);
         }
         if profile::enabled() {
             profile::add(2, t_rope);
         }
         fit(&mut ws.att, n * nh * d);
-        let (q, caches, batch) = (&ws.q, &*self.caches, self.batch);
+        let (q, kv, batch) = (&ws.q, &*self.kv, self.batch);
         let group = nh / nkv;
         let scale = hp.attn_scale;
         let t_att = std::time::Instant::now();
         pool.for_rows(&mut ws.att, d, 1, &|row, out| {
             let (t, head) = (row / nh, row % nh);
             let bt = &batch[t];
-            let cache = &caches[bt.seq];
-            let layer = &cache.layers[il];
             ATTN_SCRATCH.with(|s| {
                 let (scores, ranges) = &mut *s.borrow_mut();
-                cache.visible(il, bt.pos, ranges);
+                let (keys, values) = kv.view(bt.seq, il, bt.pos, ranges);
                 let qh = &q[(t * nh + head) * d..][..d];
-                attend(qh, &layer.k, &layer.v, nkv * d, (head / group) * d, ranges, scale, scores, out);
+                attend(qh, keys, values, nkv * d, (head / group) * d, ranges, scale, scores, out);
             });
         });
         if profile::enabled() {
@@ -234,42 +232,54 @@ impl Block<'_> {
 }
 
 impl Model {
-    fn check_batch(&self, batch: &[BatchToken], caches: &[KvCache]) -> Result<(), ModelError> {
+    fn check_batch(&self, batch: &[BatchToken], kv: &dyn KvStore) -> Result<Vec<usize>, ModelError> {
         if batch.is_empty() {
             return Err(ModelError::Batch("empty batch".into()));
         }
-        let mut added = vec![0usize; caches.len()];
+        let mut added = vec![0usize; kv.n_seqs()];
         for bt in batch {
-            let cache = caches.get(bt.seq).ok_or_else(|| ModelError::Batch(format!("sequence {} has no cache", bt.seq)))?;
+            if bt.seq >= kv.n_seqs() {
+                return Err(ModelError::Batch(format!("sequence {} has no cache", bt.seq)));
+            }
             if bt.token as usize >= self.hp.n_vocab {
                 return Err(ModelError::Batch(format!("token id {} is outside the vocabulary ({} tokens)", bt.token, self.hp.n_vocab)));
             }
-            let expect = cache.len + added[bt.seq];
+            let expect = kv.len(bt.seq) + added[bt.seq];
             if bt.pos != expect {
                 return Err(ModelError::Batch(format!("sequence {}: position {} given, {expect} expected next", bt.seq, bt.pos)));
             }
-            if bt.pos >= cache.n_ctx {
-                return Err(ModelError::Batch(format!("sequence {}: position {} is beyond the context of {} tokens", bt.seq, bt.pos, cache.n_ctx)));
+            if bt.pos >= kv.capacity(bt.seq) {
+                return Err(ModelError::Batch(format!("sequence {}: position {} is beyond the context of {} tokens", bt.seq, bt.pos, kv.capacity(bt.seq))));
             }
             added[bt.seq] += 1;
-            if added[bt.seq] > cache.max_batch {
-                return Err(ModelError::Batch(format!("sequence {}: more than {} tokens in one batch", bt.seq, cache.max_batch)));
+            if added[bt.seq] > kv.max_batch(bt.seq) {
+                return Err(ModelError::Batch(format!("sequence {}: more than {} tokens in one batch", bt.seq, kv.max_batch(bt.seq))));
             }
         }
-        Ok(())
+        Ok(added)
     }
 
     /// Run the model on a batch of tokens (from one or more sequences), appending their keys and
     /// values to the sequences' caches. Returns the logits [rows, n_vocab] of the tokens whose
     /// `logits` flag is set, in batch order.
-    pub fn forward<'w>(&self, batch: &[BatchToken], caches: &mut [KvCache], ws: &'w mut Workspace) -> Result<&'w [f32], ModelError> {
-        self.check_batch(batch, caches)?;
+    pub fn forward<'w>(&self, batch: &[BatchToken], kv: &mut dyn KvStore, ws: &'w mut Workspace) -> Result<&'w [f32], ModelError> {
+        self.run(batch, kv, ws, true)
+    }
+
+    /// Like [`Model::forward`], but returns the final normed hidden states [rows, n_embd] of the
+    /// flagged tokens instead of logits (embeddings), skipping the output projection.
+    pub fn forward_hidden<'w>(&self, batch: &[BatchToken], kv: &mut dyn KvStore, ws: &'w mut Workspace) -> Result<&'w [f32], ModelError> {
+        self.run(batch, kv, ws, false)?;
+        Ok(&ws.hidden)
+    }
+
+    fn run<'w>(&self, batch: &[BatchToken], kv: &mut dyn KvStore, ws: &'w mut Workspace, logits: bool) -> Result<&'w [f32], ModelError> {
+        let added = self.check_batch(batch, kv)?;
         let hp = &self.hp;
         let (n, e) = (batch.len(), hp.n_embd);
-        for (seq, cache) in caches.iter_mut().enumerate() {
-            let add = batch.iter().filter(|b| b.seq == seq).count();
+        for (seq, &add) in added.iter().enumerate() {
             if add > 0 {
-                cache.reserve(cache.len + add);
+                kv.reserve(seq, kv.len(seq) + add).map_err(ModelError::Batch)?;
             }
         }
         fit(&mut ws.x, n * e);
@@ -283,20 +293,22 @@ impl Model {
         }
         {
             let layer_fn = self.arch.layer();
-            let mut block = Block { model: self, ws: &mut *ws, batch, caches: &mut *caches };
+            let mut block = Block { model: self, ws: &mut *ws, batch, kv: &mut *kv };
             for (il, lw) in self.layers.iter().enumerate() {
                 layer_fn(&mut block, lw, il);
             }
         }
-        for (seq, cache) in caches.iter_mut().enumerate() {
-            cache.len += batch.iter().filter(|b| b.seq == seq).count();
+        for (seq, &add) in added.iter().enumerate() {
+            if add > 0 {
+                kv.advance(seq, add);
+            }
         }
         let rows: Vec<usize> = (0..n).filter(|&t| batch[t].logits).collect();
         fit(&mut ws.hidden, rows.len() * e);
         for (i, &t) in rows.iter().enumerate() {
             rms_norm(&ws.x[t * e..(t + 1) * e], &self.output_norm, hp.norm_eps, &mut ws.hidden[i * e..(i + 1) * e]);
         }
-        if rows.is_empty() {
+        if rows.is_empty() || !logits {
             return Ok(&[]);
         }
         let pool = ws.pool.clone();
