@@ -208,18 +208,18 @@ impl Session {
 }
 
 /// Finds stop strings in streamed text, holding back any tail that could be the start of one.
-struct StopMatcher<'a> {
-    stops: &'a [String],
+pub(crate) struct StopMatcher {
+    stops: Vec<String>,
     held: String,
 }
 
-impl<'a> StopMatcher<'a> {
-    fn new(stops: &'a [String]) -> Self {
-        StopMatcher { stops, held: String::new() }
+impl StopMatcher {
+    pub(crate) fn new(stops: &[String]) -> Self {
+        StopMatcher { stops: stops.to_vec(), held: String::new() }
     }
 
     /// Add text; returns (text safe to emit, whether a stop string was found).
-    fn push(&mut self, piece: &str) -> (String, bool) {
+    pub(crate) fn push(&mut self, piece: &str) -> (String, bool) {
         self.held.push_str(piece);
         if self.stops.is_empty() {
             return (std::mem::take(&mut self.held), false);
@@ -231,7 +231,7 @@ impl<'a> StopMatcher<'a> {
         }
         // Hold back the longest suffix that is a prefix of some stop string.
         let mut keep = 0;
-        for s in self.stops {
+        for s in &self.stops {
             for (i, _) in self.held.char_indices() {
                 let tail = &self.held[i..];
                 if s.starts_with(tail) {
@@ -246,7 +246,7 @@ impl<'a> StopMatcher<'a> {
         (out, false)
     }
 
-    fn finish(&mut self, rest: &str) -> String {
+    pub(crate) fn finish(&mut self, rest: &str) -> String {
         self.held.push_str(rest);
         std::mem::take(&mut self.held)
     }

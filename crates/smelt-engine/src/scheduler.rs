@@ -1,0 +1,583 @@
+//! The serving engine: one thread owns a model and its KV block pool and runs continuous
+//! batching. Each step it gives every running sequence the tokens it needs to catch up — one for
+//! a decoding sequence, a chunk of its prompt for a new one — within a token budget, so prompts
+//! are prefilled in chunks interleaved with decodes and streams never stall; then it runs them
+//! as one forward pass (weights read once for all) and samples the next token of every sequence
+//! whose prompt is done.
+//!
+//! KV memory is a pool of fixed-size blocks (see [`crate::blocks`]): prompts reuse cached blocks
+//! of any earlier request with the same prefix, and when the pool runs out the most recently
+//! admitted sequence is preempted (its blocks released, to be recomputed — mostly from the prefix
+//! cache — when it resumes). Requests talk to the engine through a bounded queue and stream
+//! events back through a [`Sink`]; a sink whose receiver is gone cancels its sequence at once.
+
+use crate::blocks::{prefix_hashes, BlockAllocator, BlockId};
+use crate::generate::{FinishReason, GenerateParams, Step, StopMatcher};
+use crate::sampling::{log_sum_exp, top_logprobs, Sampler};
+use smelt_kernels::pool::ThreadPool;
+use smelt_model::arch::{BatchToken, Model, Workspace};
+use smelt_model::kv::{BlockPool, PagedKv, PagedSeq, BLOCK_SIZE};
+use smelt_model::tokenizer::StreamDecoder;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::Arc;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    /// Most positions (prompt + output) per sequence.
+    pub n_ctx: usize,
+    /// Most sequences running at once.
+    pub max_seqs: usize,
+    /// KV blocks in the pool (BLOCK_SIZE positions each).
+    pub kv_blocks: usize,
+    /// Most tokens per forward pass.
+    pub step_tokens: usize,
+    /// Requests that may wait for admission before new ones are refused.
+    pub queue: usize,
+}
+
+/// Where a request's events go. `send` returns false when nobody listens any more.
+pub trait Sink: Send {
+    fn send(&mut self, ev: Event) -> bool;
+    /// The receiver is gone (checked while a prompt is prefilled, before anything is sent).
+    fn closed(&self) -> bool {
+        false
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct PromptLogprob {
+    pub token: u32,
+    /// None for the first prompt token (nothing precedes it).
+    pub logprob: Option<f32>,
+    pub top: Vec<(u32, f32)>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Summary {
+    pub finish: FinishReason,
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_tokens: usize,
+}
+
+#[derive(Clone, Debug)]
+pub enum Event {
+    PromptLogprobs(Vec<PromptLogprob>),
+    Token(Step),
+    Done(Summary),
+    /// One vector per input, and the total number of input tokens.
+    Embeddings(Vec<Vec<f32>>, usize),
+    Error(String),
+}
+
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    pub params: GenerateParams,
+    /// Report log-probabilities of the prompt tokens (with this many alternatives).
+    pub prompt_logprobs: Option<usize>,
+    pub sink: Box<dyn Sink>,
+}
+
+pub struct EmbedRequest {
+    pub inputs: Vec<Vec<u32>>,
+    pub sink: Box<dyn Sink>,
+}
+
+pub enum Job {
+    Generate(GenRequest),
+    Embed(EmbedRequest),
+}
+
+/// Counters the server exports as metrics.
+#[derive(Default)]
+pub struct Stats {
+    pub waiting: AtomicUsize,
+    pub running: AtomicUsize,
+    pub kv_blocks_used: AtomicUsize,
+    pub kv_blocks_total: AtomicUsize,
+    pub prefix_lookup_tokens: AtomicU64,
+    pub prefix_hit_tokens: AtomicU64,
+    pub steps: AtomicU64,
+    pub preemptions: AtomicU64,
+    pub prompt_tokens: AtomicU64,
+    pub generated_tokens: AtomicU64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum SubmitError {
+    QueueFull,
+    Stopped,
+}
+
+/// The server's handle on an engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    tx: SyncSender<Job>,
+    pub stats: Arc<Stats>,
+    pub model: Arc<Model>,
+    pub config: EngineConfig,
+}
+
+impl Engine {
+    /// Start the engine thread for `model`.
+    pub fn start(model: Arc<Model>, pool: Arc<ThreadPool>, config: EngineConfig) -> Engine {
+        let (tx, rx) = std::sync::mpsc::sync_channel(config.queue.max(1));
+        let stats = Arc::new(Stats::default());
+        let runner = Runner::new(model.clone(), pool, config.clone(), stats.clone());
+        std::thread::Builder::new()
+            .name("smelt-engine".into())
+            .spawn(move || runner.run(rx))
+            .expect("spawning the engine thread");
+        Engine { tx, stats, model, config }
+    }
+
+    /// Queue a job; refused at once when the queue is full.
+    pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
+        match self.tx.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_)) => Err(SubmitError::QueueFull),
+            Err(TrySendError::Disconnected(_)) => Err(SubmitError::Stopped),
+        }
+    }
+}
+
+/// A running (or preempted) generation.
+struct Seq {
+    req: GenRequest,
+    /// Prompt then generated tokens: everything that belongs in the cache.
+    tokens: Vec<u32>,
+    n_prompt: usize,
+    blocks: Vec<BlockId>,
+    /// Positions whose KV is in `blocks`.
+    computed: usize,
+    /// Full blocks already registered in the prefix cache.
+    registered: usize,
+    cached_tokens: usize,
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    generated: usize,
+    prompt_lp: Vec<PromptLogprob>,
+}
+
+struct Runner {
+    model: Arc<Model>,
+    ws: Workspace,
+    kv: BlockPool,
+    alloc: BlockAllocator,
+    config: EngineConfig,
+    stats: Arc<Stats>,
+    waiting: VecDeque<Seq>,
+    running: Vec<Seq>,
+}
+
+/// What one sequence contributes to a step.
+struct Work {
+    seq: usize,
+    start: usize,
+    take: usize,
+}
+
+impl Runner {
+    fn new(model: Arc<Model>, pool: Arc<ThreadPool>, config: EngineConfig, stats: Arc<Stats>) -> Runner {
+        let row = model.hp.n_head_kv * model.hp.head_dim;
+        let kv = BlockPool::new(&model.hp.window, row, config.kv_blocks);
+        stats.kv_blocks_total.store(config.kv_blocks, Ordering::Relaxed);
+        Runner {
+            ws: Workspace::new(pool),
+            kv,
+            alloc: BlockAllocator::new(config.kv_blocks),
+            model,
+            config,
+            stats,
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Job>) {
+        loop {
+            // Wait for work when idle; otherwise take what has arrived without blocking.
+            if self.running.is_empty() && self.waiting.is_empty() {
+                match rx.recv() {
+                    Ok(job) => self.accept(job),
+                    Err(_) => return,
+                }
+            }
+            loop {
+                if self.waiting.len() >= self.config.queue {
+                    break;
+                }
+                match rx.try_recv() {
+                    Ok(job) => self.accept(job),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if self.running.is_empty() && self.waiting.is_empty() {
+                            return;
+                        }
+                        break;
+                    }
+                }
+            }
+            self.drop_cancelled();
+            self.admit();
+            self.step();
+            self.publish_stats();
+        }
+    }
+
+    fn accept(&mut self, job: Job) {
+        match job {
+            Job::Embed(e) => self.embed(e),
+            Job::Generate(req) => {
+                let sampler = Sampler::new(req.params.sampling.clone());
+                let stops = StopMatcher::new(&req.params.stop);
+                let tokens = req.prompt.clone();
+                self.stats.prompt_tokens.fetch_add(tokens.len() as u64, Ordering::Relaxed);
+                self.waiting.push_back(Seq {
+                    n_prompt: tokens.len(),
+                    tokens,
+                    blocks: Vec::new(),
+                    computed: 0,
+                    registered: 0,
+                    cached_tokens: 0,
+                    sampler,
+                    decoder: StreamDecoder::new(),
+                    stops,
+                    generated: 0,
+                    prompt_lp: Vec::new(),
+                    req,
+                });
+            }
+        }
+    }
+
+    fn publish_stats(&self) {
+        let s = &self.stats;
+        s.waiting.store(self.waiting.len(), Ordering::Relaxed);
+        s.running.store(self.running.len(), Ordering::Relaxed);
+        s.kv_blocks_used.store(self.alloc.used(), Ordering::Relaxed);
+        s.prefix_lookup_tokens.store(self.alloc.lookups, Ordering::Relaxed);
+        s.prefix_hit_tokens.store(self.alloc.hits, Ordering::Relaxed);
+    }
+
+    fn release(&mut self, blocks: &mut Vec<BlockId>) {
+        for b in blocks.drain(..) {
+            self.alloc.release(b);
+        }
+    }
+
+    /// Remove sequences whose clients have gone.
+    fn drop_cancelled(&mut self) {
+        let mut i = 0;
+        while i < self.running.len() {
+            if self.running[i].req.sink.closed() {
+                let mut s = self.running.swap_remove(i);
+                self.release(&mut s.blocks);
+            } else {
+                i += 1;
+            }
+        }
+        self.waiting.retain(|s| !s.req.sink.closed());
+    }
+
+    /// Move waiting sequences into the running set while there is room.
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_seqs {
+            let Some(mut s) = self.waiting.pop_front() else { break };
+            // Reuse cached blocks, but always compute at least the last token (for its logits).
+            let reusable = (s.tokens.len() - 1) / BLOCK_SIZE;
+            let hashes = prefix_hashes(&s.tokens[..reusable * BLOCK_SIZE]);
+            let lookup_tokens = if s.generated == 0 { s.n_prompt } else { 0 };
+            let hit = self.alloc.lookup(&hashes, lookup_tokens);
+            s.computed = hit.len() * BLOCK_SIZE;
+            s.registered = hit.len();
+            if s.generated == 0 {
+                s.cached_tokens = s.computed;
+            }
+            s.blocks = hit;
+            // Enough blocks for the first chunk, or wait for memory.
+            let first = (s.tokens.len() - s.computed).min(self.config.step_tokens);
+            let need = (s.computed + first).div_ceil(BLOCK_SIZE).saturating_sub(s.blocks.len());
+            if need > self.alloc.available() && !self.running.is_empty() {
+                let mut blocks = std::mem::take(&mut s.blocks);
+                self.release(&mut blocks);
+                s.computed = 0;
+                s.registered = 0;
+                self.waiting.push_front(s);
+                break;
+            }
+            self.running.push(s);
+        }
+    }
+
+    /// Ensure sequence `i` has blocks up to position `end`, preempting later sequences if the
+    /// pool is exhausted. False if even that cannot make room.
+    fn ensure_blocks(&mut self, i: usize, end: usize) -> bool {
+        while self.running[i].blocks.len() * BLOCK_SIZE < end {
+            match self.alloc.allocate() {
+                Some(b) => self.running[i].blocks.push(b),
+                None => {
+                    // Preempt the most recently admitted other sequence.
+                    let Some(victim) = (0..self.running.len()).rev().find(|&j| j != i) else { return false };
+                    let mut v = self.running.remove(victim);
+                    self.release(&mut v.blocks);
+                    v.computed = 0;
+                    v.registered = 0;
+                    self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
+                    self.waiting.push_front(v);
+                    if victim < i {
+                        return self.ensure_blocks(i - 1, end);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn finish(&mut self, i: usize, finish: FinishReason) {
+        let mut s = self.running.swap_remove(i);
+        let summary = Summary { finish, prompt_tokens: s.n_prompt, completion_tokens: s.generated, cached_tokens: s.cached_tokens };
+        s.req.sink.send(Event::Done(summary));
+        self.release(&mut s.blocks);
+    }
+
+    fn fail(&mut self, i: usize, msg: String) {
+        let mut s = self.running.swap_remove(i);
+        s.req.sink.send(Event::Error(msg));
+        self.release(&mut s.blocks);
+    }
+
+    /// Plan one step: decoding sequences first (one token each), then prompt chunks.
+    fn plan(&mut self) -> Vec<Work> {
+        let mut budget = self.config.step_tokens.max(1);
+        let mut work = Vec::new();
+        let mut order: Vec<usize> = (0..self.running.len()).collect();
+        order.sort_by_key(|&i| self.running[i].tokens.len() - self.running[i].computed > 1);
+        for i in order {
+            if budget == 0 {
+                break;
+            }
+            let s = &self.running[i];
+            let pending = s.tokens.len() - s.computed;
+            // Prompt logprobs need logits for every row: keep those chunks small.
+            let cap = if s.req.prompt_logprobs.is_some() { 32 } else { usize::MAX };
+            let take = pending.min(budget).min(cap);
+            budget -= take;
+            work.push(Work { seq: i, start: s.computed, take });
+        }
+        work
+    }
+
+    fn step(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        let mut work = self.plan();
+        // Blocks for this step; a sequence that cannot get them even alone fails.
+        let mut k = 0;
+        while k < work.len() {
+            let (i, end) = (work[k].seq, work[k].start + work[k].take);
+            let before = self.running.len();
+            if !self.ensure_blocks(i, end) {
+                let need = end.div_ceil(BLOCK_SIZE);
+                self.fail(i, format!("the KV cache is too small for this request: it needs {need} blocks of {BLOCK_SIZE} positions, the pool has {}; raise --kv-memory or shorten the prompt", self.alloc.n_blocks()));
+                return;
+            }
+            if self.running.len() != before {
+                // Preemption reshuffled the running set: plan again.
+                work = self.plan();
+                k = 0;
+                continue;
+            }
+            k += 1;
+        }
+        let mut batch = Vec::new();
+        for (slot, w) in work.iter().enumerate() {
+            let s = &self.running[w.seq];
+            let last = w.start + w.take == s.tokens.len();
+            let all_rows = s.req.prompt_logprobs.is_some() && w.start < s.n_prompt;
+            for p in w.start..w.start + w.take {
+                batch.push(BatchToken { token: s.tokens[p], pos: p, seq: slot, logits: all_rows || (last && p == s.tokens.len() - 1) });
+            }
+        }
+        let n_vocab = self.model.hp.n_vocab;
+        let result = {
+            let seqs = work
+                .iter()
+                .map(|w| {
+                    let s = &self.running[w.seq];
+                    PagedSeq { blocks: &s.blocks, len: s.computed, capacity: self.config.n_ctx, max_batch: w.take.max(1) }
+                })
+                .collect();
+            let mut kv = PagedKv { pool: &mut self.kv, seqs };
+            self.model.forward(&batch, &mut kv, &mut self.ws).map(|l| l.to_vec())
+        };
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        let logits = match result {
+            Ok(l) => l,
+            Err(e) => {
+                // Nothing in a well-formed step can fail; report it to every participant.
+                let mut idx: Vec<usize> = work.iter().map(|w| w.seq).collect();
+                idx.sort_unstable_by(|a, b| b.cmp(a));
+                for i in idx {
+                    self.fail(i, format!("internal error: {e}"));
+                }
+                return;
+            }
+        };
+        // Walk the logits rows in batch order.
+        let mut row = 0;
+        // (running index, finish reason); Cancelled means the client is gone: no Done event.
+        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
+        for w in &work {
+            let s = &mut self.running[w.seq];
+            s.computed += w.take;
+            let all_rows = s.req.prompt_logprobs.is_some() && w.start < s.n_prompt;
+            let mut last_row = None;
+            for p in w.start..w.start + w.take {
+                let flagged = all_rows || (w.start + w.take == s.tokens.len() && p == s.tokens.len() - 1);
+                if !flagged {
+                    continue;
+                }
+                let lrow = &logits[row * n_vocab..(row + 1) * n_vocab];
+                row += 1;
+                if all_rows && p + 1 < s.n_prompt {
+                    let lse = log_sum_exp(lrow);
+                    let next = s.tokens[p + 1];
+                    let k = s.req.prompt_logprobs.unwrap_or(0);
+                    s.prompt_lp.push(PromptLogprob { token: next, logprob: Some(lrow[next as usize] - lse), top: top_logprobs(lrow, lse, k) });
+                }
+                if p == s.tokens.len() - 1 {
+                    last_row = Some(lrow);
+                }
+            }
+            // Register newly completed full blocks in the prefix cache.
+            let full = s.computed / BLOCK_SIZE;
+            if full > s.registered {
+                let hashes = prefix_hashes(&s.tokens[..full * BLOCK_SIZE]);
+                for b in s.registered..full {
+                    self.alloc.register(s.blocks[b], hashes[b]);
+                }
+                s.registered = full;
+            }
+            let Some(lrow) = last_row else { continue };
+            if s.generated == 0 && s.req.prompt_logprobs.is_some() {
+                let first = PromptLogprob { token: s.tokens[0], logprob: None, top: Vec::new() };
+                let mut lp = vec![first];
+                lp.append(&mut s.prompt_lp);
+                if !s.req.sink.send(Event::PromptLogprobs(lp)) {
+                    finished.push((w.seq, FinishReason::Cancelled));
+                    continue;
+                }
+            }
+            self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            if let Some(reason) = sample_next(s, lrow, &self.model, self.config.n_ctx) {
+                finished.push((w.seq, reason));
+            }
+        }
+        // Retire finished and cancelled sequences, highest index first (swap_remove).
+        finished.sort_by(|a, b| b.0.cmp(&a.0));
+        for (i, reason) in finished {
+            if reason == FinishReason::Cancelled {
+                let mut s = self.running.swap_remove(i);
+                self.release(&mut s.blocks);
+            } else {
+                self.finish(i, reason);
+            }
+        }
+    }
+
+    /// Embeddings: mean of the final normed hidden states, L2-normalized, one forward pass per
+    /// chunk of each input, with blocks that are freed right after.
+    fn embed(&mut self, mut e: EmbedRequest) {
+        let mut out = Vec::with_capacity(e.inputs.len());
+        let mut total = 0;
+        for input in &e.inputs {
+            if input.is_empty() {
+                e.sink.send(Event::Error("an input is empty".into()));
+                return;
+            }
+            let need = input.len().div_ceil(BLOCK_SIZE);
+            let mut blocks = Vec::new();
+            while blocks.len() < need {
+                match self.alloc.allocate() {
+                    Some(b) => blocks.push(b),
+                    None => break,
+                }
+            }
+            if blocks.len() < need {
+                self.release(&mut blocks);
+                e.sink.send(Event::Error(format!("not enough KV memory to embed {} tokens; raise --kv-memory", input.len())));
+                return;
+            }
+            let e_dim = self.model.hp.n_embd;
+            let mut sum = vec![0f64; e_dim];
+            let mut len = 0;
+            let mut failed = None;
+            for chunk in input.chunks(self.config.step_tokens.max(1)) {
+                let batch: Vec<BatchToken> = chunk.iter().enumerate().map(|(i, &token)| BatchToken { token, pos: len + i, seq: 0, logits: true }).collect();
+                let mut kv = PagedKv { pool: &mut self.kv, seqs: vec![PagedSeq { blocks: &blocks, len, capacity: self.config.n_ctx, max_batch: chunk.len() }] };
+                match self.model.forward_hidden(&batch, &mut kv, &mut self.ws) {
+                    Ok(h) => {
+                        for r in h.chunks_exact(e_dim) {
+                            for (a, &v) in sum.iter_mut().zip(r) {
+                                *a += v as f64;
+                            }
+                        }
+                    }
+                    Err(err) => {
+                        failed = Some(err.to_string());
+                        break;
+                    }
+                }
+                len += chunk.len();
+            }
+            self.release(&mut blocks);
+            if let Some(msg) = failed {
+                e.sink.send(Event::Error(msg));
+                return;
+            }
+            let mean: Vec<f64> = sum.iter().map(|v| v / len as f64).collect();
+            let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
+            out.push(mean.iter().map(|v| (v / norm) as f32).collect());
+            total += input.len();
+        }
+        e.sink.send(Event::Embeddings(out, total));
+    }
+}
+
+/// Sample the next token of a sequence from its logits row, stream it, and say whether (and
+/// why) the sequence is finished.
+fn sample_next(s: &mut Seq, lrow: &[f32], model: &Model, n_ctx: usize) -> Option<FinishReason> {
+    let p = &s.req.params;
+    let tok = &model.tokenizer;
+    let lse = log_sum_exp(lrow);
+    let top = top_logprobs(lrow, lse, p.top_logprobs);
+    let mut work = lrow.to_vec();
+    let id = s.sampler.sample(&mut work, &s.tokens);
+    let logprob = lrow[id as usize] - lse;
+    s.generated += 1;
+    let end = !p.ignore_eos && tok.is_end_of_generation(id);
+    let piece = if end { String::new() } else { s.decoder.push(tok.piece(id, false)) };
+    let (mut text, stopped) = s.stops.push(&piece);
+    let finish = if end || stopped {
+        Some(FinishReason::Stop)
+    } else if s.generated >= p.max_tokens || s.tokens.len() + 1 >= n_ctx {
+        Some(FinishReason::Length)
+    } else {
+        None
+    };
+    if finish == Some(FinishReason::Length) {
+        // Flush text held back for a possible stop string or an incomplete character.
+        text.push_str(&s.stops.finish(&s.decoder.finish()));
+    }
+    if !s.req.sink.send(Event::Token(Step { id, logprob, top, text })) {
+        return Some(FinishReason::Cancelled);
+    }
+    s.tokens.push(id);
+    finish
+}

@@ -1,0 +1,205 @@
+//! The serving engine on small synthetic models: batched, prefix-cached, preempted and cancelled
+//! requests must produce exactly what each request produces alone.
+
+use smelt_engine::scheduler::{EmbedRequest, Engine, EngineConfig, Event, GenRequest, Job, Sink, Summary};
+use smelt_engine::{FinishReason, GenerateParams, SamplingParams, Session};
+use smelt_kernels::pool::ThreadPool;
+use smelt_model::arch::Model;
+use smelt_model::synthetic::{tiny_model, TinySpec};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::Arc;
+
+fn model(arch: &'static str) -> Arc<Model> {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let path = std::env::temp_dir().join(format!("smelt-sched-{arch}-{}-{k}.gguf", std::process::id()));
+    std::fs::write(&path, tiny_model(&TinySpec::new(arch)).to_bytes()).unwrap();
+    let m = Model::load(&path).unwrap();
+    let _ = std::fs::remove_file(&path);
+    Arc::new(m)
+}
+
+struct ChanSink {
+    tx: Sender<Event>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Sink for ChanSink {
+    fn send(&mut self, ev: Event) -> bool {
+        !self.closed.load(Ordering::SeqCst) && self.tx.send(ev).is_ok()
+    }
+    fn closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+}
+
+fn sink() -> (Box<dyn Sink>, Receiver<Event>, Arc<AtomicBool>) {
+    let (tx, rx) = channel();
+    let closed = Arc::new(AtomicBool::new(false));
+    (Box::new(ChanSink { tx, closed: closed.clone() }), rx, closed)
+}
+
+fn config(kv_blocks: usize) -> EngineConfig {
+    EngineConfig { n_ctx: 256, max_seqs: 16, kv_blocks, step_tokens: 48, queue: 64 }
+}
+
+fn params(max_tokens: usize, seed: Option<u64>) -> GenerateParams {
+    let sampling = match seed {
+        None => SamplingParams::greedy(),
+        Some(s) => SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, seed: Some(s), ..Default::default() },
+    };
+    GenerateParams { max_tokens, sampling, ignore_eos: true, ..Default::default() }
+}
+
+fn prompt(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| 4 + (i * 31 + salt * 17) % 290).collect()
+}
+
+/// Collect a request's tokens and its summary.
+fn collect(rx: &Receiver<Event>) -> (Vec<u32>, Summary) {
+    let mut ids = Vec::new();
+    loop {
+        match rx.recv().expect("engine stopped") {
+            Event::Token(s) => ids.push(s.id),
+            Event::Done(s) => return (ids, s),
+            Event::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+}
+
+fn alone(m: &Arc<Model>, p: &[u32], gp: &GenerateParams) -> Vec<u32> {
+    let mut s = Session::new(m.clone(), Arc::new(ThreadPool::new(1)), 256);
+    s.generate(p, gp, |_| true).unwrap().steps.iter().map(|s| s.id).collect()
+}
+
+#[test]
+fn sixteen_concurrent_requests_match_their_solo_runs() {
+    for arch in ["llama", "gemma3"] {
+        let m = model(arch);
+        let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(2)), config(512));
+        let mut pending = Vec::new();
+        for r in 0..16u32 {
+            let p = prompt(5 + (r as usize * 7) % 40, r);
+            let gp = params(12, if r % 2 == 0 { None } else { Some(r as u64) });
+            let (sk, rx, _) = sink();
+            engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+            pending.push((p, gp, rx));
+        }
+        for (p, gp, rx) in pending {
+            let (ids, summary) = collect(&rx);
+            assert_eq!(ids, alone(&m, &p, &gp), "{arch}: batched output differs from solo");
+            assert_eq!(summary.completion_tokens, 12);
+            assert_eq!(summary.prompt_tokens, p.len());
+            assert_eq!(summary.finish, FinishReason::Length);
+        }
+    }
+}
+
+#[test]
+fn shared_prefixes_come_from_the_cache_and_change_nothing() {
+    let m = model("gemma3");
+    let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(2)), config(512));
+    let doc = prompt(100, 1);
+    let mut q1 = doc.clone();
+    q1.extend(prompt(7, 2));
+    let mut q2 = doc.clone();
+    q2.extend(prompt(9, 3));
+    let gp = params(8, None);
+    let (sk, rx, _) = sink();
+    engine.submit(Job::Generate(GenRequest { prompt: q1.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+    let (first, s1) = collect(&rx);
+    assert_eq!(s1.cached_tokens, 0);
+    let (sk, rx, _) = sink();
+    engine.submit(Job::Generate(GenRequest { prompt: q2.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+    let (second, s2) = collect(&rx);
+    assert_eq!(s2.cached_tokens, 96, "the document's six full blocks are reused");
+    assert_eq!(first, alone(&m, &q1, &gp));
+    assert_eq!(second, alone(&m, &q2, &gp));
+    assert!(engine.stats.prefix_hit_tokens.load(Ordering::Relaxed) >= 96);
+}
+
+#[test]
+fn preempted_sequences_resume_with_identical_output() {
+    let m = model("llama");
+    // 12 blocks of 16 positions for 6 sequences of up to 60 positions: they cannot all fit.
+    let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(2)), EngineConfig { kv_blocks: 12, ..config(12) });
+    let mut pending = Vec::new();
+    for r in 0..6u32 {
+        let p = prompt(20 + r as usize, r);
+        let gp = params(40, Some(100 + r as u64));
+        let (sk, rx, _) = sink();
+        engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+        pending.push((p, gp, rx));
+    }
+    for (p, gp, rx) in pending {
+        let (ids, _) = collect(&rx);
+        assert_eq!(ids, alone(&m, &p, &gp));
+    }
+    assert!(engine.stats.preemptions.load(Ordering::Relaxed) > 0, "the pool was too small: something was preempted");
+}
+
+#[test]
+fn a_request_too_big_for_the_pool_fails_clearly() {
+    let m = model("llama");
+    let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(1)), EngineConfig { kv_blocks: 2, ..config(2) });
+    let (sk, rx, _) = sink();
+    engine.submit(Job::Generate(GenRequest { prompt: prompt(60, 1), params: params(4, None), prompt_logprobs: None, sink: sk })).unwrap();
+    match rx.recv().unwrap() {
+        Event::Error(e) => assert!(e.contains("--kv-memory"), "{e}"),
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_cancelled_request_frees_its_memory_at_once() {
+    let m = model("llama");
+    let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(1)), config(64));
+    let (sk, rx, closed) = sink();
+    engine.submit(Job::Generate(GenRequest { prompt: prompt(30, 1), params: params(200, None), prompt_logprobs: None, sink: sk })).unwrap();
+    for _ in 0..3 {
+        assert!(matches!(rx.recv().unwrap(), Event::Token(_)));
+    }
+    closed.store(true, Ordering::SeqCst);
+    drop(rx);
+    let t = std::time::Instant::now();
+    while engine.stats.running.load(Ordering::Relaxed) > 0 || engine.stats.kv_blocks_used.load(Ordering::Relaxed) > 0 {
+        assert!(t.elapsed().as_secs() < 10, "sequence not released");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn prompt_logprobs_and_embeddings() {
+    let m = model("qwen3");
+    let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(2)), config(128));
+    let p = prompt(70, 5);
+    let (sk, rx, _) = sink();
+    engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: params(2, None), prompt_logprobs: Some(3), sink: sk })).unwrap();
+    match rx.recv().unwrap() {
+        Event::PromptLogprobs(lp) => {
+            assert_eq!(lp.len(), p.len());
+            assert!(lp[0].logprob.is_none());
+            assert!(lp[1..].iter().all(|x| x.logprob.unwrap() <= 0.0 && x.top.len() == 3));
+            assert_eq!(lp.iter().map(|x| x.token).collect::<Vec<_>>(), p);
+        }
+        other => panic!("expected prompt logprobs, got {other:?}"),
+    }
+    collect(&rx);
+    let (sk, rx, _) = sink();
+    engine.submit(Job::Embed(EmbedRequest { inputs: vec![prompt(10, 1), prompt(40, 2), prompt(10, 1)], sink: sk })).unwrap();
+    match rx.recv().unwrap() {
+        Event::Embeddings(v, tokens) => {
+            assert_eq!((v.len(), tokens), (3, 60));
+            for e in &v {
+                assert_eq!(e.len(), m.hp.n_embd);
+                let norm: f32 = e.iter().map(|x| x * x).sum::<f32>().sqrt();
+                assert!((norm - 1.0).abs() < 1e-4);
+            }
+            assert_eq!(v[0], v[2]);
+            assert_ne!(v[0], v[1]);
+        }
+        other => panic!("expected embeddings, got {other:?}"),
+    }
+}
