@@ -20,6 +20,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Print the token ids of a text as a JSON array.
     Tokenize(cmd::tokenize::Args),
+    /// Serve models over an OpenAI-compatible HTTP API.
+    Serve(cmd::serve::Args),
     /// Measure prompt-processing and generation speed (like llama-bench).
     Bench(cmd::bench::Args),
     /// Download a model into the local store.
@@ -37,6 +39,7 @@ fn main() {
         Command::Generate(a) => cmd::generate::run(a),
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::Serve(a) => cmd::serve::run(a),
         Command::Pull(a) => cmd::store::pull(a),
         Command::List(a) => cmd::store::list(a),
         Command::Rm(a) => cmd::store::rm(a),

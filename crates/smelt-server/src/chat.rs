@@ -1,0 +1,197 @@
+//! POST /v1/chat/completions
+
+use crate::error::ApiError;
+use crate::generation::{check_context, collect, finish_reason, new_id, now_secs, plan, submit, token_text, Choice, Timing};
+use crate::state::{AppState, ModelEntry};
+use crate::types::{ChatMessage, ChatRequest, Content, Usage};
+use crate::{parse_json, sse_response};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use smelt_engine::scheduler::Event;
+use smelt_engine::Step;
+use std::time::Instant;
+
+/// Messages as the chat template expects them: string content, tool-call arguments as objects.
+fn template_messages(messages: &[ChatMessage]) -> Result<Value, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid("messages", "messages must not be empty"));
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let role = match m.role.as_str() {
+            "system" | "developer" => "system",
+            "user" | "assistant" | "tool" => m.role.as_str(),
+            other => return Err(ApiError::invalid(&format!("messages[{i}].role"), format!("unknown role {other:?} (system, developer, user, assistant, tool)"))),
+        };
+        let content = match &m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                let mut text = String::new();
+                for p in parts {
+                    match (p.kind.as_str(), &p.text) {
+                        ("text", Some(t)) => text.push_str(t),
+                        (kind, _) => return Err(ApiError::invalid(&format!("messages[{i}].content"), format!("content parts of type {kind:?} are not supported; this server takes text"))),
+                    }
+                }
+                text
+            }
+        };
+        if m.content.is_none() && m.tool_calls.is_none() {
+            return Err(ApiError::invalid(&format!("messages[{i}].content"), "a message needs content"));
+        }
+        let mut msg = json!({"role": role, "content": content});
+        if let Some(calls) = &m.tool_calls {
+            let mut calls = calls.clone();
+            // OpenAI sends arguments as a JSON string; templates render them as objects.
+            if let Some(list) = calls.as_array_mut() {
+                for c in list {
+                    if let Some(args) = c.pointer_mut("/function/arguments") {
+                        if let Some(parsed) = args.as_str().and_then(|s| serde_json::from_str::<Value>(s).ok()) {
+                            *args = parsed;
+                        }
+                    }
+                }
+            }
+            msg["tool_calls"] = calls;
+        }
+        if let Some(id) = &m.tool_call_id {
+            msg["tool_call_id"] = json!(id);
+        }
+        if let Some(name) = &m.name {
+            msg["name"] = json!(name);
+        }
+        out.push(msg);
+    }
+    Ok(Value::Array(out))
+}
+
+fn logprob_entry(entry: &ModelEntry, step: &Step) -> Value {
+    let (token, bytes) = token_text(entry, step.id);
+    let top: Vec<Value> = step
+        .top
+        .iter()
+        .map(|&(id, lp)| {
+            let (t, b) = token_text(entry, id);
+            json!({"token": t, "logprob": lp, "bytes": b})
+        })
+        .collect();
+    json!({"token": token, "logprob": step.logprob, "bytes": bytes, "top_logprobs": top})
+}
+
+pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+    let start = Instant::now();
+    let req: ChatRequest = parse_json(&body)?;
+    let entry = state.model(req.model.as_deref())?;
+    let model = &entry.engine.model;
+    let want_logprobs = req.logprobs.unwrap_or(false);
+    let top = match (want_logprobs, req.top_logprobs) {
+        (false, Some(k)) if k > 0 => return Err(ApiError::invalid("top_logprobs", "top_logprobs requires logprobs: true")),
+        (_, Some(k)) if k < 0 => return Err(ApiError::invalid("top_logprobs", format!("top_logprobs must be between 0 and 20, got {k}"))),
+        (_, k) => k.unwrap_or(0) as usize,
+    };
+    let plan = plan(&req.sampling, model.hp.n_vocab, top)?;
+    let messages = template_messages(&req.messages)?;
+    let template = model.chat_template().map_err(|e| ApiError::internal(e.to_string()))?;
+    let rendered = template.render(&messages, req.tools.as_ref(), true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let prompt = model.tokenizer.encode_prompt(&rendered);
+    check_context(&entry, prompt.len())?;
+    let rx = submit(&entry, std::slice::from_ref(&prompt), &plan, None)?;
+    let id = new_id("chatcmpl");
+    let created = now_secs();
+    if plan.stream {
+        return Ok(stream(state, entry, rx, plan.n, prompt.len(), want_logprobs, plan.include_usage, id, created, start));
+    }
+    let choices = collect(&state, rx, plan.n, start).await?;
+    let completion: usize = choices.iter().filter_map(|c| c.summary.as_ref()).map(|s| s.completion_tokens).sum();
+    let out: Vec<Value> = choices
+        .iter()
+        .enumerate()
+        .map(|(i, c): (usize, &Choice)| {
+            let s = c.summary.as_ref().map(|s| s.finish).unwrap_or(smelt_engine::FinishReason::Length);
+            let logprobs = if want_logprobs { json!({"content": c.steps.iter().map(|st| logprob_entry(&entry, st)).collect::<Vec<_>>()}) } else { Value::Null };
+            json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": finish_reason(s)})
+        })
+        .collect();
+    let cached: usize = choices.first().and_then(|c| c.summary.as_ref()).map(|s| s.cached_tokens).unwrap_or(0);
+    let mut usage = json!(Usage::new(prompt.len(), completion));
+    usage["prompt_tokens_details"] = json!({"cached_tokens": cached});
+    Ok(axum::Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": entry.id,
+        "system_fingerprint": concat!("smelt-", env!("CARGO_PKG_VERSION")),
+        "choices": out,
+        "usage": usage,
+    }))
+    .into_response())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stream(
+    state: AppState,
+    entry: std::sync::Arc<ModelEntry>,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>,
+    n: usize,
+    prompt_tokens: usize,
+    want_logprobs: bool,
+    include_usage: bool,
+    id: String,
+    created: u64,
+    start: Instant,
+) -> Response {
+    let (tx, out) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        let chunk = |choices: Value| {
+            let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": entry.id, "system_fingerprint": concat!("smelt-", env!("CARGO_PKG_VERSION")), "choices": choices});
+            if include_usage {
+                c["usage"] = Value::Null;
+            }
+            c.to_string()
+        };
+        for i in 0..n {
+            let first = json!([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]);
+            if tx.send(chunk(first)).is_err() {
+                return;
+            }
+        }
+        let mut timing = Timing::new(start, n);
+        let (mut done, mut completion) = (0, 0);
+        while done < n {
+            let Some((i, ev)) = rx.recv().await else { return };
+            let msg = match ev {
+                Event::Token(step) => {
+                    timing.token(&state, i);
+                    if step.text.is_empty() && !want_logprobs {
+                        continue;
+                    }
+                    let lp = if want_logprobs { json!({"content": [logprob_entry(&entry, &step)]}) } else { Value::Null };
+                    chunk(json!([{"index": i, "delta": {"content": step.text}, "logprobs": lp, "finish_reason": null}]))
+                }
+                Event::Done(s) => {
+                    done += 1;
+                    completion += s.completion_tokens;
+                    chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(s.finish)}]))
+                }
+                Event::Error(e) => {
+                    let _ = tx.send(ApiError::bad_request(e).body().to_string());
+                    return;
+                }
+                _ => continue,
+            };
+            if tx.send(msg).is_err() {
+                return;
+            }
+        }
+        if include_usage {
+            let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": entry.id, "choices": [], "usage": Usage::new(prompt_tokens, completion)});
+            c["system_fingerprint"] = json!(concat!("smelt-", env!("CARGO_PKG_VERSION")));
+            let _ = tx.send(c.to_string());
+        }
+        let _ = tx.send("[DONE]".into());
+    });
+    sse_response(out)
+}

@@ -1,0 +1,142 @@
+//! `smelt serve`: the OpenAI-compatible HTTP server.
+
+use crate::common::{model_path, threads};
+use anyhow::{Context, Result};
+use smelt_engine::scheduler::{Engine, EngineConfig};
+use smelt_kernels::pool::ThreadPool;
+use smelt_model::arch::Model;
+use smelt_model::kv::{BlockPool, BLOCK_SIZE};
+use smelt_server::{AppState, ModelEntry, ServerConfig};
+use std::sync::Arc;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model to serve (repeatable): a .gguf path, a stored name, or a pullable short name.
+    #[arg(long, short = 'm')]
+    model: Vec<String>,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Require this API key (clients send `Authorization: Bearer KEY`).
+    #[arg(long, env = "SMELT_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Read the API key from a file (first line).
+    #[arg(long, conflicts_with = "api_key")]
+    api_key_file: Option<std::path::PathBuf>,
+    /// Context size per sequence in tokens (default 4096, at most the model's).
+    #[arg(long)]
+    ctx: Option<usize>,
+    /// Most sequences generated at once.
+    #[arg(long, default_value_t = 16)]
+    max_batch: usize,
+    /// Memory for the KV cache of each model, e.g. 512M, 2G.
+    #[arg(long, default_value = "1G", value_parser = parse_size)]
+    kv_memory: u64,
+    /// Most tokens per forward pass (prompt chunks and decodes together).
+    #[arg(long, default_value_t = 256)]
+    step_tokens: usize,
+    /// Requests that may wait for a slot before the server answers 429.
+    #[arg(long, default_value_t = 64)]
+    queue: usize,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_body: usize,
+    /// Worker threads for the model (default: all cores).
+    #[arg(long, short = 't')]
+    threads: Option<usize>,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M') => (&s[..s.len() - 1], 1 << 20),
+        Some('G') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("bad size {s:?} (use e.g. 512M or 2G)"))?;
+    if !(v > 0.0) {
+        return Err(format!("size must be positive, got {s:?}"));
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+/// A model's id in the API: its store name, or a file's name without `.gguf`.
+fn model_id(arg: &str) -> String {
+    let p = std::path::Path::new(arg);
+    if p.is_file() {
+        p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| arg.to_string())
+    } else {
+        arg.strip_suffix(".gguf").unwrap_or(arg).to_string()
+    }
+}
+
+fn load_engine(arg: &str, a: &Args) -> Result<ModelEntry> {
+    let path = model_path(arg)?;
+    let model = Arc::new(Model::load(&path).with_context(|| format!("cannot load {}", path.display()))?);
+    let n_ctx = a.ctx.unwrap_or(4096).min(model.hp.n_ctx_train);
+    anyhow::ensure!(n_ctx >= 16, "--ctx must be at least 16");
+    let row = model.hp.n_head_kv * model.hp.head_dim;
+    let block = BlockPool::block_bytes(model.hp.n_layer, row) as u64;
+    let kv_blocks = (a.kv_memory / block) as usize;
+    anyhow::ensure!(
+        kv_blocks * BLOCK_SIZE >= n_ctx,
+        "--kv-memory {} MB holds {} tokens of {arg}'s KV cache, less than one context of {n_ctx}; raise --kv-memory or lower --ctx",
+        a.kv_memory >> 20,
+        kv_blocks * BLOCK_SIZE
+    );
+    let pool = Arc::new(ThreadPool::new(threads(a.threads)));
+    let config = EngineConfig { n_ctx, max_seqs: a.max_batch.max(1), kv_blocks, step_tokens: a.step_tokens.max(1), queue: a.queue.max(1) };
+    eprintln!("{}: {} layers, context {n_ctx}, KV cache {} MB ({} tokens)", model_id(arg), model.hp.n_layer, (kv_blocks as u64 * block) >> 20, kv_blocks * BLOCK_SIZE);
+    let engine = Engine::start(model, pool, config);
+    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    Ok(ModelEntry { id: model_id(arg), engine, created })
+}
+
+pub fn run(mut a: Args) -> Result<()> {
+    if a.model.is_empty() {
+        a.model.push(smelt_store::DEFAULT_MODEL.to_string());
+    }
+    let ids: Vec<String> = a.model.iter().map(|m| model_id(m)).collect();
+    for (i, id) in ids.iter().enumerate() {
+        anyhow::ensure!(!ids[..i].contains(id), "model {id:?} is given twice");
+    }
+    let api_key = match (&a.api_key, &a.api_key_file) {
+        (Some(k), _) => Some(k.clone()),
+        (None, Some(f)) => {
+            let text = std::fs::read_to_string(f).with_context(|| format!("cannot read the API key file {}", f.display()))?;
+            let key = text.lines().next().unwrap_or("").trim().to_string();
+            anyhow::ensure!(!key.is_empty(), "the API key file {} is empty", f.display());
+            Some(key)
+        }
+        _ => None,
+    };
+    let state = AppState::new(ServerConfig { api_key, max_body: a.max_body });
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", a.host, a.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr}"))?;
+        eprintln!("listening on http://{} (loading {})", listener.local_addr()?, a.model.join(", "));
+        let loading = state.clone();
+        let loader = tokio::task::spawn_blocking(move || -> Result<()> {
+            for m in &a.model {
+                let entry = load_engine(m, &a)?;
+                loading.add_model(entry);
+            }
+            loading.set_ready();
+            eprintln!("ready");
+            Ok(())
+        });
+        tokio::spawn(async move {
+            let failure = match loader.await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => format!("{e:#}"),
+                Err(e) => format!("model loading failed: {e}"),
+            };
+            eprintln!("error: {}", failure.replace('\n', " "));
+            std::process::exit(1);
+        });
+        smelt_server::serve(state, listener).await.context("server error")
+    })
+}
