@@ -338,17 +338,21 @@ impl Runner {
         true
     }
 
+    /// Retire a sequence: free its blocks and update the counters before telling the client,
+    /// so whoever reads the metrics after the response sees them settled.
     fn finish(&mut self, i: usize, finish: FinishReason) {
         let mut s = self.running.swap_remove(i);
+        self.release(&mut s.blocks);
+        self.publish_stats();
         let summary = Summary { finish, prompt_tokens: s.n_prompt, completion_tokens: s.generated, cached_tokens: s.cached_tokens };
         s.req.sink.send(Event::Done(summary));
-        self.release(&mut s.blocks);
     }
 
     fn fail(&mut self, i: usize, msg: String) {
         let mut s = self.running.swap_remove(i);
-        s.req.sink.send(Event::Error(msg));
         self.release(&mut s.blocks);
+        self.publish_stats();
+        s.req.sink.send(Event::Error(msg));
     }
 
     /// Plan one step: decoding sequences first (one token each), then prompt chunks.

@@ -1,0 +1,194 @@
+//! The router in-process (tower `oneshot`) on a small synthetic model: every error path answers
+//! in OpenAI's error shape with the right status, and never with a 5xx.
+
+use axum::body::{to_bytes, Body};
+use axum::http::{header, Request, StatusCode};
+use serde_json::{json, Value};
+use smelt_engine::scheduler::{Engine, EngineConfig};
+use smelt_kernels::pool::ThreadPool;
+use smelt_model::arch::Model;
+use smelt_model::synthetic::{tiny_model, TinySpec};
+use smelt_server::{app, AppState, ModelEntry, ServerConfig};
+use std::sync::Arc;
+use tower::ServiceExt;
+
+fn state(api_key: Option<&str>, config: EngineConfig) -> AppState {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = std::env::temp_dir().join(format!("smelt-http-{}-{k}.gguf", std::process::id()));
+    std::fs::write(&path, tiny_model(&TinySpec::new("qwen3")).to_bytes()).unwrap();
+    let model = Arc::new(Model::load(&path).unwrap());
+    let _ = std::fs::remove_file(&path);
+    let engine = Engine::start(model, Arc::new(ThreadPool::new(1)), config);
+    let s = AppState::new(ServerConfig { api_key: api_key.map(String::from), max_body: 4096 });
+    s.add_model(ModelEntry { id: "tiny".into(), engine, created: 0 });
+    s.set_ready();
+    s
+}
+
+fn config() -> EngineConfig {
+    EngineConfig { n_ctx: 64, max_seqs: 4, kv_blocks: 64, step_tokens: 32, queue: 8 }
+}
+
+async fn call(s: &AppState, method: &str, uri: &str, body: impl Into<Body>, key: Option<&str>) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let mut req = Request::builder().method(method).uri(uri).header(header::CONTENT_TYPE, "application/json");
+    if let Some(k) = key {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {k}"));
+    }
+    let resp = app(s.clone()).oneshot(req.body(body.into()).unwrap()).await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = to_bytes(resp.into_body(), 1 << 24).await.unwrap();
+    let v = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    (status, v, headers)
+}
+
+/// An OpenAI-shaped error with this status; returns its message.
+fn error(status: StatusCode, v: &Value, want: StatusCode) -> String {
+    assert_eq!(status, want, "{v}");
+    let e = &v["error"];
+    assert!(e["message"].is_string() && e["type"].is_string() && e.get("param").is_some() && e.get("code").is_some(), "not an OpenAI error: {v}");
+    e["message"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn malformed_requests_get_4xx_in_openai_shape() {
+    let s = state(None, config());
+    let chat = "/v1/chat/completions";
+    let bad: Vec<(&str, Body, &str)> = vec![
+        (chat, Body::from("{not json"), "Invalid request body"),
+        (chat, Body::from(vec![b'{', 0xff, 0xfe, b'}']), "UTF-8"),
+        (chat, Body::from(r#"{"messages": "hi"}"#), "Invalid request body"),
+        (chat, Body::from(r#"{"messages": []}"#), "messages must not be empty"),
+        (chat, Body::from(r#"{"messages": [{"role": "wizard", "content": "x"}]}"#), "unknown role"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "temperature": -1}"#), "temperature"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}"#), "Invalid request body"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "top_p": 0}"#), "top_p"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "max_tokens": -5}"#), "max_tokens"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "n": 1000000}"#), "n must be"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1e308}"#), "presence_penalty"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"999999999": 1}}"#), "logit_bias"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"abc": 1}}"#), "logit_bias"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "stop": ["a","b","c","d","e"]}"#), "stop"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}"#), "requires logprobs"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}"#), "not supported"),
+        ("/v1/completions", Body::from(r#"{"prompt": [1, -3]}"#), "outside the vocabulary"),
+        ("/v1/completions", Body::from(r#"{"prompt": {"a": 1}}"#), "prompt/input must be"),
+        ("/v1/completions", Body::from(r#"{"prompt": "x", "logprobs": 99}"#), "logprobs"),
+        ("/v1/completions", Body::from(r#"{"prompt": "x", "suffix": "y"}"#), "fill-in-the-middle"),
+        ("/v1/completions", Body::from(r#"{"prompt": []}"#), "must not be empty"),
+        ("/v1/embeddings", Body::from(r#"{"input": "x", "encoding_format": "hex"}"#), "encoding_format"),
+        ("/v1/embeddings", Body::from(r#"{"input": "x", "dimensions": 3}"#), "dimensions"),
+        ("/detokenize", Body::from(r#"{"tokens": [123456789]}"#), "outside the vocabulary"),
+    ];
+    for (uri, body, want) in bad {
+        let (status, v, _) = call(&s, "POST", uri, body, None).await;
+        let msg = error(status, &v, StatusCode::BAD_REQUEST);
+        assert!(msg.contains(want), "{uri}: {msg:?} should mention {want:?}");
+    }
+}
+
+#[tokio::test]
+async fn context_overflow_unknown_models_and_endpoints() {
+    let s = state(None, config());
+    let long = "the model ".repeat(100);
+    let (status, v, _) = call(&s, "POST", "/v1/completions", json!({"prompt": long}).to_string(), None).await;
+    let msg = error(status, &v, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("maximum context length is 64 tokens") && msg.contains("your prompt has"), "{msg}");
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+
+    let (status, v, _) = call(&s, "POST", "/v1/chat/completions", json!({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}).to_string(), None).await;
+    assert!(error(status, &v, StatusCode::NOT_FOUND).contains("gpt-4"));
+    assert_eq!(v["error"]["code"], "model_not_found");
+    let (status, v, _) = call(&s, "GET", "/v1/models/gpt-4", Body::empty(), None).await;
+    error(status, &v, StatusCode::NOT_FOUND);
+    let (status, v, _) = call(&s, "GET", "/v1/nothing", Body::empty(), None).await;
+    error(status, &v, StatusCode::NOT_FOUND);
+    let (status, v, _) = call(&s, "GET", "/v1/chat/completions", Body::empty(), None).await;
+    error(status, &v, StatusCode::METHOD_NOT_ALLOWED);
+}
+
+#[tokio::test]
+async fn oversized_bodies_get_413() {
+    let s = state(None, config());
+    let big = json!({"prompt": "x".repeat(10_000)}).to_string();
+    let (status, v, _) = call(&s, "POST", "/v1/completions", big, None).await;
+    assert!(error(status, &v, StatusCode::PAYLOAD_TOO_LARGE).contains("4096"));
+}
+
+#[tokio::test]
+async fn api_keys_are_required_and_checked() {
+    let s = state(Some("sekrit"), config());
+    let body = || json!({"prompt": "the", "max_tokens": 2}).to_string();
+    let (status, v, _) = call(&s, "POST", "/v1/completions", body(), None).await;
+    error(status, &v, StatusCode::UNAUTHORIZED);
+    let (status, v, _) = call(&s, "POST", "/v1/completions", body(), Some("sekrit-not")).await;
+    error(status, &v, StatusCode::UNAUTHORIZED);
+    assert_eq!(v["error"]["code"], "invalid_api_key");
+    let (status, _, _) = call(&s, "POST", "/v1/completions", body(), Some("sekrit")).await;
+    assert_eq!(status, StatusCode::OK);
+    // Health and metrics stay open for probes and scrapers.
+    assert_eq!(call(&s, "GET", "/health", Body::empty(), None).await.0, StatusCode::OK);
+    assert_eq!(call(&s, "GET", "/metrics", Body::empty(), None).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_429_with_retry_after() {
+    // One running sequence and one waiting slot: flood it.
+    let s = state(None, EngineConfig { max_seqs: 1, queue: 1, ..config() });
+    let mut tasks = Vec::new();
+    for _ in 0..12 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move { call(&s, "POST", "/v1/completions", json!({"prompt": "the", "max_tokens": 40, "ignore_eos": true}).to_string(), None).await }));
+    }
+    let mut busy = 0;
+    for t in tasks {
+        let (status, v, headers) = t.await.unwrap();
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            busy += 1;
+            assert!(headers.get(header::RETRY_AFTER).is_some());
+            error(status, &v, StatusCode::TOO_MANY_REQUESTS);
+        } else {
+            assert_eq!(status, StatusCode::OK, "{v}");
+        }
+    }
+    assert!(busy > 0, "some requests were refused");
+}
+
+#[tokio::test]
+async fn health_waits_for_the_model_and_metrics_describe_the_server() {
+    let s = AppState::new(ServerConfig { api_key: None, max_body: 1 << 20 });
+    let (status, v, _) = call(&s, "GET", "/health", Body::empty(), None).await;
+    assert_eq!((status, v["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("loading")));
+    let (status, v, _) = call(&s, "POST", "/v1/completions", json!({"prompt": "x"}).to_string(), None).await;
+    error(status, &v, StatusCode::SERVICE_UNAVAILABLE);
+
+    let s = state(None, config());
+    let (status, v, _) = call(&s, "POST", "/v1/completions", json!({"prompt": "the model", "max_tokens": 3, "ignore_eos": true}).to_string(), None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 3);
+    let (_, m, _) = call(&s, "GET", "/metrics", Body::empty(), None).await;
+    let text = m.as_str().unwrap();
+    for needle in [
+        "smelt_requests_total{route=\"/v1/completions\",status=\"200\"} 1",
+        "smelt_time_to_first_token_seconds_count 1",
+        "smelt_inter_token_latency_seconds_count 2",
+        "smelt_generated_tokens_total{model=\"tiny\"} 3",
+        "smelt_queue_depth{model=\"tiny\"}",
+        "smelt_running_sequences{model=\"tiny\"} 0",
+        "smelt_kv_cache_usage_ratio{model=\"tiny\"}",
+        "smelt_prefix_cache_hit_ratio{model=\"tiny\"}",
+    ] {
+        assert!(text.contains(needle), "metrics lack {needle:?}:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn tokenize_round_trips() {
+    let s = state(None, config());
+    let (status, v, _) = call(&s, "POST", "/tokenize", json!({"content": "the model is"}).to_string(), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let tokens = v["tokens"].clone();
+    assert!(tokens.as_array().unwrap().len() >= 3);
+    let (_, v, _) = call(&s, "POST", "/detokenize", json!({"tokens": tokens}).to_string(), None).await;
+    assert_eq!(v["content"], "the model is");
+}
