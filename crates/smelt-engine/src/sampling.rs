@@ -212,9 +212,7 @@ pub fn argmax(logits: &[f32]) -> u32 {
 
 /// Log-softmax normalizer (log-sum-exp) of a logits row.
 pub fn log_sum_exp(logits: &[f32]) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
-    (s.ln() as f32) + max
+    smelt_kernels::ops::log_sum_exp(logits)
 }
 
 /// The `k` most likely tokens with their log-probabilities, most likely first.

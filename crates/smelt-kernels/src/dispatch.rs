@@ -36,6 +36,8 @@ pub struct Kernels {
     quantize: [QuantizeFn; 31],
     pub silu_mul: GatedFn,
     pub gelu_mul: GatedFn,
+    /// log Σ e^x of a row.
+    pub log_sum_exp: fn(&[f32]) -> f32,
     attend: AttendFn,
 }
 
@@ -81,6 +83,7 @@ impl Kernels {
             quantize: [no_quant; 31],
             silu_mul: crate::ops::silu_mul_scalar,
             gelu_mul: crate::ops::gelu_mul_scalar,
+            log_sum_exp: crate::ops::log_sum_exp_scalar,
             attend: crate::ops::attend_scalar,
         };
         let dots: [(DType, VecDotFn); 14] = [
@@ -134,6 +137,7 @@ impl Kernels {
                 k.silu_mul = crate::simd::avx2_math::silu_mul;
                 k.gelu_mul = crate::simd::avx2_math::gelu_mul;
                 k.attend = crate::simd::avx2_math::attend;
+                k.log_sum_exp = crate::simd::avx2_math::log_sum_exp;
             }
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 => panic!("AVX2 kernels exist only on x86-64"),

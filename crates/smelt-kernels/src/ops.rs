@@ -232,6 +232,21 @@ pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
     (kernels().gelu_mul)(gate, up)
 }
 
+/// log Σ e^x of a row (the log-softmax normalizer).
+pub fn log_sum_exp(x: &[f32]) -> f32 {
+    (kernels().log_sum_exp)(x)
+}
+
+/// Scalar reference of `log_sum_exp`.
+pub fn log_sum_exp_scalar(x: &[f32]) -> f32 {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let s: f64 = x.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    (s.ln() as f32) + max
+}
+
 /// Scalar reference of `silu_mul`.
 pub fn silu_mul_scalar(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {

@@ -57,3 +57,17 @@ fn attention_matches_the_scalar_reference() {
         }
     }
 }
+
+#[test]
+fn log_sum_exp_matches_the_scalar_reference() {
+    let mut rng = Rng(77);
+    for isa in Kernels::available_isas() {
+        let k = Kernels::for_isa(isa);
+        for n in [1, 7, 8, 9, 1000, 262_147] {
+            let x: Vec<f32> = (0..n).map(|_| rng.f() * 30.0).collect();
+            let (a, b) = ((k.log_sum_exp)(&x), smelt_kernels::ops::log_sum_exp_scalar(&x));
+            assert!((a - b).abs() < 1e-4 * (1.0 + b.abs()), "{isa:?} n={n}: {a} vs {b}");
+        }
+        assert_eq!((k.log_sum_exp)(&[f32::NEG_INFINITY; 9]), f32::NEG_INFINITY);
+    }
+}

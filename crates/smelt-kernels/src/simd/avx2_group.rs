@@ -268,6 +268,31 @@ unsafe fn stream_tile<const T: u32, const RM: usize>(groups: usize, w: *const u8
     }
 }
 
+/// 1 weight row × RN activation rows, unpacking each group once in registers (small batches:
+/// several sequences decoding together).
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn stream_cols<const T: u32, const RN: usize>(groups: usize, w: *const u8, a: *const u8, as_: usize, prep: *const f32, out: *mut f32, ldo: usize) {
+    let dtype = dtype_of::<T>();
+    let (sg, off) = (signed(dtype), !signed(dtype));
+    let mut acc = [_mm256_setzero_ps(); RN];
+    for g in 0..groups {
+        // SAFETY: the row, activation rows c < RN and group g are within the caller-checked ranges.
+        unsafe {
+            let grp = unpack::<T>(w, g);
+            for c in 0..RN {
+                let ac = a.add(c * as_);
+                let q = std::array::from_fn(|i| act_unit(ac, g, i));
+                let sm = sums(sg, &grp.u, q);
+                acc[c] = accumulate(acc[c], sm, grp.sw, grp.cw, prep.add((c * groups + g) * PREP), off);
+            }
+        }
+    }
+    for c in 0..RN {
+        // SAFETY: the caller's output has room for RN entries ldo apart.
+        unsafe { *out.add(c * ldo) = hsum_f32(acc[c]) };
+    }
+}
+
 /// Weight rows unpacked once, for reuse across many activation rows.
 #[derive(Default)]
 struct Unpacked {
@@ -362,6 +387,28 @@ fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u
                 }
                 out[c * nr + r..c * nr + r + rm].copy_from_slice(&tile[..rm]);
                 r += rm;
+            }
+        }
+        return;
+    }
+    if nc <= 8 {
+        // A few sequences decoding together: unpack in registers, four columns at a time.
+        for r in 0..nr {
+            let mut c = 0;
+            while c < nc {
+                let rn = (nc - c).min(4);
+                // SAFETY: row r, activation rows c..c+rn and out are within the ranges asserted by
+                // `gemm`; CPU features as above.
+                unsafe {
+                    let (wp, ap, pp, op) = (w.as_ptr().add(r * w_stride), a.as_ptr().add(c * a_stride), prep.as_ptr().add(c * groups * PREP), out.as_mut_ptr().add(c * nr + r));
+                    match rn {
+                        4 => stream_cols::<T, 4>(groups, wp, ap, a_stride, pp, op, nr),
+                        3 => stream_cols::<T, 3>(groups, wp, ap, a_stride, pp, op, nr),
+                        2 => stream_cols::<T, 2>(groups, wp, ap, a_stride, pp, op, nr),
+                        _ => stream_cols::<T, 1>(groups, wp, ap, a_stride, pp, op, nr),
+                    }
+                }
+                c += rn;
             }
         }
         return;

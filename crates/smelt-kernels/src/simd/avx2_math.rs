@@ -76,6 +76,50 @@ pub fn gelu_mul(gate: &mut [f32], up: &[f32]) {
     unsafe { gated(gate, up, true) }
 }
 
+#[target_feature(enable = "avx2,fma")]
+unsafe fn lse_impl(x: &[f32]) -> f32 {
+    let n = x.len();
+    let p = x.as_ptr();
+    let mut vmax = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n.
+        vmax = _mm256_max_ps(vmax, unsafe { _mm256_loadu_ps(p.add(i)) });
+        i += 8;
+    }
+    let mut lanes = [0f32; 8];
+    // SAFETY: 8 floats of stack space.
+    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), vmax) };
+    let max = x[i..].iter().chain(lanes.iter()).copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let vm = _mm256_set1_ps(max);
+    // f32 lanes over short runs, added into an f64 total, so long rows lose no precision.
+    let mut total = 0f64;
+    let mut i = 0;
+    while i + 8 <= n {
+        let end = (i + 1024).min(n - n % 8);
+        let mut acc = _mm256_setzero_ps();
+        while i < end {
+            // SAFETY: i + 8 <= end <= n.
+            acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(unsafe { _mm256_loadu_ps(p.add(i)) }, vm)));
+            i += 8;
+        }
+        total += hsum(acc) as f64;
+    }
+    for &v in &x[i..] {
+        total += exp1(v - max) as f64;
+    }
+    total.ln() as f32 + max
+}
+
+/// log Σ e^x over a row of logits.
+pub fn log_sum_exp(x: &[f32]) -> f32 {
+    // SAFETY: installed only when the CPU has AVX2 and FMA.
+    unsafe { lse_impl(x) }
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn hsum(v: __m256) -> f32 {

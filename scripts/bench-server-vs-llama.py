@@ -1,0 +1,180 @@
+#!/usr/bin/env python3
+"""llama.cpp's llama-server and `smelt serve`, side by side on the same model and threads.
+
+usage: scripts/bench-server-vs-llama.py [--threads 2] [--requests 8] [--max-tokens 128] [MODEL ...]
+
+For each model and server it measures, with streaming chat requests:
+  - 1 client, then 8 concurrent clients: aggregate generated tokens/s, mean and p95 request
+    latency, mean time to first token;
+  - a ~2,500-token document asked two different questions one after the other: time to first
+    token cold (first question) and warm (second question: the document is in the prefix cache).
+llama-server runs with -np 8 for the client tests and -np 1 for the document test, as in the
+issue's reference numbers. It is found through $LLAMA_SERVER (or next to $LLAMA_BENCH, or
+~/.cache/smelt-ref/llama.cpp/bin); scripts/build-llama-cpp.sh builds it.
+"""
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def find_llama_server():
+    cands = [os.environ.get("LLAMA_SERVER")]
+    if os.environ.get("LLAMA_BENCH"):
+        cands.append(os.path.join(os.path.dirname(os.environ["LLAMA_BENCH"]), "llama-server"))
+    cands += [os.path.expanduser("~/.cache/smelt-ref/llama.cpp/bin/llama-server"), shutil.which("llama-server")]
+    for c in cands:
+        if c and os.path.exists(c):
+            return c
+    sys.exit("llama-server not found: set LLAMA_SERVER (scripts/build-llama-cpp.sh builds it)")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url, proc, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server exited: {proc.args}")
+        try:
+            if urllib.request.urlopen(url + "/health", timeout=2).status == 200:
+                return
+        except Exception:
+            pass
+        time.sleep(0.3)
+    sys.exit("server did not become ready")
+
+
+def start(kind, path, name, threads, parallel, ctx):
+    port = free_port()
+    if kind == "llama.cpp":
+        cmd = [find_llama_server(), "-m", path, "-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-c", str(ctx * parallel), "--port", str(port), "--host", "127.0.0.1", "--no-webui"]
+    else:
+        cmd = [os.path.join(ROOT, "target/release/smelt"), "serve", "-m", name, "-t", str(threads), "--ctx", str(ctx), "--max-batch", str(max(parallel, 8)), "--port", str(port)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, proc)
+    return proc, url
+
+
+def chat(url, model, messages, max_tokens):
+    """One streaming request: (time to first token, total time, tokens generated)."""
+    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    req = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    t0 = time.time()
+    ttft, tokens = None, 0
+    with urllib.request.urlopen(req, timeout=3600) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            d = json.loads(line[6:])
+            if d.get("usage"):
+                tokens = d["usage"]["completion_tokens"]
+            for c in d.get("choices", []):
+                if ttft is None and (c.get("delta", {}).get("content") or ""):
+                    ttft = time.time() - t0
+    return ttft or 0.0, time.time() - t0, tokens
+
+
+def clients(url, model, n_clients, requests, max_tokens):
+    results = []
+    lock = threading.Lock()
+
+    def worker(w):
+        for r in range(requests):
+            q = f"Write a short story about robot number {w * 100 + r}."
+            res = chat(url, model, [{"role": "user", "content": q}], max_tokens)
+            with lock:
+                results.append(res)
+
+    t0 = time.time()
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.time() - t0
+    lat = sorted(r[1] for r in results)
+    return {
+        "tps": sum(r[2] for r in results) / wall,
+        "lat_mean": statistics.mean(lat),
+        "lat_p95": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))],
+        "ttft": statistics.mean(r[0] for r in results),
+    }
+
+
+def document(target_tokens=2500):
+    text = open(os.path.join(ROOT, "README.md")).read() + "\n" + open(os.path.join(ROOT, "crates/smelt-kernels/PERF.md")).read()
+    words = text.split()
+    # ~0.75 words per token for English prose and markdown.
+    n = int(target_tokens * 0.75)
+    while len(words) < n:
+        words += words
+    return " ".join(words[:n])
+
+
+def doc_ttft(url, model):
+    doc = document()
+    cold = chat(url, model, [{"role": "user", "content": doc + "\n\nWhat is this document about?"}], 8)[0]
+    warm = chat(url, model, [{"role": "user", "content": doc + "\n\nWhich models does it mention?"}], 8)[0]
+    return cold, warm
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="*", default=["gemma-3-270m", "qwen2.5-coder-0.5b-instruct"])
+    ap.add_argument("--threads", "-t", type=int, default=os.cpu_count())
+    ap.add_argument("--requests", type=int, default=4, help="requests per client")
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--ctx", type=int, default=4096)
+    a = ap.parse_args()
+    smelt = os.path.join(ROOT, "target/release/smelt")
+    if not os.path.exists(smelt):
+        subprocess.run(["cargo", "build", "--release", "-p", "smelt"], check=True, cwd=ROOT)
+    rows = []
+    for name in a.models:
+        path = subprocess.run([smelt, "pull", name], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        for kind in ["llama.cpp", "smelt"]:
+            print(f"{name}: {kind} ...", file=sys.stderr, flush=True)
+            proc, url = start(kind, path, name, a.threads, 8, a.ctx)
+            try:
+                one = clients(url, name, 1, a.requests, a.max_tokens)
+                eight = clients(url, name, 8, a.requests, a.max_tokens)
+            finally:
+                proc.terminate()
+                proc.wait()
+            proc, url = start(kind, path, name, a.threads, 1, a.ctx)
+            try:
+                cold, warm = doc_ttft(url, name)
+            finally:
+                proc.terminate()
+                proc.wait()
+            rows.append((name, kind, one, eight, cold, warm))
+    print(f"\nthreads: {a.threads}, {a.requests} requests per client, {a.max_tokens} tokens each, greedy, streaming\n")
+    print("| model | server | 1 client t/s | latency mean / p95 s | TTFT s | 8 clients t/s | latency mean / p95 s | TTFT s | doc TTFT cold s | warm s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, kind, one, eight, cold, warm in rows:
+        print(f"| {name} | {kind} | {one['tps']:.1f} | {one['lat_mean']:.2f} / {one['lat_p95']:.2f} | {one['ttft']:.3f} | {eight['tps']:.1f} | {eight['lat_mean']:.2f} / {eight['lat_p95']:.2f} | {eight['ttft']:.3f} | {cold:.2f} | {warm:.3f} |")
+    print()
+    by = {(r[0], r[1]): r for r in rows}
+    for name in a.models:
+        ll, sm = by[(name, "llama.cpp")], by[(name, "smelt")]
+        print(f"{name}: 8-client throughput smelt/llama.cpp = {sm[3]['tps'] / ll[3]['tps']:.2f}; warm TTFT = {100 * sm[5] / sm[4]:.1f}% of cold (llama.cpp warm {ll[5]:.3f} s)")
+
+
+if __name__ == "__main__":
+    main()
