@@ -113,6 +113,12 @@ def test_completions_batches_and_streams(client):
     assert text == r.choices[0].text
 
 
+def test_fill_in_the_middle_with_suffix(client):
+    # Qwen2.5-Coder has fill-in-the-middle tokens: the completion goes between prompt and suffix.
+    r = client.completions.create(model=CHAT_MODEL, prompt="def add(a, b):\n    return ", suffix="\n\nprint(add(1, 2))\n", max_tokens=8, temperature=0)
+    assert r.choices[0].text.strip() and r.usage.completion_tokens <= 8
+
+
 def test_embeddings(client):
     e = client.embeddings.create(model=BASE_MODEL, input=["hello world", "hello world", "a completely different sentence"])
     v = [d.embedding for d in e.data]
