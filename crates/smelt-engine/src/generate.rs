@@ -1,6 +1,7 @@
 //! One sequence's generation loop: prefill the prompt, then sample token by token until an
 //! end-of-generation token, a stop string, the token limit or the end of the context.
 
+use crate::grammar::{sample_constrained, Compiled, Constraint, TokenTrie};
 use crate::sampling::{log_sum_exp, top_logprobs, Sampler, SamplingParams};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, ModelError, Workspace};
@@ -33,11 +34,13 @@ pub struct GenerateParams {
     pub ignore_eos: bool,
     /// How many alternatives to report per step (0 = none).
     pub top_logprobs: usize,
+    /// Constrain the output to this grammar (generation ends when it is complete).
+    pub grammar: Option<Compiled>,
 }
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        GenerateParams { max_tokens: 256, sampling: SamplingParams::default(), stop: Vec::new(), ignore_eos: false, top_logprobs: 0 }
+        GenerateParams { max_tokens: 256, sampling: SamplingParams::default(), stop: Vec::new(), ignore_eos: false, top_logprobs: 0, grammar: None }
     }
 }
 
@@ -81,13 +84,15 @@ pub struct Session {
     /// Tokens whose keys and values are in the cache.
     tokens: Vec<u32>,
     n_ctx: usize,
+    /// The vocabulary's trie, built on the first constrained generation.
+    trie: Option<Arc<TokenTrie>>,
 }
 
 impl Session {
     pub fn new(model: Arc<Model>, pool: Arc<ThreadPool>, n_ctx: usize) -> Session {
         let n_ctx = n_ctx.max(1);
         let cache = model.new_cache(n_ctx, PREFILL_CHUNK);
-        Session { ws: Workspace::new(pool), caches: vec![cache], tokens: Vec::new(), n_ctx, model }
+        Session { ws: Workspace::new(pool), caches: vec![cache], tokens: Vec::new(), n_ctx, model, trie: None }
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -165,6 +170,10 @@ impl Session {
         let mut steps = Vec::new();
         let mut text = String::new();
         let mut history: Vec<u32> = prompt.to_vec();
+        let mut constraint = match &params.grammar {
+            Some(g) => Some(Constraint::new(g, self.trie.get_or_insert_with(|| Arc::new(TokenTrie::new(tok))).clone())),
+            None => None,
+        };
         let finish = loop {
             if steps.len() >= params.max_tokens {
                 break FinishReason::Length;
@@ -172,17 +181,31 @@ impl Session {
             let lse = log_sum_exp(&logits);
             let top = top_logprobs(&logits, lse, params.top_logprobs);
             let raw = logits.clone();
-            let id = sampler.sample(&mut logits, &history);
+            let id = match constraint.as_mut() {
+                None => sampler.sample(&mut logits, &history),
+                Some(c) => match sample_constrained(&mut sampler, c, tok, &raw, &history) {
+                    Some(id) => id,
+                    None => break FinishReason::Stop,
+                },
+            };
             let logprob = raw[id as usize] - lse;
             history.push(id);
-            let end = !params.ignore_eos && tok.is_end_of_generation(id);
+            let complete = constraint.as_mut().is_some_and(|c| {
+                c.advance(tok, id);
+                c.finished()
+            });
+            let end = (!params.ignore_eos || constraint.is_some()) && tok.is_end_of_generation(id);
             let piece = if end { String::new() } else { decoder.push(tok.piece(id, false)) };
-            let (emit, stopped) = stops.push(&piece);
+            let (mut emit, stopped) = stops.push(&piece);
+            if complete && !stopped {
+                // The grammar is done: flush what was held back for a possible stop string.
+                emit.push_str(&stops.finish(&decoder.finish()));
+            }
             text.push_str(&emit);
             let step = Step { id, logprob, top, text: emit };
             let keep_going = on_step(&step);
             steps.push(step);
-            if end || stopped {
+            if end || stopped || complete {
                 break FinishReason::Stop;
             }
             if !keep_going {

@@ -13,6 +13,7 @@
 
 use crate::blocks::{prefix_hashes, BlockAllocator, BlockId};
 use crate::generate::{FinishReason, GenerateParams, Step, StopMatcher};
+use crate::grammar::{sample_constrained, Constraint, TokenTrie};
 use crate::sampling::{log_sum_exp, top_logprobs, Sampler};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, Workspace};
@@ -126,10 +127,11 @@ impl Engine {
     pub fn start(model: Arc<Model>, pool: Arc<ThreadPool>, config: EngineConfig) -> Engine {
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue.max(1));
         let stats = Arc::new(Stats::default());
-        let runner = Runner::new(model.clone(), pool, config.clone(), stats.clone());
+        let (m, c, st) = (model.clone(), config.clone(), stats.clone());
+        // The runner is made on its own thread: grammar states are not `Send`.
         std::thread::Builder::new()
             .name("smelt-engine".into())
-            .spawn(move || runner.run(rx))
+            .spawn(move || Runner::new(m, pool, c, st).run(rx))
             .expect("spawning the engine thread");
         Engine { tx, stats, model, config }
     }
@@ -159,6 +161,7 @@ struct Seq {
     sampler: Sampler,
     decoder: StreamDecoder,
     stops: StopMatcher,
+    constraint: Option<Constraint>,
     generated: usize,
     prompt_lp: Vec<PromptLogprob>,
 }
@@ -172,6 +175,8 @@ struct Runner {
     stats: Arc<Stats>,
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
+    /// The vocabulary's trie, built for the first constrained request.
+    trie: Option<Arc<TokenTrie>>,
 }
 
 /// What one sequence contributes to a step.
@@ -195,6 +200,7 @@ impl Runner {
             stats,
             waiting: VecDeque::new(),
             running: Vec::new(),
+            trie: None,
         }
     }
 
@@ -235,6 +241,10 @@ impl Runner {
             Job::Generate(req) => {
                 let sampler = Sampler::new(req.params.sampling.clone());
                 let stops = StopMatcher::new(&req.params.stop);
+                let constraint = req.params.grammar.as_ref().map(|g| {
+                    let trie = self.trie.get_or_insert_with(|| Arc::new(TokenTrie::new(&self.model.tokenizer)));
+                    Constraint::new(g, trie.clone())
+                });
                 let tokens = req.prompt.clone();
                 self.stats.prompt_tokens.fetch_add(tokens.len() as u64, Ordering::Relaxed);
                 self.waiting.push_back(Seq {
@@ -247,6 +257,7 @@ impl Runner {
                     sampler,
                     decoder: StreamDecoder::new(),
                     stops,
+                    constraint,
                     generated: 0,
                     prompt_lp: Vec::new(),
                     req,
@@ -561,21 +572,31 @@ fn sample_next(s: &mut Seq, lrow: &[f32], model: &Model, n_ctx: usize) -> Option
     let tok = &model.tokenizer;
     let lse = log_sum_exp(lrow);
     let top = top_logprobs(lrow, lse, p.top_logprobs);
-    let mut work = lrow.to_vec();
-    let id = s.sampler.sample(&mut work, &s.tokens);
+    let id = match s.constraint.as_mut() {
+        None => s.sampler.sample(&mut lrow.to_vec(), &s.tokens),
+        Some(c) => match sample_constrained(&mut s.sampler, c, tok, lrow, &s.tokens) {
+            Some(id) => id,
+            // Nothing in the vocabulary can continue the grammar.
+            None => return Some(FinishReason::Stop),
+        },
+    };
     let logprob = lrow[id as usize] - lse;
     s.generated += 1;
-    let end = !p.ignore_eos && tok.is_end_of_generation(id);
+    let complete = s.constraint.as_mut().is_some_and(|c| {
+        c.advance(tok, id);
+        c.finished()
+    });
+    let end = (!p.ignore_eos || s.constraint.is_some()) && tok.is_end_of_generation(id);
     let piece = if end { String::new() } else { s.decoder.push(tok.piece(id, false)) };
     let (mut text, stopped) = s.stops.push(&piece);
-    let finish = if end || stopped {
+    let finish = if end || stopped || complete {
         Some(FinishReason::Stop)
     } else if s.generated >= p.max_tokens || s.tokens.len() + 1 >= n_ctx {
         Some(FinishReason::Length)
     } else {
         None
     };
-    if finish == Some(FinishReason::Length) {
+    if finish == Some(FinishReason::Length) || (complete && !stopped) {
         // Flush text held back for a possible stop string or an incomplete character.
         text.push_str(&s.stops.finish(&s.decoder.finish()));
     }

@@ -110,7 +110,7 @@ pub fn plan(f: &SamplingFields, n_vocab: usize, top_logprobs: usize) -> Result<P
         return Err(ApiError::invalid("top_logprobs", format!("top_logprobs must be between 0 and 20, got {top_logprobs}")));
     }
     Ok(Plan {
-        params: GenerateParams { max_tokens, sampling: s, stop, ignore_eos: f.ignore_eos, top_logprobs },
+        params: GenerateParams { max_tokens, sampling: s, stop, ignore_eos: f.ignore_eos, top_logprobs, grammar: None },
         n: n as usize,
         stream: f.stream,
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),

@@ -2,6 +2,7 @@
 
 use crate::common::{load, ModelArgs, SamplingArgs};
 use anyhow::Result;
+use smelt_engine::grammar::Compiled;
 use smelt_engine::{GenerateParams, Session};
 use std::io::Write;
 use std::time::Instant;
@@ -30,10 +31,35 @@ pub struct Args {
     /// Print one JSON object: prompt_ids, output_ids, text, steps, finish_reason.
     #[arg(long)]
     json: bool,
+    /// Constrain the output to instances of the JSON Schema in FILE.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["grammar", "regex"])]
+    json_schema: Option<std::path::PathBuf>,
+    /// Constrain the output to the GBNF grammar (llama.cpp's format, rule `root`) in FILE.
+    #[arg(long, value_name = "FILE", conflicts_with = "regex")]
+    grammar: Option<std::path::PathBuf>,
+    /// Constrain the output to text the regular expression matches in full.
+    #[arg(long, value_name = "RE")]
+    regex: Option<String>,
+}
+
+/// The output constraint asked for on the command line.
+fn constraint(a: &Args) -> Result<Option<Compiled>> {
+    let read = |p: &std::path::Path| std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+    Ok(if let Some(p) = &a.json_schema {
+        let schema: serde_json::Value = serde_json::from_str(&read(p)?).map_err(|e| anyhow::anyhow!("{}: not JSON: {e}", p.display()))?;
+        Some(Compiled::json_schema(&schema).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?)
+    } else if let Some(p) = &a.grammar {
+        Some(Compiled::gbnf(&read(p)?).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?)
+    } else if let Some(re) = &a.regex {
+        Some(Compiled::regex(re).map_err(|e| anyhow::anyhow!("--regex: {e}"))?)
+    } else {
+        None
+    })
 }
 
 pub fn run(a: Args) -> Result<()> {
     anyhow::ensure!(a.logprobs <= 100, "--logprobs must be at most 100");
+    let grammar = constraint(&a)?;
     let (model, pool, n_ctx) = load(&a.model)?;
     let prompt = model.tokenizer.encode_prompt(&a.prompt);
     let mut session = Session::new(model.clone(), pool, n_ctx);
@@ -43,6 +69,7 @@ pub fn run(a: Args) -> Result<()> {
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
         top_logprobs: a.logprobs,
+        grammar,
     };
     let start = Instant::now();
     let mut first_token = None;

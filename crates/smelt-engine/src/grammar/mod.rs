@@ -1,0 +1,227 @@
+//! Constrained decoding: grammars that every generated token must keep the output inside of.
+//!
+//! - [`gbnf`]: llama.cpp's grammar format (also the compile target of the others);
+//! - [`json_schema`]: JSON Schema (and "any JSON") to grammar;
+//! - [`regex`]: regular expressions to grammar;
+//! - [`matcher`]: the parse state, advanced by bytes or walked over a token trie.
+//!
+//! Sampling checks the drawn token first (cheap, and almost always allowed by a model that
+//! follows instructions); only when it is not allowed is the full mask computed — by walking the
+//! vocabulary's byte trie from the current parse state, skipping every subtree whose prefix the
+//! grammar rejects — and the token drawn again from the allowed ones. Drawing again after a
+//! rejection samples exactly the masked distribution. Masks are cached by parse state.
+
+pub mod gbnf;
+pub mod json_schema;
+pub mod matcher;
+pub mod regex;
+pub mod trie;
+
+pub use gbnf::{parse as parse_gbnf, Grammar, GrammarError};
+
+use crate::sampling::Sampler;
+use matcher::{Dfa, Matcher};
+use smelt_model::tokenizer::Tokenizer;
+pub use trie::TokenTrie;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// A compiled grammar being followed by one sequence.
+pub struct Constraint {
+    dfa: Dfa,
+    state: u32,
+    trie: Arc<TokenTrie>,
+    masks: HashMap<u32, Arc<Vec<u64>>>,
+    /// Full masks computed (for statistics and the benchmark).
+    pub masks_computed: usize,
+}
+
+impl Constraint {
+    pub fn new(grammar: &Compiled, trie: Arc<TokenTrie>) -> Constraint {
+        Constraint { dfa: Dfa::new(grammar.0.clone()), state: 0, trie, masks: HashMap::new(), masks_computed: 0 }
+    }
+
+    /// Whether `id` may come next.
+    pub fn allows(&mut self, tok: &Tokenizer, id: u32) -> bool {
+        if tok.is_end_of_generation(id) {
+            return self.dfa.accepting(self.state);
+        }
+        if tok.is_control(id) {
+            return false;
+        }
+        let bytes = tok.piece(id, false);
+        !bytes.is_empty() && self.dfa.step_bytes(self.state, bytes).is_some()
+    }
+
+    /// Bitset of the tokens that may come next (end-of-generation tokens when complete).
+    pub fn mask(&mut self, tok: &Tokenizer) -> Arc<Vec<u64>> {
+        if let Some(m) = self.masks.get(&self.state) {
+            return m.clone();
+        }
+        self.masks_computed += 1;
+        let mut bits = vec![0u64; self.trie.n_vocab.div_ceil(64)];
+        self.dfa.walk(self.state, &self.trie, &mut bits);
+        if self.dfa.accepting(self.state) {
+            for &e in tok.end_of_generation_tokens() {
+                bits[e as usize / 64] |= 1 << (e % 64);
+            }
+        }
+        let m = Arc::new(bits);
+        if self.masks.len() >= 64 {
+            self.masks.clear();
+        }
+        self.masks.insert(self.state, m.clone());
+        m
+    }
+
+    /// Drop cached masks (benchmarks: time the walk itself).
+    pub fn forget_masks(&mut self) {
+        self.masks.clear();
+    }
+
+    /// Move past token `id` (which must be allowed).
+    pub fn advance(&mut self, tok: &Tokenizer, id: u32) {
+        if tok.is_end_of_generation(id) || tok.is_control(id) {
+            return;
+        }
+        if let Some(s) = self.dfa.step_bytes(self.state, tok.piece(id, false)) {
+            self.state = s;
+            let kept = self.dfa.compact(s);
+            if kept != s {
+                self.masks.clear();
+                self.state = kept;
+            }
+        }
+    }
+
+    /// The output is a complete sentence and nothing more may follow.
+    pub fn finished(&self) -> bool {
+        self.dfa.finished(self.state)
+    }
+
+    /// The output so far is a complete sentence (more may follow).
+    pub fn accepting(&self) -> bool {
+        self.dfa.accepting(self.state)
+    }
+}
+
+/// Draw the next token under a constraint: the unconstrained draw if allowed, else a draw from
+/// the allowed tokens. None when nothing is allowed (the grammar cannot continue).
+pub fn sample_constrained(sampler: &mut Sampler, c: &mut Constraint, tok: &Tokenizer, logits: &[f32], history: &[u32]) -> Option<u32> {
+    let mut work = logits.to_vec();
+    let id = sampler.sample(&mut work, history);
+    if c.allows(tok, id) {
+        return Some(id);
+    }
+    let mask = c.mask(tok);
+    let mut work = logits.to_vec();
+    let mut any = false;
+    for (i, l) in work.iter_mut().enumerate() {
+        if mask[i / 64] >> (i % 64) & 1 == 0 {
+            *l = f32::NEG_INFINITY;
+        } else {
+            any = true;
+        }
+    }
+    if !any {
+        return None;
+    }
+    let id = sampler.sample(&mut work, history);
+    (mask[id as usize / 64] >> (id % 64) & 1 == 1).then_some(id)
+}
+
+/// What a request constrains its output to, compiled once and shared.
+#[derive(Clone)]
+pub struct Compiled(pub Arc<Matcher>);
+
+impl std::fmt::Debug for Compiled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Grammar({} rules)", self.0.grammar().rules.len())
+    }
+}
+
+impl Compiled {
+    pub fn new(g: Grammar) -> Compiled {
+        Compiled(Arc::new(Matcher::new(g)))
+    }
+
+    /// A grammar in llama.cpp's GBNF format, starting at rule `root`.
+    pub fn gbnf(src: &str) -> Result<Compiled, GrammarError> {
+        Ok(Compiled::new(parse_gbnf(src, "root")?))
+    }
+
+    /// The instances of a JSON Schema; the error names what is not supported or wrong.
+    pub fn json_schema(schema: &serde_json::Value) -> Result<Compiled, String> {
+        let src = json_schema::to_gbnf(schema).map_err(|e| e.msg)?;
+        Compiled::gbnf(&src).map_err(|e| format!("the schema's grammar failed to compile ({e})"))
+    }
+
+    /// Any JSON object.
+    pub fn json_object() -> Compiled {
+        Compiled::gbnf(&json_schema::any_object_gbnf()).expect("the built-in JSON grammar compiles")
+    }
+
+    /// Text that the regular expression matches in full.
+    pub fn regex(re: &str) -> Result<Compiled, String> {
+        let src = regex::to_gbnf(re).map_err(|e| e.to_string())?;
+        Compiled::gbnf(&src).map_err(|e| format!("the expression's grammar failed to compile ({e})"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn matches(src: &str, text: &str) -> bool {
+        let m = Matcher::new(parse_gbnf(src, "root").unwrap());
+        match m.accept_bytes(&m.start(), text.as_bytes()) {
+            Some(s) => m.accepting(&s),
+            None => false,
+        }
+    }
+
+    #[test]
+    fn grammars_accept_exactly_their_language() {
+        let arith = r#"
+            root ::= expr
+            expr ::= term (("+" | "-") term)*
+            term ::= factor (("*" | "/") factor)*
+            factor ::= number | "(" expr ")"
+            number ::= [0-9]+
+        "#;
+        for ok in ["1", "1+2*3", "(1+2)*3", "((4))/2-10"] {
+            assert!(matches(arith, ok), "{ok}");
+        }
+        for bad in ["", "1+", "(1", "1++2", "a", "1 + 2"] {
+            assert!(!matches(arith, bad), "{bad}");
+        }
+        let chess = r#"root ::= piece? file rank | "O-O" | "O-O-O"
+            piece ::= [KQRBN]
+            file ::= [a-h]
+            rank ::= [1-8]"#;
+        assert!(matches(chess, "Nf3") && matches(chess, "e4") && matches(chess, "O-O-O"));
+        assert!(!matches(chess, "Ni9") && !matches(chess, "O-O-O-O"));
+        let rep = r#"root ::= "a"{2,4} [^x]? "é" "\u00e9" "\x41""#;
+        assert!(matches(rep, "aabééA") && matches(rep, "aaaaééA"));
+        assert!(!matches(rep, "aééA") && !matches(rep, "aaaaaaééA") && !matches(rep, "aaxééA"));
+    }
+
+    #[test]
+    fn malformed_grammars_report_positions() {
+        let e = parse_gbnf("root ::= \"abc", "root").unwrap_err();
+        assert_eq!((e.line, e.column), (1, 10));
+        assert!(e.to_string().contains("unterminated string"), "{e}");
+        let e = parse_gbnf("root ::= foo\nbar ::= \"x\"", "root").unwrap_err();
+        assert!(e.msg.contains("undefined rule \"foo\"") && e.line == 1, "{e}");
+        let e = parse_gbnf("root ::= root \"x\" | \"y\"", "root").unwrap_err();
+        assert!(e.msg.contains("left-recursive"), "{e}");
+        let e = parse_gbnf("root ::= [a-", "root").unwrap_err();
+        assert!(e.msg.contains("character class"), "{e}");
+        let e = parse_gbnf("root = \"x\"", "root").unwrap_err();
+        assert!(e.msg.contains("::="), "{e}");
+        let e = parse_gbnf("main ::= \"x\"", "root").unwrap_err();
+        assert!(e.msg.contains("no \"root\" rule"), "{e}");
+        let e = parse_gbnf("root ::= \"x\"{3,1}", "root").unwrap_err();
+        assert!(e.msg.contains("below its minimum"), "{e}");
+    }
+}
