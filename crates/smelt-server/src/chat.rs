@@ -4,7 +4,7 @@ use crate::error::ApiError;
 use crate::generation::{check_context, collect, finish_reason, new_id, now_secs, plan, submit, token_text, Choice, Timing};
 use crate::state::{AppState, ModelEntry};
 use crate::types::{ChatMessage, ChatRequest, Content, Usage};
-use crate::{parse_json, sse_response};
+use crate::{parse_json, sse_response, structured, tools};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
@@ -92,17 +92,41 @@ pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Respo
         (_, Some(k)) if k < 0 => return Err(ApiError::invalid("top_logprobs", format!("top_logprobs must be between 0 and 20, got {k}"))),
         (_, k) => k.unwrap_or(0) as usize,
     };
-    let plan = plan(&req.sampling, model.hp.n_vocab, top)?;
-    let messages = template_messages(&req.messages)?;
+    let mut plan = plan(&req.sampling, model.hp.n_vocab, top)?;
     let template = model.chat_template().map_err(|e| ApiError::internal(e.to_string()))?;
-    let rendered = template.render(&messages, req.tools.as_ref(), true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
+    let tools = tools::setup(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls, &template.source)?;
+    let mut messages = template_messages(&req.messages)?;
+    if !tools::template_knows_tool_messages(&template.source) {
+        tools::plain_messages(&mut messages);
+    }
+    let native = tools::template_knows_tools(&template.source);
+    if let (Some(_), false, Some(defs)) = (&tools, native, req.tools.as_ref()) {
+        add_system_text(&mut messages, &tools::instructions(defs));
+    }
+    if let Some(rf) = &req.response_format {
+        if let Some(g) = structured::response_format(rf)? {
+            if plan.params.grammar.is_some() {
+                return Err(ApiError::invalid("response_format", "give either response_format or a grammar extension, not both"));
+            }
+            plan.params.grammar = Some(g);
+        }
+    }
+    if let Some(g) = tools.as_ref().map(|t| t.forcing_grammar()).transpose()?.flatten() {
+        if plan.params.grammar.is_some() {
+            return Err(ApiError::invalid("tool_choice", "a tool_choice that forces a call cannot be combined with response_format or a grammar"));
+        }
+        plan.params.grammar = Some(g);
+    }
+    let render_tools = if tools.is_some() && native { req.tools.as_ref() } else { None };
+    let rendered = template.render(&messages, render_tools, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     let prompt = model.tokenizer.encode_prompt(&rendered);
     check_context(&entry, prompt.len())?;
     let rx = submit(&entry, std::slice::from_ref(&prompt), &plan, None)?;
     let id = new_id("chatcmpl");
     let created = now_secs();
     if plan.stream {
-        return Ok(stream(state, entry, rx, plan.n, prompt.len(), want_logprobs, plan.include_usage, id, created, start));
+        let opts = StreamOpts { n: plan.n, prompt_tokens: prompt.len(), want_logprobs, include_usage: plan.include_usage, id, created, start };
+        return Ok(stream(state, entry, rx, opts, tools));
     }
     let choices = collect(&state, rx, plan.n, start).await?;
     let completion: usize = choices.iter().filter_map(|c| c.summary.as_ref()).map(|s| s.completion_tokens).sum();
@@ -112,7 +136,17 @@ pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Respo
         .map(|(i, c): (usize, &Choice)| {
             let s = c.summary.as_ref().map(|s| s.finish).unwrap_or(smelt_engine::FinishReason::Length);
             let logprobs = if want_logprobs { json!({"content": c.steps.iter().map(|st| logprob_entry(&entry, st)).collect::<Vec<_>>()}) } else { Value::Null };
-            json!({"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": logprobs, "finish_reason": finish_reason(s)})
+            let (content, calls) = match &tools {
+                Some(t) => tools::parse(t, &c.text),
+                None => (Some(c.text.clone()), Vec::new()),
+            };
+            let mut message = json!({"role": "assistant", "content": content});
+            let mut finish = finish_reason(s);
+            if !calls.is_empty() {
+                message["tool_calls"] = calls.iter().map(|c| json!({"id": tools::call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}})).collect();
+                finish = "tool_calls";
+            }
+            json!({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
         })
         .collect();
     let cached: usize = choices.first().and_then(|c| c.summary.as_ref()).map(|s| s.cached_tokens).unwrap_or(0);
@@ -130,11 +164,8 @@ pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Respo
     .into_response())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn stream(
-    state: AppState,
-    entry: std::sync::Arc<ModelEntry>,
-    mut rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>,
+/// Where a streamed reply goes and what it reports.
+struct StreamOpts {
     n: usize,
     prompt_tokens: usize,
     want_logprobs: bool,
@@ -142,7 +173,22 @@ fn stream(
     id: String,
     created: u64,
     start: Instant,
-) -> Response {
+}
+
+/// Put `text` into the system message (made first when there is none).
+fn add_system_text(messages: &mut Value, text: &str) {
+    let Some(list) = messages.as_array_mut() else { return };
+    match list.first_mut() {
+        Some(m) if m["role"] == "system" => {
+            let old = m["content"].as_str().unwrap_or("").to_string();
+            m["content"] = Value::String(if old.is_empty() { text.to_string() } else { format!("{old}\n\n{text}") });
+        }
+        _ => list.insert(0, json!({"role": "system", "content": text})),
+    }
+}
+
+fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>, o: StreamOpts, tools: Option<tools::ToolSetup>) -> Response {
+    let StreamOpts { n, prompt_tokens, want_logprobs, include_usage, id, created, start } = o;
     let (tx, out) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
         let chunk = |choices: Value| {
@@ -160,21 +206,61 @@ fn stream(
         }
         let mut timing = Timing::new(start, n);
         let (mut done, mut completion) = (0, 0);
+        let mut parsers: Vec<Option<tools::CallParser>> = (0..n).map(|_| tools.as_ref().map(tools::CallParser::new)).collect();
+        // Pieces of one choice as delta chunks: content, or a call (its header, then arguments).
+        let deltas = |pieces: Vec<tools::Piece>, calls_before: usize| -> Vec<Value> {
+            let mut k = calls_before;
+            let mut out = Vec::new();
+            for p in pieces {
+                match p {
+                    tools::Piece::Text(t) => out.push(json!({"content": t})),
+                    tools::Piece::Call(c) => {
+                        out.push(json!({"tool_calls": [{"index": k, "id": tools::call_id(), "type": "function", "function": {"name": c.name, "arguments": ""}}]}));
+                        out.push(json!({"tool_calls": [{"index": k, "function": {"arguments": c.arguments}}]}));
+                        k += 1;
+                    }
+                }
+            }
+            out
+        };
         while done < n {
             let Some((i, ev)) = rx.recv().await else { return };
-            let msg = match ev {
+            let msgs: Vec<String> = match ev {
                 Event::Token(step) => {
                     timing.token(&state, i);
-                    if step.text.is_empty() && !want_logprobs {
-                        continue;
-                    }
                     let lp = if want_logprobs { json!({"content": [logprob_entry(&entry, &step)]}) } else { Value::Null };
-                    chunk(json!([{"index": i, "delta": {"content": step.text}, "logprobs": lp, "finish_reason": null}]))
+                    let ds = match parsers[i].as_mut() {
+                        Some(p) => {
+                            let before = p.calls;
+                            let pieces = p.push(&step.text);
+                            deltas(pieces, before)
+                        }
+                        None if step.text.is_empty() => vec![],
+                        None => vec![json!({"content": step.text})],
+                    };
+                    if ds.is_empty() && want_logprobs {
+                        vec![chunk(json!([{"index": i, "delta": {}, "logprobs": lp, "finish_reason": null}]))]
+                    } else {
+                        ds.into_iter().enumerate().map(|(k, d)| chunk(json!([{"index": i, "delta": d, "logprobs": if k == 0 { lp.clone() } else { Value::Null }, "finish_reason": null}]))).collect()
+                    }
                 }
                 Event::Done(s) => {
                     done += 1;
                     completion += s.completion_tokens;
-                    chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish_reason(s.finish)}]))
+                    let mut msgs = Vec::new();
+                    let mut finish = finish_reason(s.finish);
+                    if let Some(p) = parsers[i].as_mut() {
+                        let before = p.calls;
+                        let pieces = p.finish();
+                        for d in deltas(pieces, before) {
+                            msgs.push(chunk(json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": null}])));
+                        }
+                        if p.calls > 0 {
+                            finish = "tool_calls";
+                        }
+                    }
+                    msgs.push(chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish}])));
+                    msgs
                 }
                 Event::Error(e) => {
                     let _ = tx.send(ApiError::bad_request(e).body().to_string());
@@ -182,8 +268,10 @@ fn stream(
                 }
                 _ => continue,
             };
-            if tx.send(msg).is_err() {
-                return;
+            for m in msgs {
+                if tx.send(m).is_err() {
+                    return;
+                }
             }
         }
         if include_usage {

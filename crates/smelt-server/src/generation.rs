@@ -109,8 +109,9 @@ pub fn plan(f: &SamplingFields, n_vocab: usize, top_logprobs: usize) -> Result<P
     if top_logprobs > 20 {
         return Err(ApiError::invalid("top_logprobs", format!("top_logprobs must be between 0 and 20, got {top_logprobs}")));
     }
+    let grammar = crate::structured::extension(f)?;
     Ok(Plan {
-        params: GenerateParams { max_tokens, sampling: s, stop, ignore_eos: f.ignore_eos, top_logprobs, grammar: None },
+        params: GenerateParams { max_tokens, sampling: s, stop, ignore_eos: f.ignore_eos, top_logprobs, grammar },
         n: n as usize,
         stream: f.stream,
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),

@@ -12,6 +12,8 @@ mod generation;
 mod metrics;
 mod misc;
 mod sink;
+mod structured;
+mod tools;
 pub mod state;
 mod types;
 

@@ -48,6 +48,10 @@ pub struct SamplingFields {
     pub stream_options: Option<StreamOptions>,
     #[serde(default)]
     pub ignore_eos: bool,
+    /// Constrained output (extensions): a GBNF grammar, a JSON Schema, or a regex.
+    pub grammar: Option<String>,
+    pub json_schema: Option<serde_json::Value>,
+    pub regex: Option<String>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -83,6 +87,9 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<i64>,
     pub tools: Option<serde_json::Value>,
+    pub tool_choice: Option<serde_json::Value>,
+    pub parallel_tool_calls: Option<bool>,
+    pub response_format: Option<serde_json::Value>,
 }
 
 /// A prompt or embedding input: text, texts, token ids, or lists of token ids.

@@ -58,18 +58,36 @@ pub fn any_object_gbnf() -> String {
 
 /// A grammar (rule `root`) for the instances of `schema`.
 pub fn to_gbnf(schema: &Value) -> Result<String, SchemaError> {
-    let mut b = Builder { root: schema, rules: Vec::new(), names: HashMap::new(), refs: HashMap::new() };
-    let body = b.value(schema, "#")?;
-    let mut out = format!("root ::= {body}\n");
+    let (expr, rules) = schema_rules(schema, "")?;
+    Ok(format!("root ::= {expr}\n{rules}{PRIMITIVES}"))
+}
+
+/// The rules for the instances of `schema`, named with `prefix` so that several schemas can
+/// share one grammar: (an expression for an instance, the rule definitions). Combine with
+/// [`primitives`] once.
+pub fn schema_rules(schema: &Value, prefix: &str) -> Result<(String, String), SchemaError> {
+    let mut b = Builder { root: schema, prefix, rules: Vec::new(), names: HashMap::new(), refs: HashMap::new() };
+    let expr = b.value(schema, "#")?;
+    let mut out = String::new();
     for (name, body) in &b.rules {
         out.push_str(&format!("{name} ::= {body}\n"));
     }
-    out.push_str(PRIMITIVES);
-    Ok(out)
+    Ok((expr, out))
+}
+
+/// The shared rules every schema grammar uses (`ws`, `json-string`, `json-value`, ...).
+pub fn primitives() -> &'static str {
+    PRIMITIVES
+}
+
+/// A GBNF literal for exact text.
+pub fn literal(s: &str) -> String {
+    lit(s)
 }
 
 struct Builder<'a> {
     root: &'a Value,
+    prefix: &'a str,
     rules: Vec<(String, String)>,
     /// Rule body -> name, so identical sub-schemas share a rule.
     names: HashMap<String, String>,
@@ -121,7 +139,7 @@ impl<'a> Builder<'a> {
         }
         let clean: String = hint.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect();
         let clean = clean.trim_matches('-');
-        let name = format!("s{}-{}", self.rules.len(), if clean.is_empty() { "value" } else { clean });
+        let name = format!("{}s{}-{}", self.prefix, self.rules.len(), if clean.is_empty() { "value" } else { clean });
         self.rules.push((name.clone(), body.clone()));
         self.names.insert(body, name.clone());
         name
@@ -224,7 +242,7 @@ impl<'a> Builder<'a> {
         let Some(pointer) = r.strip_prefix('#') else { return err(path, format!("only local references (\"#/...\") are supported, not {r:?}")) };
         let target = self.root.pointer(pointer).ok_or_else(|| SchemaError { msg: format!("\"$ref\" {r:?} points at nothing (at {path})") })?;
         // Name the rule first: the target may refer back to itself.
-        let name = format!("ref{}-{}", self.refs.len(), pointer.rsplit('/').next().unwrap_or("").chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect::<String>());
+        let name = format!("{}ref{}-{}", self.prefix, self.refs.len(), pointer.rsplit('/').next().unwrap_or("").chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' }).collect::<String>());
         let name = name.trim_end_matches('-').to_string();
         self.refs.insert(r.to_string(), name.clone());
         let body = self.value(target, r)?;
