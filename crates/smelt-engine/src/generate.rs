@@ -74,6 +74,10 @@ pub struct Generation {
     pub steps: Vec<Step>,
     pub text: String,
     pub finish: FinishReason,
+    /// Time spent on the grammar (checks, masks, advancing), when constrained.
+    pub grammar_secs: f64,
+    /// Full vocabulary masks the grammar computed.
+    pub grammar_masks: usize,
 }
 
 /// A sequence with its KV cache, reusable across turns (a chat keeps its cache between turns).
@@ -226,7 +230,8 @@ impl Session {
                 }
             }
         }
-        Ok(Generation { prompt_tokens: prompt.len(), steps, text, finish })
+        let (grammar_secs, grammar_masks) = constraint.map_or((0.0, 0), |c| (c.spent.as_secs_f64(), c.masks_computed));
+        Ok(Generation { prompt_tokens: prompt.len(), steps, text, finish, grammar_secs, grammar_masks })
     }
 }
 

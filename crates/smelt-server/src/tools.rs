@@ -235,23 +235,41 @@ impl ToolSetup {
         args.is_object().then(|| Call { name: name.to_string(), arguments: args.to_string() })
     }
 
-    /// Calls in a JSON text: one call object or a list of them (all must be calls).
+    /// Calls in a JSON text: call objects (one, or several separated by whitespace, ',' or
+    /// ';') or a list of them. Everything must be a call.
     fn calls_in(&self, text: &str) -> Option<Vec<Call>> {
         let mut text = text.trim();
         if let Some(inner) = text.strip_prefix(FENCE).and_then(|t| t.trim_end().strip_suffix("```")) {
             text = inner;
         }
-        let v: Value = match serde_json::from_str(text.trim()) {
-            Ok(v) => v,
-            // Small models often drop the last brace or two.
-            Err(_) => serde_json::from_str(&close_brackets(text.trim())?).ok()?,
+        let values = json_values(text)?;
+        let list: Vec<&Value> = match values.as_slice() {
+            [Value::Array(items)] if !items.is_empty() => items.iter().collect(),
+            vs => vs.iter().collect(),
         };
-        match &v {
-            Value::Array(list) if !list.is_empty() => list.iter().map(|c| self.call_from(c)).collect(),
-            Value::Object(_) => self.call_from(&v).map(|c| vec![c]),
-            _ => None,
+        list.into_iter().map(|c| self.call_from(c)).collect()
+    }
+}
+
+/// The JSON values in `text`, one after another (small models often drop a closing brace or
+/// two of the last one: those are added).
+fn json_values(text: &str) -> Option<Vec<Value>> {
+    let mut out = Vec::new();
+    let mut rest = text.trim();
+    while !rest.is_empty() {
+        let mut it = serde_json::Deserializer::from_str(rest).into_iter::<Value>();
+        match it.next() {
+            Some(Ok(v)) => {
+                out.push(v);
+                rest = rest[it.byte_offset()..].trim_start().trim_start_matches([';', ',']).trim_start();
+            }
+            _ => {
+                out.push(serde_json::from_str(&close_brackets(rest)?).ok()?);
+                break;
+            }
         }
     }
+    (!out.is_empty()).then_some(out)
 }
 
 /// What the parser releases: text for `content`, or a complete call.
@@ -486,6 +504,8 @@ mod tests {
             ("<tool_call>{\"name\": \"nope\", \"arguments\": {}}</tool_call>", Some("<tool_call>{\"name\": \"nope\", \"arguments\": {}}</tool_call>"), vec![]),
             ("{\"not\": \"a call\"}", Some("{\"not\": \"a call\"}"), vec![]),
             ("{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}", None, vec![weather.clone()]),
+            ("{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}", None, vec![add.clone(), weather.clone()]),
+            ("{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n{\"response\": 3}", Some("{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n{\"response\": 3}"), vec![]),
             ("a < b <tool", Some("a < b <tool"), vec![]),
             ("```json\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n```", None, vec![add.clone()]),
             ("```json\n[1, 2]\n```", Some("```json\n[1, 2]\n```"), vec![]),

@@ -11,8 +11,8 @@
 //! `description`, `default`, `examples`, ...) are ignored. Every other keyword is rejected by
 //! name: silently ignoring one would produce output the schema does not allow.
 //!
-//! Output is compact-ish JSON: whitespace is allowed between tokens but bounded, so a model
-//! cannot loop on blank space forever.
+//! Whitespace between tokens is one space, or a newline and up to 20 spaces or tabs of
+//! indentation (as llama.cpp's converter allows), so a model cannot loop on blank space.
 
 use super::regex;
 use serde_json::{Map, Value};
@@ -39,7 +39,7 @@ const KNOWN: &[&str] = &[
 ];
 
 const PRIMITIVES: &str = r#"
-ws ::= [ \t\n]{0,20}
+ws ::= (" " | "\n" [ \t]{0,20})?
 json-char ::= [^"\\\x00-\x1f] | "\\" (["\\/bfnrt] | "u" [0-9a-fA-F]{4})
 json-string ::= "\"" json-char* "\""
 json-int ::= "-"? ("0" | [1-9] [0-9]{0,15})

@@ -32,13 +32,14 @@ pub struct Constraint {
     state: u32,
     trie: Arc<TokenTrie>,
     masks: HashMap<u32, Arc<Vec<u64>>>,
-    /// Full masks computed (for statistics and the benchmark).
+    /// Full masks computed, and time spent on grammar work (for statistics and the bench).
     pub masks_computed: usize,
+    pub spent: std::time::Duration,
 }
 
 impl Constraint {
     pub fn new(grammar: &Compiled, trie: Arc<TokenTrie>) -> Constraint {
-        Constraint { dfa: Dfa::new(grammar.0.clone()), state: 0, trie, masks: HashMap::new(), masks_computed: 0 }
+        Constraint { dfa: Dfa::new(grammar.0.clone()), state: 0, trie, masks: HashMap::new(), masks_computed: 0, spent: Default::default() }
     }
 
     /// Whether `id` may come next.
@@ -84,6 +85,7 @@ impl Constraint {
         if tok.is_end_of_generation(id) || tok.is_control(id) {
             return;
         }
+        let t = std::time::Instant::now();
         if let Some(s) = self.dfa.step_bytes(self.state, tok.piece(id, false)) {
             self.state = s;
             let kept = self.dfa.compact(s);
@@ -92,6 +94,7 @@ impl Constraint {
                 self.state = kept;
             }
         }
+        self.spent += t.elapsed();
     }
 
     /// The output is a complete sentence and nothing more may follow.
@@ -110,24 +113,30 @@ impl Constraint {
 pub fn sample_constrained(sampler: &mut Sampler, c: &mut Constraint, tok: &Tokenizer, logits: &[f32], history: &[u32]) -> Option<u32> {
     let mut work = logits.to_vec();
     let id = sampler.sample(&mut work, history);
-    if c.allows(tok, id) {
-        return Some(id);
-    }
-    let mask = c.mask(tok);
-    let mut work = logits.to_vec();
-    let mut any = false;
-    for (i, l) in work.iter_mut().enumerate() {
-        if mask[i / 64] >> (i % 64) & 1 == 0 {
-            *l = f32::NEG_INFINITY;
-        } else {
-            any = true;
+    // From here on, the cost is the grammar's.
+    let t = std::time::Instant::now();
+    let out = (|| {
+        if c.allows(tok, id) {
+            return Some(id);
         }
-    }
-    if !any {
-        return None;
-    }
-    let id = sampler.sample(&mut work, history);
-    (mask[id as usize / 64] >> (id % 64) & 1 == 1).then_some(id)
+        let mask = c.mask(tok);
+        let mut work = logits.to_vec();
+        let mut any = false;
+        for (i, l) in work.iter_mut().enumerate() {
+            if mask[i / 64] >> (i % 64) & 1 == 0 {
+                *l = f32::NEG_INFINITY;
+            } else {
+                any = true;
+            }
+        }
+        if !any {
+            return None;
+        }
+        let id = sampler.sample(&mut work, history);
+        (mask[id as usize / 64] >> (id % 64) & 1 == 1).then_some(id)
+    })();
+    c.spent += t.elapsed();
+    out
 }
 
 /// What a request constrains its output to, compiled once and shared.

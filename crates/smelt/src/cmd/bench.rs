@@ -33,6 +33,56 @@ pub struct Args {
     /// Skip the memory-bandwidth measurement.
     #[arg(long)]
     no_bandwidth: bool,
+    /// Skip the constrained-decoding (grammar mask) measurement.
+    #[arg(long)]
+    no_grammar: bool,
+}
+
+/// What constrained decoding costs on this model's vocabulary.
+struct MaskCost {
+    trie_ms: f64,
+    /// A full mask inside a JSON string (nearly every token allowed): first time, then again.
+    cold_ms: f64,
+    warm_ms: f64,
+    /// Grammar time per generated token during a greedy JSON-schema generation.
+    per_token_ms: f64,
+    tokens: usize,
+    masks: usize,
+}
+
+const BENCH_SCHEMA: &str = r#"{"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 40}, "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    "email": {"type": "string"}, "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+    "address": {"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string", "pattern": "^[0-9]{5}$"}}, "required": ["city"]}
+  }, "required": ["name", "age", "tags", "address"]}"#;
+
+fn mask_cost(model: &Arc<Model>, pool: &Arc<ThreadPool>) -> Result<MaskCost> {
+    use smelt_engine::grammar::{Compiled, Constraint, TokenTrie};
+    let tok = &model.tokenizer;
+    let t = Instant::now();
+    let trie = Arc::new(TokenTrie::new(tok));
+    let trie_ms = t.elapsed().as_secs_f64() * 1e3;
+    let schema: serde_json::Value = serde_json::from_str(BENCH_SCHEMA)?;
+    let g = Compiled::json_schema(&schema).map_err(anyhow::Error::msg)?;
+    let mut c = Constraint::new(&g, trie);
+    for id in tok.encode("{\"name\": \"Ada", false, false) {
+        anyhow::ensure!(c.allows(tok, id), "bench grammar rejected its own prefix");
+        c.advance(tok, id);
+    }
+    let t = Instant::now();
+    c.mask(tok);
+    let cold_ms = t.elapsed().as_secs_f64() * 1e3;
+    c.forget_masks();
+    let t = Instant::now();
+    c.mask(tok);
+    let warm_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut session = smelt_engine::Session::new(model.clone(), pool.clone(), 1024);
+    let sampling = smelt_engine::SamplingParams { temperature: 0.0, ..Default::default() };
+    let params = smelt_engine::GenerateParams { max_tokens: 128, sampling, grammar: Some(g), ..Default::default() };
+    let prompt = tok.encode_prompt("A customer record as JSON:\n");
+    let gen = session.generate(&prompt, &params, |_| true)?;
+    let tokens = gen.steps.len().max(1);
+    Ok(MaskCost { trie_ms, cold_ms, warm_ms, per_token_ms: gen.grammar_secs * 1e3 / tokens as f64, tokens, masks: gen.grammar_masks })
 }
 
 /// Tokens per second of each repetition.
@@ -99,7 +149,7 @@ pub fn run(a: Args) -> Result<()> {
     anyhow::ensure!(a.n_prompt > 0 || a.n_gen > 0, "nothing to measure: -p and -n are both 0");
     let path = model_path(&a.model)?;
     let t_load = Instant::now();
-    let model = Model::load(&path)?;
+    let model = Arc::new(Model::load(&path)?);
     let load_s = t_load.elapsed().as_secs_f64();
     let n_threads = threads(a.threads);
     anyhow::ensure!(a.n_prompt + a.n_gen <= model.hp.n_ctx_train, "-p + -n exceeds the model's context of {}", model.hp.n_ctx_train);
@@ -128,6 +178,14 @@ pub fn run(a: Args) -> Result<()> {
     }
     let bytes = model.weight_bytes_per_token();
     let bw = if a.no_bandwidth || a.n_gen == 0 { None } else { Some(memory_bandwidth(&pool)) };
+    let tg_avg = results.iter().find(|r| r.2 > 0).map(|r| r.3);
+    let mask = match tg_avg {
+        Some(_) if !a.no_grammar => {
+            eprintln!("grammar: measuring the token-mask cost");
+            Some(mask_cost(&model, &pool)?)
+        }
+        _ => None,
+    };
     if a.json {
         let out: Vec<serde_json::Value> = results
             .iter()
@@ -144,6 +202,12 @@ pub fn run(a: Args) -> Result<()> {
                     "kernels": smelt_kernels::dispatch::kernels().isa.name(),
                 });
                 if *ng > 0 {
+                    if let Some(m) = &mask {
+                        o["grammar_mask_ms_per_token"] = m.per_token_ms.into();
+                        o["grammar_mask_fraction_of_step"] = (m.per_token_ms * avg / 1e3).into();
+                        o["grammar_full_mask_ms"] = serde_json::json!({"cold": m.cold_ms, "warm": m.warm_ms});
+                        o["grammar_trie_ms"] = m.trie_ms.into();
+                    }
                     o["weight_bytes_per_token"] = bytes.into();
                     if let Some(bw) = bw {
                         o["memory_bandwidth_gbs"] = bw.into();
@@ -168,6 +232,20 @@ pub fn run(a: Args) -> Result<()> {
             Some(bw) => println!(" of {bw:.1} GB/s measured memory bandwidth ({:.0}%; bound {:.1} t/s)", 100.0 * per_tok * avg / 1e3 / bw, bw * 1e3 / per_tok),
             None => println!(),
         }
+    }
+    if let (Some(m), Some(avg)) = (&mask, tg_avg) {
+        println!(
+            "grammar mask ({} tokens): {:.3} ms per token over {} greedy JSON-schema tokens ({:.1}% of a {:.1} ms decode step; {} full masks); a full mask inside a string {:.1} ms cold, {:.1} ms warm; trie built in {:.0} ms",
+            model.tokenizer.n_vocab(),
+            m.per_token_ms,
+            m.tokens,
+            100.0 * m.per_token_ms * avg / 1e3,
+            1e3 / avg,
+            m.masks,
+            m.cold_ms,
+            m.warm_ms,
+            m.trie_ms
+        );
     }
     Ok(())
 }
