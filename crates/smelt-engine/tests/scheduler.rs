@@ -203,3 +203,35 @@ fn prompt_logprobs_and_embeddings() {
         other => panic!("expected embeddings, got {other:?}"),
     }
 }
+
+#[test]
+fn constrained_requests_batched_match_their_solo_runs_and_the_grammar() {
+    use smelt_engine::grammar::Compiled;
+    let m = model("llama");
+    let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(2)), config(512));
+    let schema = serde_json::json!({"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 99}, "w": {"type": "string", "maxLength": 6}}, "required": ["n", "w"]});
+    let grammars = [Compiled::regex("[a-z]{3,8}( [a-z]{3,8}){2,5}\\.").unwrap(), Compiled::json_schema(&schema).unwrap()];
+    let mut pending = Vec::new();
+    for r in 0..16u32 {
+        let p = prompt(5 + (r as usize * 7) % 40, r);
+        let mut gp = params(120, Some(r as u64 + 1));
+        gp.grammar = Some(grammars[r as usize % 2].clone());
+        let (sk, rx, _) = sink();
+        engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+        pending.push((p, gp, rx, r));
+    }
+    for (p, gp, rx, r) in pending {
+        let (ids, summary) = collect(&rx);
+        assert_eq!(ids, alone(&m, &p, &gp), "constrained output batched differs from solo");
+        assert_eq!(summary.finish, FinishReason::Stop, "the grammar completes");
+        let text = m.tokenizer.decode(&ids, false);
+        if r % 2 == 0 {
+            let words: Vec<&str> = text.trim_end_matches('.').split(' ').collect();
+            assert!(text.ends_with('.') && (3..=6).contains(&words.len()), "{text:?}");
+            assert!(words.iter().all(|w| (3..=8).contains(&w.len()) && w.bytes().all(|b| b.is_ascii_lowercase())), "{text:?}");
+        } else {
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text:?}"));
+            assert!((1..=99).contains(&v["n"].as_i64().unwrap()) && v["w"].as_str().unwrap().chars().count() <= 6, "{text}");
+        }
+    }
+}

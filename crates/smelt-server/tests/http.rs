@@ -79,12 +79,63 @@ async fn malformed_requests_get_4xx_in_openai_shape() {
         ("/v1/embeddings", Body::from(r#"{"input": "x", "encoding_format": "hex"}"#), "encoding_format"),
         ("/v1/embeddings", Body::from(r#"{"input": "x", "dimensions": 3}"#), "dimensions"),
         ("/detokenize", Body::from(r#"{"tokens": [123456789]}"#), "outside the vocabulary"),
+        // Structured output and tools.
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "response_format": "json"}"#), "response_format needs a \"type\""),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}"#), "response_format type"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema"}}"#), "needs a \"json_schema\""),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "string", "pattern": "(a)\\1"}}}}"#), "backreferences"),
+        (chat, Body::from(r##"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema", "json_schema": {"schema": {"$ref": "#/$defs/missing"}}}}"##), "points at nothing"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}, "grammar": "root ::= \"a\""}"#), "not both"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "grammar": 7}"#), "Invalid request body"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "grammar": "root ::= [", "regex": "a"}"#), "at most one"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "tools": "all"}"#), "tools must be an array"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "tools": []}"#), "must not be empty"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]}"#), "two tools"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "retrieval"}]}"#), "function"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": 3}"#), "tool_choice must be"),
+        (chat, Body::from(r#"{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "required", "response_format": {"type": "json_object"}}"#), "cannot be combined"),
+        ("/v1/completions", Body::from(r#"{"prompt": "x", "regex": "(?=a)"}"#), "look-around"),
+        ("/v1/completions", Body::from(r#"{"prompt": "x", "json_schema": {"type": "integer", "minimum": 5, "maximum": 1}}"#), "minimum is above maximum"),
     ];
     for (uri, body, want) in bad {
         let (status, v, _) = call(&s, "POST", uri, body, None).await;
         let msg = error(status, &v, StatusCode::BAD_REQUEST);
         assert!(msg.contains(want), "{uri}: {msg:?} should mention {want:?}");
     }
+}
+
+#[tokio::test]
+async fn constrained_output_over_http() {
+    let s = state(None, EngineConfig { n_ctx: 2048, kv_blocks: 256, ..config() });
+    // Every choice of a sampled, constrained request is in the language.
+    let body = json!({"prompt": "x", "n": 4, "temperature": 1.0, "seed": 9, "max_tokens": 40, "regex": "[a-z]{2,5}(, [a-z]{2,5}){1,3}"});
+    let (status, v, _) = call(&s, "POST", "/v1/completions", body.to_string(), None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    for c in v["choices"].as_array().unwrap() {
+        let t = c["text"].as_str().unwrap();
+        let parts: Vec<&str> = t.split(", ").collect();
+        assert!((2..=4).contains(&parts.len()) && parts.iter().all(|p| (2..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_lowercase())), "{t:?}");
+        assert_eq!(c["finish_reason"], "stop");
+    }
+    let body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 400, "temperature": 1.0, "seed": 2,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "t", "schema": {"type": "object", "properties": {"k": {"enum": ["a", "b"]}, "v": {"type": "boolean"}}, "required": ["k", "v"]}}}});
+    let (status, v, _) = call(&s, "POST", "/v1/chat/completions", body.to_string(), None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let out: Value = serde_json::from_str(v["choices"][0]["message"]["content"].as_str().unwrap()).unwrap();
+    assert!(["a", "b"].contains(&out["k"].as_str().unwrap()) && out["v"].is_boolean(), "{out}");
+    // A forced call comes back as a tool call with schema-valid arguments.
+    let body = json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 400, "temperature": 1.0, "seed": 4,
+        "tools": [{"type": "function", "function": {"name": "pick", "parameters": {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 3}}, "required": ["n"]}}}],
+        "tool_choice": {"type": "function", "function": {"name": "pick"}}, "parallel_tool_calls": false});
+    let (status, v, _) = call(&s, "POST", "/v1/chat/completions", body.to_string(), None).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "tool_calls", "{v}");
+    let calls = c["message"]["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0]["function"]["name"], "pick");
+    let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap()).unwrap();
+    assert!((1..=3).contains(&args["n"].as_i64().unwrap()), "{args}");
 }
 
 #[tokio::test]

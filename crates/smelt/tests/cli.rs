@@ -96,6 +96,45 @@ fn seeded_sampling_is_reproducible() {
     assert_ne!(g("42"), g("43"));
 }
 
+#[test]
+fn generate_follows_a_json_schema_a_grammar_and_a_regex() {
+    let dir = temp("constrained");
+    let schema = dir.join("person.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+            "pets": {"type": "array", "items": {"enum": ["cat", "dog", "fish"]}, "maxItems": 3}}, "required": ["name", "age", "pets"], "additionalProperties": false}"#,
+    )
+    .unwrap();
+    for (model, seed) in [(GEMMA, "1"), (GEMMA, "2"), (QWEN, "3")] {
+        let v = generate_json(&["-m", model, "-p", "A person as JSON:", "-n", "200", "--temperature", "1", "--seed", seed, "--json-schema", schema.to_str().unwrap()]);
+        assert_eq!(v["finish_reason"], "stop", "{v}");
+        let person: serde_json::Value = serde_json::from_str(v["text"].as_str().unwrap()).unwrap();
+        let o = person.as_object().unwrap();
+        assert_eq!(o.len(), 3, "{person}");
+        assert!(o["name"].as_str().unwrap().chars().count() <= 20);
+        assert!((0..=120).contains(&o["age"].as_i64().unwrap()));
+        assert!(o["pets"].as_array().unwrap().iter().all(|p| ["cat", "dog", "fish"].contains(&p.as_str().unwrap())));
+    }
+    let grammar = dir.join("yes-no.gbnf");
+    std::fs::write(&grammar, "# an answer\nroot ::= (\"yes\" | \"no\") \", because \" [a-z ]{1,30} \".\"\n").unwrap();
+    let v = generate_json(&["-m", QWEN, "-p", "Is the sky blue?", "-n", "60", "--grammar", grammar.to_str().unwrap()]);
+    let text = v["text"].as_str().unwrap();
+    assert!((text.starts_with("yes, because ") || text.starts_with("no, because ")) && text.ends_with('.'), "{text:?}");
+    assert!(text["yes, because ".len().min(text.len())..].trim_end_matches('.').chars().all(|c| c.is_ascii_lowercase() || c == ' ' || c == ','), "{text:?}");
+    let v = generate_json(&["-m", GEMMA, "-p", "The year was", "-n", "10", "--regex", " (19|20)[0-9]{2}"]);
+    let text = v["text"].as_str().unwrap();
+    assert!(text.len() == 5 && text[1..].parse::<u32>().is_ok_and(|y| (1900..2100).contains(&y)), "{text:?}");
+
+    let bad = dir.join("bad.gbnf");
+    std::fs::write(&bad, "root ::= item\nitem ::= \"x\" (\n").unwrap();
+    let e = one_line_error(&run(&["generate", "-m", GEMMA, "-p", "x", "--grammar", bad.to_str().unwrap()]));
+    assert!(e.contains("bad.gbnf") && e.contains("line 2, column 14"), "{e}");
+    std::fs::write(&bad, r#"{"type": "array", "uniqueItems": true}"#).unwrap();
+    let e = one_line_error(&run(&["generate", "-m", GEMMA, "-p", "x", "--json-schema", bad.to_str().unwrap()]));
+    assert!(e.contains("uniqueItems"), "{e}");
+}
+
 fn one_line_error(o: &Output) -> String {
     assert!(!o.status.success());
     assert_eq!(o.status.code(), Some(1));

@@ -316,7 +316,12 @@ struct Builder {
     names: Vec<String>,
     ids: HashMap<String, usize>,
     helpers: HashMap<String, usize>,
+    /// Elements made so far: nested repetitions multiply, so the total is capped.
+    size: usize,
 }
+
+/// Most elements a compiled grammar may have (after expanding repetitions).
+const MAX_ELEMENTS: usize = 1_000_000;
 
 impl Builder {
     fn id(&mut self, name: &str) -> usize {
@@ -344,7 +349,10 @@ impl Builder {
     /// Append the elements matching `e` to `out`.
     fn emit(&mut self, e: &Expr, out: &mut Vec<Elem>) {
         match e {
-            Expr::Chars(c) => out.push(Elem::Chars(c.clone())),
+            Expr::Chars(c) => {
+                self.size += 1;
+                out.push(Elem::Chars(c.clone()));
+            }
             Expr::Ref(name, _) => {
                 let id = self.id(name);
                 out.push(Elem::Rule(id));
@@ -369,6 +377,11 @@ impl Builder {
             Expr::Repeat(inner, min, max) => {
                 let mut one = Vec::new();
                 self.emit(inner, &mut one);
+                let copies = min + max.map_or(1, |m| m - min);
+                self.size = self.size.saturating_add(one.len().saturating_mul(copies));
+                if self.size > MAX_ELEMENTS {
+                    return;
+                }
                 for _ in 0..*min {
                     out.extend(one.iter().cloned());
                 }
@@ -432,11 +445,11 @@ pub fn parse(src: &str, root: &str) -> Result<Grammar, GrammarError> {
     if defs.is_empty() {
         return Err(GrammarError { line: 1, column: 1, msg: "the grammar has no rules".into() });
     }
-    let mut b = Builder { rules: Vec::new(), names: Vec::new(), ids: HashMap::new(), helpers: HashMap::new() };
+    let mut b = Builder { rules: Vec::new(), names: Vec::new(), ids: HashMap::new(), helpers: HashMap::new(), size: 0 };
     for (name, _, _) in &defs {
         b.id(name);
     }
-    for (name, _, body) in &defs {
+    for (name, at, body) in &defs {
         let alts = match body {
             Expr::Alt(a) => a.clone(),
             other => vec![other.clone()],
@@ -449,6 +462,9 @@ pub fn parse(src: &str, root: &str) -> Result<Grammar, GrammarError> {
                 v
             })
             .collect();
+        if b.size > MAX_ELEMENTS {
+            return Err(p.err(*at, format!("the grammar is too large: its repetitions expand past {MAX_ELEMENTS} elements")));
+        }
         let id = b.ids[name];
         b.rules[id] = compiled;
     }

@@ -216,6 +216,28 @@ mod tests {
     }
 
     #[test]
+    fn garbage_never_panics() {
+        // Random text built from GBNF's own punctuation: errors or grammars, never a panic.
+        let alphabet: Vec<char> = "root ::= \"ab\\x[]^-()|*+?{},.0123456789#\n é".chars().collect();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..20_000 {
+            let len = (x % 40) as usize;
+            let mut s = String::from("root ::= ");
+            for _ in 0..len {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                s.push(alphabet[(x % alphabet.len() as u64) as usize]);
+            }
+            if let Ok(g) = parse_gbnf(&s, "root") {
+                let m = Matcher::new(g);
+                let _ = m.accept_bytes(&m.start(), b"ab(1)");
+            }
+            let _ = regex::to_gbnf(&s[9..]);
+        }
+    }
+
+    #[test]
     fn malformed_grammars_report_positions() {
         let e = parse_gbnf("root ::= \"abc", "root").unwrap_err();
         assert_eq!((e.line, e.column), (1, 10));
@@ -230,6 +252,8 @@ mod tests {
         assert!(e.msg.contains("::="), "{e}");
         let e = parse_gbnf("main ::= \"x\"", "root").unwrap_err();
         assert!(e.msg.contains("no \"root\" rule"), "{e}");
+        let e = parse_gbnf("root ::= ((\"ab\"{1000}){1000}){1000}", "root").unwrap_err();
+        assert!(e.msg.contains("too large"), "{e}");
         let e = parse_gbnf("root ::= \"x\"{3,1}", "root").unwrap_err();
         assert!(e.msg.contains("below its minimum"), "{e}");
     }
