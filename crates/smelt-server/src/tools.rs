@@ -529,6 +529,45 @@ mod tests {
     }
 
     #[test]
+    fn forcing_grammars_admit_exactly_valid_calls_in_each_syntax() {
+        use smelt_engine::grammar::matcher::Matcher;
+        let accepts = |g: &Compiled, text: &str| {
+            let m: &Matcher = &g.0;
+            m.accept_bytes(&m.start(), text.as_bytes()).is_some_and(|s| m.accepting(&s))
+        };
+        let t = json!([
+            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}},
+            {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+        ]);
+        for (template, good, bad) in [
+            (
+                "{% if tools %}<tool_call>{% endif %}",
+                "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}\n</tool_call>",
+                "<tool_call>\n{\"name\": \"add\", \"arguments\": {\"a\": \"1\", \"b\": 2}}\n</tool_call>",
+            ),
+            ("[TOOL_CALLS]", "[TOOL_CALLS] [{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}]", "[TOOL_CALLS] [{\"name\": \"add\", \"arguments\": {\"a\": 1}}]"),
+            ("<|python_tag|>", "{\"name\": \"add\", \"parameters\": {\"a\": -4, \"b\": 2}}", "{\"name\": \"add\", \"arguments\": {\"a\": -4, \"b\": 2}}"),
+        ] {
+            let s = setup(Some(&t), Some(&json!({"type": "function", "function": {"name": "add"}})), Some(false), template).unwrap().unwrap();
+            let g = s.forcing_grammar().unwrap().unwrap();
+            assert!(accepts(&g, good), "{template}: {good}");
+            assert!(!accepts(&g, bad), "{template}: {bad}");
+            // The named function only.
+            assert!(!accepts(&g, &good.replace("add", "get_weather")), "{template}");
+            // What the grammar admits, the parser reads back as the call.
+            let (_, calls) = parse(&s, good);
+            assert_eq!(calls, vec![Call { name: "add".into(), arguments: serde_json::from_str::<Value>(&good[good.find("{\"a\"").unwrap()..good.rfind('}').unwrap()]).unwrap().to_string() }], "{template}");
+        }
+        // "required" with parallel calls: several calls, of any tool.
+        let s = setup(Some(&t), Some(&json!("required")), None, "{% if tools %}<tool_call>{% endif %}").unwrap().unwrap();
+        let g = s.forcing_grammar().unwrap().unwrap();
+        let two = "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}</tool_call>\n<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}</tool_call>";
+        assert!(accepts(&g, two));
+        assert!(!accepts(&g, "Sure! <tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}</tool_call>"));
+        assert_eq!(parse(&s, two).1.len(), 2);
+    }
+
+    #[test]
     fn bad_tool_requests_are_named() {
         let e = |tools: Value, choice: Value| setup(Some(&tools), Some(&choice), None, "").err().unwrap().body().to_string();
         let ok = json!([{"type": "function", "function": {"name": "f"}}]);
