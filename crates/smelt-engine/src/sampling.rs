@@ -90,6 +90,8 @@ pub struct Sampler {
     rng: Rng,
     candidates: Vec<(u32, f32)>,
     counts: std::collections::HashMap<u32, u32>,
+    /// Per-token weights of the unsorted draw (reused between tokens).
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -98,7 +100,7 @@ impl Sampler {
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
             t ^ (std::process::id() as u64) << 32
         });
-        Sampler { params, rng: Rng::new(seed), candidates: Vec::new(), counts: Default::default() }
+        Sampler { params, rng: Rng::new(seed), candidates: Vec::new(), counts: Default::default(), weights: Vec::new() }
     }
 
     /// Pick the next token from `logits` (modified in place by bias and penalties), given the
@@ -130,6 +132,9 @@ impl Sampler {
         }
         if p.temperature <= 0.0 {
             return argmax(logits);
+        }
+        if p.top_p >= 1.0 && (p.top_k == 0 || p.top_k >= logits.len()) {
+            return self.draw_whole(logits);
         }
 
         let cands = &mut self.candidates;
@@ -181,6 +186,34 @@ impl Sampler {
             r -= w;
         }
         cands[cands.len() - 1].0
+    }
+}
+
+impl Sampler {
+    /// Without top-k or top-p nothing needs sorting: weigh every token (min-p and temperature
+    /// applied) in one vectorized pass and draw. This is the OpenAI API's default sampling.
+    fn draw_whole(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
+        let max = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+        if !max.is_finite() || logits.iter().any(|&l| l == f32::INFINITY) {
+            return argmax(logits);
+        }
+        // min-p: keep tokens at least min_p times as likely as the best (before temperature).
+        let floor = if p.min_p > 0.0 { max + p.min_p.ln() } else { f32::NEG_INFINITY };
+        self.weights.resize(logits.len(), 0.0);
+        let total = smelt_kernels::ops::exp_weights(logits, max, 1.0 / p.temperature, floor, &mut self.weights);
+        let mut r = self.rng.uniform() * total;
+        let mut last = None;
+        for (i, &w) in self.weights.iter().enumerate() {
+            if w > 0.0 {
+                if r < w as f64 {
+                    return i as u32;
+                }
+                r -= w as f64;
+                last = Some(i);
+            }
+        }
+        last.map_or_else(|| argmax(logits), |i| i as u32)
     }
 }
 
@@ -259,7 +292,7 @@ mod tests {
     fn seeded_sampling_is_reproducible_and_respects_filters() {
         let draw = |seed, top_k, top_p, min_p| {
             let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k, top_p, min_p, seed: Some(seed), ..Default::default() });
-            (0..200).map(|_| s.sample(&mut logits(), &[])).collect::<Vec<_>>()
+            (0..2000).map(|_| s.sample(&mut logits(), &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(7, 0, 1.0, 0.0), draw(7, 0, 1.0, 0.0));
         assert_ne!(draw(7, 0, 1.0, 0.0), draw(8, 0, 1.0, 0.0));
@@ -283,6 +316,31 @@ mod tests {
         for i in 0..5 {
             let p = ((l[i] - lse) as f64).exp();
             assert!((hits[i] as f64 / n as f64 - p).abs() < 0.015, "token {i}");
+        }
+    }
+
+    #[test]
+    fn unsorted_draw_follows_temperature_and_min_p() {
+        // The default OpenAI sampling (no top-k/top-p) takes the unsorted path; check its
+        // frequencies against the analytic distribution, and against the sorted path's.
+        let l = logits();
+        let (t, min_p) = (0.6f32, 0.2f32);
+        let max = l.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let w: Vec<f64> = l.iter().map(|&x| if x - max >= min_p.ln() { (((x - max) / t) as f64).exp() } else { 0.0 }).collect();
+        let total: f64 = w.iter().sum();
+        let freq = |top_p: f32| {
+            let mut s = Sampler::new(SamplingParams { temperature: t, top_k: 0, top_p, min_p, seed: Some(9), ..Default::default() });
+            let mut hits = [0usize; 5];
+            for _ in 0..20000 {
+                hits[s.sample(&mut logits(), &[]) as usize] += 1;
+            }
+            hits.map(|h| h as f64 / 20000.0)
+        };
+        // top_p 0.9999 forces the sorted path without cutting anything here.
+        for f in [freq(1.0), freq(0.9999)] {
+            for i in 0..5 {
+                assert!((f[i] - w[i] / total).abs() < 0.015, "token {i}: {} vs {}", f[i], w[i] / total);
+            }
         }
     }
 

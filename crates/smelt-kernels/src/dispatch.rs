@@ -38,6 +38,8 @@ pub struct Kernels {
     pub gelu_mul: GatedFn,
     /// log Σ e^x of a row.
     pub log_sum_exp: fn(&[f32]) -> f32,
+    /// See `ops::exp_weights`.
+    pub exp_weights: fn(&[f32], f32, f32, f32, &mut [f32]) -> f64,
     attend: AttendFn,
 }
 
@@ -84,6 +86,7 @@ impl Kernels {
             silu_mul: crate::ops::silu_mul_scalar,
             gelu_mul: crate::ops::gelu_mul_scalar,
             log_sum_exp: crate::ops::log_sum_exp_scalar,
+            exp_weights: crate::ops::exp_weights_scalar,
             attend: crate::ops::attend_scalar,
         };
         let dots: [(DType, VecDotFn); 14] = [
@@ -138,6 +141,7 @@ impl Kernels {
                 k.gelu_mul = crate::simd::avx2_math::gelu_mul;
                 k.attend = crate::simd::avx2_math::attend;
                 k.log_sum_exp = crate::simd::avx2_math::log_sum_exp;
+                k.exp_weights = crate::simd::avx2_math::exp_weights;
             }
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 => panic!("AVX2 kernels exist only on x86-64"),

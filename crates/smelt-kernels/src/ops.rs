@@ -237,6 +237,22 @@ pub fn log_sum_exp(x: &[f32]) -> f32 {
     (kernels().log_sum_exp)(x)
 }
 
+/// Sampling weights: out[i] = e^((x[i] - max)·scale) where x[i] ≥ floor (else 0, NaN too);
+/// returns their sum. `max` should be the row's maximum, so no weight overflows.
+pub fn exp_weights(x: &[f32], max: f32, scale: f32, floor: f32, out: &mut [f32]) -> f64 {
+    (kernels().exp_weights)(x, max, scale, floor, out)
+}
+
+/// Scalar reference of `exp_weights`.
+pub fn exp_weights_scalar(x: &[f32], max: f32, scale: f32, floor: f32, out: &mut [f32]) -> f64 {
+    let mut total = 0f64;
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = if v >= floor { ((v - max) * scale).exp() } else { 0.0 };
+        total += *o as f64;
+    }
+    total
+}
+
 /// Scalar reference of `log_sum_exp`.
 pub fn log_sum_exp_scalar(x: &[f32]) -> f32 {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -59,6 +59,33 @@ fn attention_matches_the_scalar_reference() {
 }
 
 #[test]
+fn exp_weights_match_the_scalar_reference() {
+    let mut rng = Rng(78);
+    for isa in Kernels::available_isas() {
+        let k = Kernels::for_isa(isa);
+        for n in [1, 7, 8, 9, 1000, 262_147] {
+            let mut x: Vec<f32> = (0..n).map(|_| rng.f() * 30.0).collect();
+            if n > 9 {
+                x[3] = f32::NEG_INFINITY;
+                x[5] = f32::NAN;
+            }
+            let max = x.iter().copied().filter(|v| v.is_finite()).fold(f32::NEG_INFINITY, f32::max);
+            for (scale, floor) in [(1.0, f32::NEG_INFINITY), (1.7, max - 3.0), (0.25, max + 1.0)] {
+                let (mut a, mut b) = (vec![0f32; n], vec![0f32; n]);
+                let (sa, sb) = ((k.exp_weights)(&x, max, scale, floor, &mut a), smelt_kernels::ops::exp_weights_scalar(&x, max, scale, floor, &mut b));
+                assert!((sa - sb).abs() <= 1e-5 * sb.abs().max(1e-30), "{isa:?} n={n}: {sa} vs {sb}");
+                for i in 0..n {
+                    assert!((a[i] - b[i]).abs() <= 1e-6 * b[i].abs().max(1e-30), "{isa:?} n={n} i={i}: {} vs {}", a[i], b[i]);
+                    if !(x[i] >= floor) {
+                        assert!(a[i] == 0.0 && b[i] == 0.0, "{isa:?} n={n} i={i}: below the floor but weighted");
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
 fn log_sum_exp_matches_the_scalar_reference() {
     let mut rng = Rng(77);
     for isa in Kernels::available_isas() {

@@ -120,6 +120,46 @@ pub fn log_sum_exp(x: &[f32]) -> f32 {
     unsafe { lse_impl(x) }
 }
 
+#[target_feature(enable = "avx2,fma")]
+unsafe fn exp_weights_impl(x: &[f32], max: f32, scale: f32, floor: f32, out: &mut [f32]) -> f64 {
+    let n = x.len().min(out.len());
+    let (p, o) = (x.as_ptr(), out.as_mut_ptr());
+    let (vm, vs, vf) = (_mm256_set1_ps(max), _mm256_set1_ps(scale), _mm256_set1_ps(floor));
+    let mut total = 0f64;
+    let mut i = 0;
+    while i + 8 <= n {
+        let end = (i + 1024).min(n - n % 8);
+        let mut acc = _mm256_setzero_ps();
+        while i < end {
+            // SAFETY: i + 8 <= end <= n, within both slices.
+            unsafe {
+                let v = _mm256_loadu_ps(p.add(i));
+                // Below the floor, or NaN: weight 0.
+                let keep = _mm256_cmp_ps(v, vf, _CMP_GE_OQ);
+                let w = _mm256_and_ps(exp8(_mm256_mul_ps(_mm256_sub_ps(v, vm), vs)), keep);
+                _mm256_storeu_ps(o.add(i), w);
+                acc = _mm256_add_ps(acc, w);
+            }
+            i += 8;
+        }
+        total += hsum(acc) as f64;
+    }
+    while i < n {
+        let v = x[i];
+        let w = if v >= floor { exp1((v - max) * scale) } else { 0.0 };
+        out[i] = w;
+        total += w as f64;
+        i += 1;
+    }
+    total
+}
+
+/// out[i] = e^((x[i] - max)·scale) where x[i] ≥ floor, else 0; returns the sum.
+pub fn exp_weights(x: &[f32], max: f32, scale: f32, floor: f32, out: &mut [f32]) -> f64 {
+    // SAFETY: installed only when the CPU has AVX2 and FMA.
+    unsafe { exp_weights_impl(x, max, scale, floor, out) }
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn hsum(v: __m256) -> f32 {
