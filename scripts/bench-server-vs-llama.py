@@ -114,6 +114,8 @@ def clients(url, model, n_clients, requests, max_tokens):
         "lat_mean": statistics.mean(lat),
         "lat_p95": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))],
         "ttft": statistics.mean(r[0] for r in results),
+        # Streaming speed after the first token (comparable with `smelt bench`'s tg).
+        "decode": statistics.mean((r[2] - 1) / (r[1] - r[0]) for r in results if r[2] > 1 and r[1] > r[0]),
     }
 
 
@@ -146,8 +148,11 @@ def main():
     if not os.path.exists(smelt):
         subprocess.run(["cargo", "build", "--release", "-p", "smelt"], check=True, cwd=ROOT)
     rows = []
+    bench = {}
     for name in a.models:
         path = subprocess.run([smelt, "pull", name], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        out = subprocess.run([smelt, "bench", "-m", name, "-t", str(a.threads), "-p", "0", "-n", str(a.max_tokens), "-r", "3", "--json", "--no-bandwidth", "--no-grammar"], check=True, capture_output=True, text=True).stdout
+        bench[name] = json.loads(out)[0]["avg_ts"]
         for kind in ["llama.cpp", "smelt"]:
             print(f"{name}: {kind} ...", file=sys.stderr, flush=True)
             proc, url = start(kind, path, name, a.threads, 8, a.ctx)
@@ -174,6 +179,7 @@ def main():
     for name in a.models:
         ll, sm = by[(name, "llama.cpp")], by[(name, "smelt")]
         print(f"{name}: 8-client throughput smelt/llama.cpp = {sm[3]['tps'] / ll[3]['tps']:.2f}; warm TTFT = {100 * sm[5] / sm[4]:.1f}% of cold (llama.cpp warm {ll[5]:.3f} s)")
+        print(f"{name}: 1-client streaming decode {sm[2]['decode']:.1f} t/s vs smelt bench tg{a.max_tokens} {bench[name]:.1f} t/s ({100 * sm[2]['decode'] / bench[name]:.0f}%); llama.cpp {ll[2]['decode']:.1f} t/s")
 
 
 if __name__ == "__main__":
