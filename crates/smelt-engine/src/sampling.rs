@@ -195,7 +195,7 @@ impl Sampler {
     fn draw_whole(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
         let max = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max);
-        if !max.is_finite() || logits.iter().any(|&l| l == f32::INFINITY) {
+        if !max.is_finite() || logits.contains(&f32::INFINITY) {
             return argmax(logits);
         }
         // min-p: keep tokens at least min_p times as likely as the best (before temperature).

@@ -399,7 +399,7 @@ impl<'a> CallParser<'a> {
         let rest = std::mem::take(&mut self.buf);
         match self.mode {
             Mode::Start | Mode::Text => {
-                if !rest.is_empty() && !(self.calls > 0 && rest.trim().is_empty()) {
+                if !rest.is_empty() && (self.calls == 0 || !rest.trim().is_empty()) {
                     out.push(Piece::Text(rest));
                 }
             }
@@ -436,11 +436,7 @@ fn close_brackets(text: &str) -> Option<String> {
             '"' => in_string = true,
             '{' => open.push('}'),
             '[' => open.push(']'),
-            '}' | ']' => {
-                if open.pop() != Some(c) {
-                    return None;
-                }
-            }
+            '}' | ']' if open.pop() != Some(c) => return None,
             _ => {}
         }
     }

@@ -184,7 +184,7 @@ impl<'a> Parser<'a> {
                         _ => {}
                     }
                     let lo = self.char_in("character class")?;
-                    let hi = if self.peek() == Some('-') && self.src[self.pos + 1..].chars().next() != Some(']') {
+                    let hi = if self.peek() == Some('-') && !self.src[self.pos + 1..].starts_with(']') {
                         self.bump();
                         self.char_in("character class")?
                     } else {

@@ -428,7 +428,7 @@ mod tests {
     #[test]
     fn partial_characters_are_exactly_the_valid_utf8_prefixes() {
         let bytes = [0x41u8, 0x7f, 0x80, 0x8f, 0x90, 0x9f, 0xa0, 0xbf, 0xc0, 0xc2, 0xdf, 0xe0, 0xe1, 0xed, 0xee, 0xf0, 0xf1, 0xf4, 0xf5, 0xff];
-        let mut check = |s: &[u8]| {
+        let check = |s: &[u8]| {
             let std_ok = match std::str::from_utf8(s) {
                 Ok(t) => t.chars().count() == 1,
                 Err(e) => e.valid_up_to() == 0 && e.error_len().is_none(),

@@ -175,7 +175,7 @@ mod tests {
         // Every 1..=4-byte string over an interesting byte set: the decoder says valid prefix
         // exactly when std does.
         let bytes = [0x41u8, 0x7f, 0x80, 0x8f, 0x90, 0x9f, 0xa0, 0xbf, 0xc0, 0xc2, 0xdf, 0xe0, 0xe1, 0xed, 0xee, 0xf0, 0xf1, 0xf4, 0xf5, 0xff];
-        let mut check = |s: &[u8]| {
+        let check = |s: &[u8]| {
             let mut d = Some(0u8);
             for &b in s {
                 d = d.and_then(|d| utf8_step(d, b));
