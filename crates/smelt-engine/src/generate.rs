@@ -1,7 +1,7 @@
 //! One sequence's generation loop: prefill the prompt, then sample token by token until an
 //! end-of-generation token, a stop string, the token limit or the end of the context.
 
-use crate::grammar::{sample_constrained, Compiled, Constraint, TokenTrie};
+use crate::grammar::{sample_constrained, AutomatonCache, Compiled, Constraint, TokenTrie};
 use crate::sampling::{log_sum_exp, top_logprobs, Sampler, SamplingParams};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, ModelError, Workspace};
@@ -90,13 +90,15 @@ pub struct Session {
     n_ctx: usize,
     /// The vocabulary's trie, built on the first constrained generation.
     trie: Option<Arc<TokenTrie>>,
+    /// Grammar automata, kept between generations that use the same grammar.
+    automata: AutomatonCache,
 }
 
 impl Session {
     pub fn new(model: Arc<Model>, pool: Arc<ThreadPool>, n_ctx: usize) -> Session {
         let n_ctx = n_ctx.max(1);
         let cache = model.new_cache(n_ctx, PREFILL_CHUNK);
-        Session { ws: Workspace::new(pool), caches: vec![cache], tokens: Vec::new(), n_ctx, model, trie: None }
+        Session { ws: Workspace::new(pool), caches: vec![cache], tokens: Vec::new(), n_ctx, model, trie: None, automata: AutomatonCache::default() }
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -175,7 +177,10 @@ impl Session {
         let mut text = String::new();
         let mut history: Vec<u32> = prompt.to_vec();
         let mut constraint = match &params.grammar {
-            Some(g) => Some(Constraint::new(g, self.trie.get_or_insert_with(|| Arc::new(TokenTrie::new(tok))).clone())),
+            Some(g) => {
+                let trie = self.trie.get_or_insert_with(|| Arc::new(TokenTrie::new(tok))).clone();
+                Some(Constraint::shared(self.automata.get(g), trie))
+            }
             None => None,
         };
         let finish = loop {

@@ -13,7 +13,7 @@
 
 use crate::blocks::{prefix_hashes, BlockAllocator, BlockId};
 use crate::generate::{FinishReason, GenerateParams, Step, StopMatcher};
-use crate::grammar::{sample_constrained, Constraint, TokenTrie};
+use crate::grammar::{sample_constrained, AutomatonCache, Constraint, TokenTrie};
 use crate::sampling::{log_sum_exp, top_logprobs, Sampler};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, Workspace};
@@ -177,6 +177,8 @@ struct Runner {
     running: Vec<Seq>,
     /// The vocabulary's trie, built for the first constrained request.
     trie: Option<Arc<TokenTrie>>,
+    /// Automata of recently used grammars, shared by the requests that use the same one.
+    automata: AutomatonCache,
 }
 
 /// What one sequence contributes to a step.
@@ -201,6 +203,7 @@ impl Runner {
             waiting: VecDeque::new(),
             running: Vec::new(),
             trie: None,
+            automata: AutomatonCache::default(),
         }
     }
 
@@ -242,8 +245,8 @@ impl Runner {
                 let sampler = Sampler::new(req.params.sampling.clone());
                 let stops = StopMatcher::new(&req.params.stop);
                 let constraint = req.params.grammar.as_ref().map(|g| {
-                    let trie = self.trie.get_or_insert_with(|| Arc::new(TokenTrie::new(&self.model.tokenizer)));
-                    Constraint::new(g, trie.clone())
+                    let trie = self.trie.get_or_insert_with(|| Arc::new(TokenTrie::new(&self.model.tokenizer))).clone();
+                    Constraint::shared(self.automata.get(g), trie)
                 });
                 let tokens = req.prompt.clone();
                 self.stats.prompt_tokens.fetch_add(tokens.len() as u64, Ordering::Relaxed);

@@ -219,7 +219,7 @@ impl ToolSetup {
             (Syntax::Mistral, false) => "\"[TOOL_CALLS]\" ws \"[\" ws call ws \"]\"",
         };
         let src = format!("root ::= {root}\n{rules}{}", json_schema::primitives());
-        Compiled::gbnf(&src).map(Some).map_err(|e| ApiError::internal(format!("tool grammar: {e}")))
+        crate::structured::cached(format!("gbnf:{src}"), || Compiled::gbnf(&src).map_err(|e| ApiError::internal(format!("tool grammar: {e}")))).map(Some)
     }
 
     fn call_from(&self, v: &Value) -> Option<Call> {

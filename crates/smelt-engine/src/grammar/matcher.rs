@@ -224,7 +224,7 @@ impl Dfa {
         &self.matcher
     }
 
-    fn intern(&mut self, s: State) -> u32 {
+    pub fn intern(&mut self, s: State) -> u32 {
         let key = self.matcher.key(&s);
         if let Some(&id) = self.ids.get(&key) {
             return id;
@@ -237,17 +237,23 @@ impl Dfa {
         id
     }
 
-    /// Keep only state `keep` (renumbered 0) when the table has grown too big.
-    pub fn compact(&mut self, keep: u32) -> u32 {
-        if self.states.len() < MAX_STATES {
-            return keep;
-        }
-        let s = self.states[keep as usize].clone();
+    /// The tables have grown past their budget (each state costs 1 KiB of transitions).
+    pub fn too_big(&self) -> bool {
+        self.states.len() >= MAX_STATES
+    }
+
+    /// Forget every state (numbers handed out before are void); returns the new number of `s`.
+    pub fn reset_keeping(&mut self, s: State) -> u32 {
         self.states.clear();
         self.next.clear();
         self.loops.clear();
         self.ids.clear();
         self.intern(s)
+    }
+
+    /// The parse state behind a number.
+    pub fn state(&self, id: u32) -> &State {
+        &self.states[id as usize]
     }
 
     pub fn len(&self) -> usize {

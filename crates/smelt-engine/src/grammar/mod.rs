@@ -20,64 +20,142 @@ pub mod trie;
 pub use gbnf::{parse as parse_gbnf, Grammar, GrammarError};
 
 use crate::sampling::Sampler;
-use matcher::{Dfa, Matcher};
+use matcher::{Dfa, Matcher, State};
+use std::cell::RefCell;
+use std::rc::Rc;
 use smelt_model::tokenizer::Tokenizer;
 pub use trie::TokenTrie;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// A grammar's byte automaton and mask cache. Sequences on one thread that follow the same
+/// compiled grammar share one, so what one computed (states, transitions, masks) the next
+/// reuses: a schema used by many requests is only ever cold once.
+pub struct Automaton {
+    dfa: Dfa,
+    masks: HashMap<u32, Arc<Vec<u64>>>,
+    /// Bumped whenever the tables are cleared (grown too big): older state numbers are void.
+    epoch: u64,
+}
+
+pub type SharedAutomaton = Rc<RefCell<Automaton>>;
+
+impl Automaton {
+    pub fn new(grammar: &Compiled) -> SharedAutomaton {
+        Rc::new(RefCell::new(Automaton { dfa: Dfa::new(grammar.0.clone()), masks: HashMap::new(), epoch: 0 }))
+    }
+
+    /// Forget all states and masks (what happens by itself when the tables grow too big);
+    /// the sequences following it carry on from their own parse states.
+    pub fn clear(&mut self) {
+        self.masks.clear();
+        self.epoch += 1;
+        let start = self.dfa.matcher().start();
+        self.dfa.reset_keeping(start);
+    }
+}
+
+/// The automata of recently used grammars, by compiled grammar (the same one, not an equal one).
+#[derive(Default)]
+pub struct AutomatonCache {
+    entries: Vec<(Compiled, SharedAutomaton)>,
+}
+
+impl AutomatonCache {
+    pub fn get(&mut self, g: &Compiled) -> SharedAutomaton {
+        if let Some((_, a)) = self.entries.iter().find(|(c, _)| Arc::ptr_eq(&c.0, &g.0)) {
+            return a.clone();
+        }
+        let a = Automaton::new(g);
+        self.entries.push((g.clone(), a.clone()));
+        if self.entries.len() > 16 {
+            self.entries.remove(0);
+        }
+        a
+    }
+}
+
 /// A compiled grammar being followed by one sequence.
 pub struct Constraint {
-    dfa: Dfa,
+    auto: SharedAutomaton,
+    /// The current state's number in `auto`, valid while `epoch` matches its epoch.
     state: u32,
+    epoch: u64,
+    /// The current parse state itself (to number it again after the tables were cleared).
+    parse: State,
     trie: Arc<TokenTrie>,
-    masks: HashMap<u32, Arc<Vec<u64>>>,
     /// Full masks computed, and time spent on grammar work (for statistics and the bench).
     pub masks_computed: usize,
     pub spent: std::time::Duration,
 }
 
 impl Constraint {
+    /// Follow `grammar` with an automaton of its own.
     pub fn new(grammar: &Compiled, trie: Arc<TokenTrie>) -> Constraint {
-        Constraint { dfa: Dfa::new(grammar.0.clone()), state: 0, trie, masks: HashMap::new(), masks_computed: 0, spent: Default::default() }
+        Constraint::shared(Automaton::new(grammar), trie)
+    }
+
+    /// Follow the grammar of a shared automaton, from its start.
+    pub fn shared(auto: SharedAutomaton, trie: Arc<TokenTrie>) -> Constraint {
+        let (parse, epoch) = {
+            let a = auto.borrow();
+            (a.dfa.matcher().start(), a.epoch)
+        };
+        let state = auto.borrow_mut().dfa.intern(parse.clone());
+        Constraint { auto, state, epoch, parse, trie, masks_computed: 0, spent: Default::default() }
+    }
+
+    /// The current state's number (renumbered if the shared tables were cleared meanwhile).
+    fn current(&mut self, a: &mut Automaton) -> u32 {
+        if a.epoch != self.epoch {
+            self.state = a.dfa.intern(self.parse.clone());
+            self.epoch = a.epoch;
+        }
+        self.state
     }
 
     /// Whether `id` may come next.
     pub fn allows(&mut self, tok: &Tokenizer, id: u32) -> bool {
         if tok.is_end_of_generation(id) {
-            return self.dfa.accepting(self.state);
+            return self.accepting();
         }
         if tok.is_control(id) {
             return false;
         }
         let bytes = tok.piece(id, false);
-        !bytes.is_empty() && self.dfa.step_bytes(self.state, bytes).is_some()
+        let auto = self.auto.clone();
+        let mut a = auto.borrow_mut();
+        let s = self.current(&mut a);
+        !bytes.is_empty() && a.dfa.step_bytes(s, bytes).is_some()
     }
 
     /// Bitset of the tokens that may come next (end-of-generation tokens when complete).
     pub fn mask(&mut self, tok: &Tokenizer) -> Arc<Vec<u64>> {
-        if let Some(m) = self.masks.get(&self.state) {
+        let auto = self.auto.clone();
+        let mut a = auto.borrow_mut();
+        let s = self.current(&mut a);
+        if let Some(m) = a.masks.get(&s) {
             return m.clone();
         }
         self.masks_computed += 1;
         let mut bits = vec![0u64; self.trie.n_vocab.div_ceil(64)];
-        self.dfa.walk(self.state, &self.trie, &mut bits);
-        if self.dfa.accepting(self.state) {
+        a.dfa.walk(s, &self.trie, &mut bits);
+        if a.dfa.accepting(s) {
             for &e in tok.end_of_generation_tokens() {
                 bits[e as usize / 64] |= 1 << (e % 64);
             }
         }
         let m = Arc::new(bits);
-        if self.masks.len() >= 64 {
-            self.masks.clear();
+        if a.masks.len() >= 256 {
+            a.masks.clear();
         }
-        self.masks.insert(self.state, m.clone());
+        a.masks.insert(s, m.clone());
         m
     }
 
     /// Drop cached masks (benchmarks: time the walk itself).
     pub fn forget_masks(&mut self) {
-        self.masks.clear();
+        self.auto.borrow_mut().masks.clear();
     }
 
     /// Move past token `id` (which must be allowed).
@@ -86,12 +164,17 @@ impl Constraint {
             return;
         }
         let t = std::time::Instant::now();
-        if let Some(s) = self.dfa.step_bytes(self.state, tok.piece(id, false)) {
-            self.state = s;
-            let kept = self.dfa.compact(s);
-            if kept != s {
-                self.masks.clear();
-                self.state = kept;
+        let auto = self.auto.clone();
+        let mut a = auto.borrow_mut();
+        let s = self.current(&mut a);
+        if let Some(next) = a.dfa.step_bytes(s, tok.piece(id, false)) {
+            self.state = next;
+            self.parse = a.dfa.state(next).clone();
+            if a.dfa.too_big() {
+                a.masks.clear();
+                a.epoch += 1;
+                self.state = a.dfa.reset_keeping(self.parse.clone());
+                self.epoch = a.epoch;
             }
         }
         self.spent += t.elapsed();
@@ -99,12 +182,12 @@ impl Constraint {
 
     /// The output is a complete sentence and nothing more may follow.
     pub fn finished(&self) -> bool {
-        self.dfa.finished(self.state)
+        self.auto.borrow().dfa.matcher().finished(&self.parse)
     }
 
     /// The output so far is a complete sentence (more may follow).
     pub fn accepting(&self) -> bool {
-        self.dfa.accepting(self.state)
+        self.auto.borrow().dfa.matcher().accepting(&self.parse)
     }
 }
 
@@ -213,6 +296,35 @@ mod tests {
         let rep = r#"root ::= "a"{2,4} [^x]? "é" "\u00e9" "\x41""#;
         assert!(matches(rep, "aabééA") && matches(rep, "aaaaééA"));
         assert!(!matches(rep, "aééA") && !matches(rep, "aaaaaaééA") && !matches(rep, "aaxééA"));
+    }
+
+    #[test]
+    fn shared_automata_survive_being_cleared() {
+        use smelt_model::gguf::parse;
+        use smelt_model::synthetic::{tiny_model, TinySpec};
+        let tok = Tokenizer::from_gguf(&parse(&tiny_model(&TinySpec::new("llama")).to_bytes()).unwrap()).unwrap();
+        let trie = Arc::new(TokenTrie::new(&tok));
+        let g = Compiled::gbnf("root ::= \"(\" [a-z]{1,6} (\", \" [a-z]{1,6}){0,3} \")\"").unwrap();
+        let auto = Automaton::new(&g);
+        let (mut a, mut b) = (Constraint::shared(auto.clone(), trie.clone()), Constraint::shared(auto.clone(), trie.clone()));
+        let mut alone = Constraint::new(&g, trie);
+        let feed = |c: &mut Constraint, text: &str| {
+            for id in tok.encode(text, false, false) {
+                assert!(c.allows(&tok, id), "{text}");
+                c.advance(&tok, id);
+            }
+        };
+        feed(&mut a, "(ab, c");
+        feed(&mut b, "(x");
+        feed(&mut alone, "(ab, c");
+        auto.borrow_mut().clear();
+        assert_eq!(a.mask(&tok), alone.mask(&tok));
+        feed(&mut a, "d)");
+        feed(&mut alone, "d)");
+        assert!(a.finished() && alone.finished() && !b.finished());
+        feed(&mut b, ", yz)");
+        assert!(b.finished());
+        assert_eq!(a.mask(&tok), alone.mask(&tok));
     }
 
     #[test]
