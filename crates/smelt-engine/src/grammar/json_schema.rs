@@ -81,9 +81,7 @@ pub fn primitives() -> &'static str {
 }
 
 /// A GBNF literal for exact text.
-pub fn literal(s: &str) -> String {
-    lit(s)
-}
+pub use super::regex::gbnf_literal as literal;
 
 struct Builder<'a> {
     root: &'a Value,
@@ -93,21 +91,6 @@ struct Builder<'a> {
     names: HashMap<String, String>,
     /// `$ref` target -> rule name (made before the body, so recursion works).
     refs: HashMap<String, String>,
-}
-
-/// A GBNF string literal.
-fn lit(s: &str) -> String {
-    let mut out = String::from("\"");
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 || c as u32 == 0x7f => out.push_str(&format!("\\x{:02x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 fn as_count(v: Option<&Value>, path: &str, key: &str) -> Result<Option<usize>, SchemaError> {
@@ -185,11 +168,11 @@ impl<'a> Builder<'a> {
             }
         }
         if let Some(c) = obj.get("const") {
-            return Ok(lit(&c.to_string()));
+            return Ok(literal(&c.to_string()));
         }
         if let Some(e) = obj.get("enum") {
             let Some(list) = e.as_array().filter(|l| !l.is_empty()) else { return err(path, "enum must be a non-empty array") };
-            let body = list.iter().map(|v| lit(&v.to_string())).collect::<Vec<_>>().join(" | ");
+            let body = list.iter().map(|v| literal(&v.to_string())).collect::<Vec<_>>().join(" | ");
             return Ok(self.rule("enum", body));
         }
         let mut types: Vec<&str> = match obj.get("type") {
@@ -286,7 +269,7 @@ impl<'a> Builder<'a> {
         let mut members = Vec::new();
         for (name, sub) in props {
             let v = self.value(sub, &format!("{path}/properties/{name}"))?;
-            members.push((format!("{} ws \":\" ws {v} ws", lit(&Value::String(name.clone()).to_string())), required.contains(&name.as_str())));
+            members.push((format!("{} ws \":\" ws {v} ws", literal(&Value::String(name.clone()).to_string())), required.contains(&name.as_str())));
         }
         // rest(i): members i.. after one has been written; first(i): before any has.
         let n = members.len();
@@ -474,7 +457,7 @@ impl<'a> Builder<'a> {
                         if lo.unwrap_or(i64::MIN) < h {
                             alts.push(format!("({}) {frac}", int_range(lo, Some(h - 1))));
                         }
-                        alts.push(format!("{} (\".\" \"0\"{{1,16}})?", lit(&h.to_string())));
+                        alts.push(format!("{} (\".\" \"0\"{{1,16}})?", literal(&h.to_string())));
                     }
                 }
                 Ok(self.rule("number-range", alts.join(" | ")))

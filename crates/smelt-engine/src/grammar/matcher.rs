@@ -256,14 +256,6 @@ impl Dfa {
         &self.states[id as usize]
     }
 
-    pub fn len(&self) -> usize {
-        self.states.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.states.is_empty()
-    }
-
     pub fn step(&mut self, from: u32, byte: u8) -> Option<u32> {
         let t = self.next[from as usize][byte as usize];
         if t == UNKNOWN {
@@ -286,10 +278,6 @@ impl Dfa {
 
     pub fn accepting(&self, s: u32) -> bool {
         self.matcher.accepting(&self.states[s as usize])
-    }
-
-    pub fn finished(&self, s: u32) -> bool {
-        self.matcher.finished(&self.states[s as usize])
     }
 
     /// The byte categories (see [`super::trie::category`]) on which state `s` returns to itself

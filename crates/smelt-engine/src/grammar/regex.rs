@@ -32,6 +32,11 @@ pub fn gbnf_char(c: char) -> String {
     }
 }
 
+/// A GBNF literal matching exactly `s`.
+pub fn gbnf_literal(s: &str) -> String {
+    format!("\"{}\"", s.chars().map(gbnf_char).collect::<String>())
+}
+
 const DIGIT: &str = "0-9";
 const WORD: &str = "a-zA-Z0-9_";
 const SPACE: &str = " \\t\\n\\r\\x0b\\x0c";
@@ -174,10 +179,10 @@ impl P {
     fn literal(&self, c: char) -> String {
         if self.json {
             if let Some(esc) = json_escape(c) {
-                return format!("\"{}\"", esc.chars().map(gbnf_char).collect::<String>());
+                return gbnf_literal(&esc);
             }
         }
-        format!("\"{}\"", gbnf_char(c))
+        gbnf_literal(c.encode_utf8(&mut [0; 4]))
     }
 
     fn class(&mut self) -> Result<String, RegexError> {

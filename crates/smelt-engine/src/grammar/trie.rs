@@ -134,10 +134,6 @@ impl TokenTrie {
         node as u32
     }
 
-    pub fn n_nodes(&self) -> usize {
-        self.edge_start.len()
-    }
-
     pub fn children(&self, node: usize) -> &[(u8, u32)] {
         let s = self.edge_start[node] as usize;
         &self.edges[s..s + self.edge_len[node] as usize]
