@@ -28,7 +28,7 @@ impl Isa {
 /// `gate = act(gate) * up` in place.
 pub type GatedFn = fn(&mut [f32], &[f32]);
 /// See `ops::attend`.
-pub type AttendFn = fn(&[f32], &[f32], &[f32], usize, usize, &[std::ops::Range<usize>], f32, &mut Vec<f32>, &mut [f32]);
+pub type AttendFn = fn(&[f32], usize, &[f32], &[f32], usize, usize, &[std::ops::Range<usize>], f32, &mut Vec<f32>, &mut [f32]);
 
 pub struct Kernels {
     pub isa: Isa,
@@ -170,12 +170,12 @@ impl Kernels {
         self.quantize[dtype as usize]
     }
 
-    /// Softmax attention of one query head (see `ops::attend`); the SIMD version needs a head
-    /// size that is a multiple of 8.
+    /// Softmax attention of query heads sharing a key/value head (see `ops::attend`); the SIMD
+    /// version needs a head size that is a multiple of 8.
     #[allow(clippy::too_many_arguments)]
-    pub fn attend(&self, q: &[f32], keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[std::ops::Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
-        let f = if q.len() % 8 == 0 { self.attend } else { crate::ops::attend_scalar as AttendFn };
-        f(q, keys, values, stride, offset, ranges, scale, scores, out)
+    pub fn attend(&self, q: &[f32], hd: usize, keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[std::ops::Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+        let f = if hd % 8 == 0 { self.attend } else { crate::ops::attend_scalar as AttendFn };
+        f(q, hd, keys, values, stride, offset, ranges, scale, scores, out)
     }
 
     /// Whether products of `k`-element rows of `dtype` use the group kernels (which need the

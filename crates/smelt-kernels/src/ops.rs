@@ -182,7 +182,7 @@ pub enum RopeStyle {
     Neox,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Rope {
     pub style: RopeStyle,
     /// Leading dimensions of each head that rotate.
@@ -197,19 +197,29 @@ pub struct Rope {
 impl Rope {
     /// Rotate every head (`head_dim` floats each) of one token's vector at position `pos`.
     pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize, cache: &mut Vec<(f32, f32)>) {
-        let half = self.n_rot / 2;
         cache.clear();
-        // Angles computed as GGML does: theta_i = pos * base^(-2i/n_rot), by repeated products.
+        self.angles(pos, cache);
+        self.rotate(x, head_dim, cache);
+    }
+
+    /// Append (cos, sin) of each rotated pair's angle at `pos` to `out` (`n_rot / 2` pairs),
+    /// computed as GGML does: theta_i = pos * base^(-2i/n_rot), by repeated products.
+    pub fn angles(&self, pos: usize, out: &mut Vec<(f32, f32)>) {
         let theta_scale = self.base.powf(-2.0 / self.n_rot as f32);
         let mut theta = pos as f32;
-        for i in 0..half {
+        for i in 0..self.n_rot / 2 {
             let ff = self.freq_factors.as_ref().map(|f| f[i]).unwrap_or(1.0);
             let t = self.freq_scale * (theta / ff);
-            cache.push((t.cos(), t.sin()));
+            out.push((t.cos(), t.sin()));
             theta *= theta_scale;
         }
+    }
+
+    /// Rotate every head of one token's vector by angles from [`Rope::angles`].
+    pub fn rotate(&self, x: &mut [f32], head_dim: usize, angles: &[(f32, f32)]) {
+        let half = self.n_rot / 2;
         for head in x.chunks_exact_mut(head_dim) {
-            for (i, &(c, s)) in cache.iter().enumerate() {
+            for (i, &(c, s)) in angles[..half].iter().enumerate() {
                 let (a, b) = match self.style {
                     RopeStyle::Interleaved => (2 * i, 2 * i + 1),
                     RopeStyle::Neox => (i, i + half),
@@ -305,18 +315,21 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
     }
 }
 
-/// Softmax attention of one query head over cached keys/values:
-/// out = Σ_j softmax_j(q·k_j * scale) v_j over the slots j in `ranges` (half-open slot ranges);
-/// slot j's key and value are the `q.len()` floats at `keys[j * stride + offset ..]`.
+/// Softmax attention of query heads over cached keys/values: for each head h (the `hd` floats
+/// `q[h * hd..]`), out_h = Σ_j softmax_j(q_h·k_j * scale) v_j over the slots j in `ranges`
+/// (half-open slot ranges); slot j's key and value are the `hd` floats at
+/// `keys[j * stride + offset ..]` (all heads given share them: one key/value head). A head's
+/// result is the same whether it is attended alone or with others.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(q: &[f32], keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[std::ops::Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
-    kernels().attend(q, keys, values, stride, offset, ranges, scale, scores, out)
+pub fn attend(q: &[f32], hd: usize, keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[std::ops::Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    kernels().attend(q, hd, keys, values, stride, offset, ranges, scale, scores, out)
 }
 
 /// Scalar reference of `attend`.
 #[allow(clippy::too_many_arguments)]
 pub fn attend_scalar(
     q: &[f32],
+    hd: usize,
     keys: &[f32],
     values: &[f32],
     stride: usize,
@@ -326,25 +339,26 @@ pub fn attend_scalar(
     scores: &mut Vec<f32>,
     out: &mut [f32],
 ) {
-    let hd = q.len();
-    scores.clear();
-    let mut max = f32::NEG_INFINITY;
-    for j in ranges.iter().flat_map(|r| r.clone()) {
-        let k = &keys[j * stride + offset..][..hd];
-        let s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
-        max = max.max(s);
-        scores.push(s);
-    }
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
-    }
-    out[..hd].fill(0.0);
-    let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
-    for (j, &p) in ranges.iter().flat_map(|r| r.clone()).zip(scores.iter()) {
-        let v = &values[j * stride + offset..][..hd];
-        axpy(&mut out[..hd], p * inv, v);
+    for (q, out) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
+        scores.clear();
+        let mut max = f32::NEG_INFINITY;
+        for j in ranges.iter().flat_map(|r| r.clone()) {
+            let k = &keys[j * stride + offset..][..hd];
+            let s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+            max = max.max(s);
+            scores.push(s);
+        }
+        let mut sum = 0f32;
+        for s in scores.iter_mut() {
+            *s = (*s - max).exp();
+            sum += *s;
+        }
+        out.fill(0.0);
+        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+        for (j, &p) in ranges.iter().flat_map(|r| r.clone()).zip(scores.iter()) {
+            let v = &values[j * stride + offset..][..hd];
+            axpy(out, p * inv, v);
+        }
     }
 }
 
@@ -388,7 +402,7 @@ mod tests {
         let keys = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0];
         let values = [1.0, 1.0, 3.0, 3.0, 5.0, 5.0];
         let mut out = [0.0; 2];
-        attend(&q, &keys, &values, 2, 0, &[0..1, 1..3], 1.0, &mut Vec::new(), &mut out);
+        attend(&q, 2, &keys, &values, 2, 0, &[0..1, 1..3], 1.0, &mut Vec::new(), &mut out);
         let e = 1f32.exp();
         let want = (e * 1.0 + 3.0 + e * 5.0) / (2.0 * e + 1.0);
         assert!((out[0] - want).abs() < 1e-5 && (out[1] - want).abs() < 1e-5);

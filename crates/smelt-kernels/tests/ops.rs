@@ -43,16 +43,24 @@ fn attention_matches_the_scalar_reference() {
     let mut rng = Rng(9);
     for isa in Kernels::available_isas() {
         let k = Kernels::for_isa(isa);
-        for (hd, slots, ranges) in [(64, 5, vec![0..5]), (256, 40, vec![30..40, 0..7]), (8, 1, vec![0..1]), (72, 300, vec![0..300])] {
+        let cases = [(64, 5, vec![0..5], 1), (256, 40, vec![30..40, 0..7], 4), (8, 1, vec![0..1], 3), (72, 300, vec![0..300], 7), (24, 33, vec![3..20, 21..33], 9), (16, 0, vec![], 2)];
+        for (hd, slots, ranges, heads) in cases {
             let stride = hd * 2;
-            let keys: Vec<f32> = (0..slots * stride).map(|_| rng.f()).collect();
-            let values: Vec<f32> = (0..slots * stride).map(|_| rng.f()).collect();
-            let q: Vec<f32> = (0..hd).map(|_| rng.f() * 4.0).collect();
-            let (mut a, mut b) = (vec![0f32; hd], vec![0f32; hd]);
-            k.attend(&q, &keys, &values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut a);
-            attend_scalar(&q, &keys, &values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut b);
-            for i in 0..hd {
-                assert!(close(a[i], b[i], 1e-5), "{isa:?} hd={hd}: {} vs {}", a[i], b[i]);
+            let keys: Vec<f32> = (0..slots.max(1) * stride).map(|_| rng.f()).collect();
+            let values: Vec<f32> = (0..slots.max(1) * stride).map(|_| rng.f()).collect();
+            let q: Vec<f32> = (0..heads * hd).map(|_| rng.f() * 4.0).collect();
+            let (mut a, mut b) = (vec![0f32; heads * hd], vec![0f32; heads * hd]);
+            k.attend(&q, hd, &keys, &values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut a);
+            attend_scalar(&q, hd, &keys, &values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut b);
+            for i in 0..heads * hd {
+                assert!(close(a[i], b[i], 1e-5), "{isa:?} hd={hd} heads={heads}: {} vs {}", a[i], b[i]);
+            }
+            // Heads attended together give exactly what each gives alone (a token's output must
+            // not depend on how the work was split).
+            for h in 0..heads {
+                let mut one = vec![0f32; hd];
+                k.attend(&q[h * hd..(h + 1) * hd], hd, &keys, &values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut one);
+                assert_eq!(one, a[h * hd..(h + 1) * hd], "{isa:?} hd={hd}: head {h} of {heads}");
             }
         }
     }

@@ -188,10 +188,17 @@ unsafe fn dot(a: *const f32, b: *const f32, hd: usize) -> f32 {
     hsum(_mm256_add_ps(s0, s1))
 }
 
+/// Heads attended together at most (their running maxima and sums live on the stack).
+const MAX_HEADS: usize = 8;
+
+/// Softmax attention of up to `MAX_HEADS` query heads (`q` holds them one after another, `hd`
+/// floats each) that share one key/value head. Each key and value row is read once for all of
+/// them; every head's arithmetic is exactly that of attending it alone.
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_impl(q: &[f32], keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let hd = q.len();
+unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let heads = q.len() / hd;
+    assert!(heads <= MAX_HEADS && out.len() >= heads * hd);
     for r in ranges {
         if r.start < r.end {
             let last = (r.end - 1) * stride + offset + hd;
@@ -200,72 +207,111 @@ unsafe fn attend_impl(q: &[f32], keys: &[f32], values: &[f32], stride: usize, of
     }
     let n: usize = ranges.iter().map(|r| r.len()).sum();
     scores.clear();
-    scores.resize(n, 0.0);
+    scores.resize(heads * n, 0.0);
     let (kp, vp, qp, sp) = (keys.as_ptr(), values.as_ptr(), q.as_ptr(), scores.as_mut_ptr());
-    let mut max = f32::NEG_INFINITY;
+    let mut max = [f32::NEG_INFINITY; MAX_HEADS];
     let mut i = 0;
     for r in ranges {
         for j in r.clone() {
-            // SAFETY: slot j's row lies within `keys` (asserted above); i < n.
-            let s = unsafe { dot(qp, kp.add(j * stride + offset), hd) } * scale;
-            max = max.max(s);
-            unsafe { *sp.add(i) = s };
+            for (h, m) in max.iter_mut().enumerate().take(heads) {
+                // SAFETY: slot j's row lies within `keys` (asserted above); head h's query is in
+                // q; h * n + i < scores.len().
+                let s = unsafe { dot(qp.add(h * hd), kp.add(j * stride + offset), hd) } * scale;
+                *m = m.max(s);
+                unsafe { *sp.add(h * n + i) = s };
+            }
             i += 1;
         }
     }
-    let mut sum = 0f32;
-    let mut i = 0;
-    let vmax = _mm256_set1_ps(max);
-    let mut vsum = _mm256_setzero_ps();
-    while i + 8 <= n {
-        // SAFETY: i + 8 <= n = scores.len().
-        unsafe {
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sp.add(i)), vmax));
-            _mm256_storeu_ps(sp.add(i), e);
-            vsum = _mm256_add_ps(vsum, e);
+    let mut inv = [0f32; MAX_HEADS];
+    for h in 0..heads {
+        let row = &mut scores[h * n..(h + 1) * n];
+        let (rp, m) = (row.as_mut_ptr(), max[h]);
+        let mut sum = 0f32;
+        let mut i = 0;
+        let vmax = _mm256_set1_ps(m);
+        let mut vsum = _mm256_setzero_ps();
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n = row.len().
+            unsafe {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(rp.add(i)), vmax));
+                _mm256_storeu_ps(rp.add(i), e);
+                vsum = _mm256_add_ps(vsum, e);
+            }
+            i += 8;
         }
-        i += 8;
+        for s in &mut row[i..] {
+            *s = exp1(*s - m);
+            sum += *s;
+        }
+        sum += hsum(vsum);
+        inv[h] = if sum > 0.0 { 1.0 / sum } else { 0.0 };
     }
-    for s in &mut scores[i..] {
-        *s = exp1(*s - max);
-        sum += *s;
+    // out_h = Σ_j p_hj v_j: four heads at a time, 16 dimensions at a time, so the partial sums
+    // stay in registers and each value row is loaded once per four heads. Each output lane adds
+    // its terms in slot order whatever the grouping, so the result does not depend on it.
+    let mut h0 = 0;
+    while h0 < heads {
+        let hb = (heads - h0).min(4);
+        // SAFETY: heads h0..h0 + hb exist in scores and out; the slots are checked above.
+        unsafe {
+            match hb {
+                4 => weigh_values::<4>(vp, stride, offset, ranges, hd, scores, n, &inv, h0, out),
+                3 => weigh_values::<3>(vp, stride, offset, ranges, hd, scores, n, &inv, h0, out),
+                2 => weigh_values::<2>(vp, stride, offset, ranges, hd, scores, n, &inv, h0, out),
+                _ => weigh_values::<1>(vp, stride, offset, ranges, hd, scores, n, &inv, h0, out),
+            }
+        }
+        h0 += hb;
     }
-    sum += hsum(vsum);
-    let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+}
+
+/// out rows h0..h0 + HB = Σ_j (p_hj · inv_h) v_j (see `attend_heads`).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn weigh_values<const HB: usize>(vp: *const f32, stride: usize, offset: usize, ranges: &[Range<usize>], hd: usize, scores: &[f32], n: usize, inv: &[f32; MAX_HEADS], h0: usize, out: &mut [f32]) {
     let sp = scores.as_ptr();
-    // out = Σ p_j v_j, 32 dimensions at a time so the partial sums stay in registers.
     let mut d0 = 0;
     while d0 < hd {
-        let lanes = (hd - d0).min(32) / 8;
-        let mut acc = [_mm256_setzero_ps(); 4];
+        let lanes = (hd - d0).min(16) / 8;
+        let mut acc = [[_mm256_setzero_ps(); 2]; HB];
         let mut i = 0;
         for r in ranges {
             for j in r.clone() {
-                // SAFETY: i < n; slot j's row lies within `values` (asserted above).
+                // SAFETY: the caller checked slot j's row against `values`; d0 + 8 * lanes <= hd.
                 unsafe {
-                    let pv = _mm256_set1_ps(*sp.add(i) * inv);
                     let row = vp.add(j * stride + offset + d0);
-                    for (k, a) in acc.iter_mut().enumerate().take(lanes) {
-                        *a = _mm256_fmadd_ps(pv, _mm256_loadu_ps(row.add(8 * k)), *a);
+                    let v = [_mm256_loadu_ps(row), if lanes == 2 { _mm256_loadu_ps(row.add(8)) } else { _mm256_setzero_ps() }];
+                    for (h, a) in acc.iter_mut().enumerate() {
+                        let pv = _mm256_set1_ps(*sp.add((h0 + h) * n + i) * inv[h0 + h]);
+                        for k in 0..lanes {
+                            a[k] = _mm256_fmadd_ps(pv, v[k], a[k]);
+                        }
                     }
                 }
                 i += 1;
             }
         }
-        for (k, a) in acc.iter().enumerate().take(lanes) {
-            // SAFETY: d0 + 8k + 8 <= hd <= out.len().
-            unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(d0 + 8 * k), *a) };
+        for (h, a) in acc.iter().enumerate() {
+            for (k, lane) in a.iter().enumerate().take(lanes) {
+                // SAFETY: (h0 + h) * hd + d0 + 8k + 8 <= heads * hd <= out.len().
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add((h0 + h) * hd + d0 + 8 * k), *lane) };
+            }
         }
-        d0 += 32;
+        d0 += 16;
     }
 }
 
-/// Softmax attention of one query head (see `ops::attend`); head size a multiple of 8.
+/// Softmax attention of query heads sharing one key/value head (see `ops::attend`); head size
+/// a multiple of 8.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(q: &[f32], keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
-    assert!(q.len() % 8 == 0 && out.len() >= q.len());
-    // SAFETY: installed only when the CPU has AVX2 and FMA; bounds are asserted inside.
-    unsafe { attend_impl(q, keys, values, stride, offset, ranges, scale, scores, out) }
+pub fn attend(q: &[f32], hd: usize, keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    assert!(hd > 0 && hd % 8 == 0 && q.len() % hd == 0 && out.len() >= q.len());
+    for (qc, oc) in q.chunks(MAX_HEADS * hd).zip(out.chunks_mut(MAX_HEADS * hd)) {
+        // SAFETY: installed only when the CPU has AVX2 and FMA; bounds are asserted inside.
+        unsafe { attend_heads(qc, hd, keys, values, stride, offset, ranges, scale, scores, oc) }
+    }
 }
 
 #[cfg(test)]

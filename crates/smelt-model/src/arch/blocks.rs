@@ -38,7 +38,12 @@ pub struct Workspace {
     /// Final normed hidden states of the rows whose logits were computed.
     hidden: Vec<f32>,
     matmul: Vec<u8>,
-    rope: Vec<(f32, f32)>,
+    /// Rotation angles of this batch's positions, one table per distinct rotation among the
+    /// layers (layer index it was built for, n_rot/2 pairs per token); built on first use in a
+    /// forward pass, so the sines and cosines are computed once per pass, not per layer.
+    rope: Vec<(usize, Vec<(f32, f32)>)>,
+    /// Tables of `rope` valid for the current pass (the rest are kept for their memory).
+    rope_valid: usize,
 }
 
 impl Workspace {
@@ -58,6 +63,7 @@ impl Workspace {
             hidden: Vec::new(),
             matmul: Vec::new(),
             rope: Vec::new(),
+            rope_valid: 0,
         }
     }
 
@@ -174,9 +180,28 @@ impl Block<'_> {
         }
         let rope = &hp.rope[il];
         let t_rope = std::time::Instant::now();
+        let table = match ws.rope[..ws.rope_valid].iter().position(|(l, _)| hp.rope[*l] == *rope) {
+            Some(i) => i,
+            None => {
+                if ws.rope.len() == ws.rope_valid {
+                    ws.rope.push((il, Vec::new()));
+                }
+                let (layer, angles) = &mut ws.rope[ws.rope_valid];
+                *layer = il;
+                angles.clear();
+                for bt in self.batch {
+                    rope.angles(bt.pos, angles);
+                }
+                ws.rope_valid += 1;
+                ws.rope_valid - 1
+            }
+        };
+        let half = rope.n_rot / 2;
+        let angles = &ws.rope[table].1;
         for (t, bt) in self.batch.iter().enumerate() {
-            rope.apply(&mut ws.q[t * nh * d..(t + 1) * nh * d], d, bt.pos, &mut ws.rope);
-            rope.apply(&mut ws.k[t * nkv * d..(t + 1) * nkv * d], d, bt.pos, &mut ws.rope);
+            let a = &angles[t * half..(t + 1) * half];
+            rope.rotate(&mut ws.q[t * nh * d..(t + 1) * nh * d], d, a);
+            rope.rotate(&mut ws.k[t * nkv * d..(t + 1) * nkv * d], d, a);
             let row = nkv * d;
             self.kv.write(bt.seq, il, bt.pos, &ws.k[t * row..(t + 1) * row], &ws.v[t * row..(t + 1) * row]);
         }
@@ -187,15 +212,21 @@ impl Block<'_> {
         let (q, kv, batch) = (&ws.q, &*self.kv, self.batch);
         let group = nh / nkv;
         let scale = hp.attn_scale;
+        // Work items: the query heads sharing a key/value head attend together (each key and
+        // value row is read once for all of them) unless that leaves threads idle, as when
+        // decoding one token of a model with a single key/value head. A head's result is the
+        // same either way.
+        let per_item = if n * nkv >= 2 * pool.n_threads() { group } else { 1 };
+        let items_per_token = nh / per_item;
         let t_att = std::time::Instant::now();
-        pool.for_rows(&mut ws.att, d, 1, &|row, out| {
-            let (t, head) = (row / nh, row % nh);
+        pool.for_rows(&mut ws.att, per_item * d, 1, &|item, out| {
+            let (t, head0) = (item / items_per_token, (item % items_per_token) * per_item);
             let bt = &batch[t];
             ATTN_SCRATCH.with(|s| {
                 let (scores, ranges) = &mut *s.borrow_mut();
                 let (keys, values) = kv.view(bt.seq, il, bt.pos, ranges);
-                let qh = &q[(t * nh + head) * d..][..d];
-                attend(qh, keys, values, nkv * d, (head / group) * d, ranges, scale, scores, out);
+                let qh = &q[(t * nh + head0) * d..][..per_item * d];
+                attend(qh, d, keys, values, nkv * d, (head0 / group) * d, ranges, scale, scores, out);
             });
         });
         if profile::enabled() {
@@ -283,6 +314,7 @@ impl Model {
             }
         }
         fit(&mut ws.x, n * e);
+        ws.rope_valid = 0;
         let scale = if self.spec().scale_embeddings { (e as f32).sqrt() } else { 1.0 };
         for (t, bt) in batch.iter().enumerate() {
             let row = &mut ws.x[t * e..(t + 1) * e];
