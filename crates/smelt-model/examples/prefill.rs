@@ -13,7 +13,10 @@ fn main() {
     let mut caches = vec![model.new_cache(4096, 512)];
     let batch: Vec<BatchToken> = (0..n).map(|i| BatchToken { token: (i * 37 % 1000) as u32 + 100, pos: i, seq: 0, logits: i == n - 1 }).collect();
     let t = Instant::now();
-    model.forward(&batch, &mut caches, &mut ws).unwrap();
+    // Long prompts go in chunks of 512 tokens, as the server feeds them.
+    for chunk in batch.chunks(512) {
+        model.forward(chunk, &mut caches, &mut ws).unwrap();
+    }
     let pp = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let steps: usize = std::env::var("STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);

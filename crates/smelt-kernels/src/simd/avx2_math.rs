@@ -168,32 +168,39 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-/// Dot product of two rows of `hd` floats (hd a multiple of 8).
-#[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot(a: *const f32, b: *const f32, hd: usize) -> f32 {
-    let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut d = 0;
-    // SAFETY (loads): the caller guarantees hd readable floats at a and b.
-    while d + 16 <= hd {
-        unsafe {
-            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d)), _mm256_loadu_ps(b.add(d)), s0);
-            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d + 8)), _mm256_loadu_ps(b.add(d + 8)), s1);
-        }
-        d += 16;
-    }
-    if d < hd {
-        unsafe { s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d)), _mm256_loadu_ps(b.add(d)), s0) };
-    }
-    hsum(_mm256_add_ps(s0, s1))
-}
-
-/// Heads attended together at most (their running maxima and sums live on the stack).
+/// Heads attended together at most (their running maxima live on the stack).
 const MAX_HEADS: usize = 8;
 
-/// Softmax attention of up to `MAX_HEADS` query heads (`q` holds them one after another, `hd`
-/// floats each) that share one key/value head. Each key and value row is read once for all of
-/// them; every head's arithmetic is exactly that of attending it alone.
+/// Dot products of one row of `hd` floats with eight others (hd a multiple of 8).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot8(q: *const f32, k: &[*const f32; 8], hd: usize) -> __m256 {
+    let mut acc = [_mm256_setzero_ps(); 8];
+    let mut d = 0;
+    while d < hd {
+        // SAFETY: the caller guarantees hd readable floats at q and at each k[j].
+        unsafe {
+            let qv = _mm256_loadu_ps(q.add(d));
+            for (a, kj) in acc.iter_mut().zip(k) {
+                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj.add(d)), *a);
+            }
+        }
+        d += 8;
+    }
+    // [key0..key7]: pairwise sums, then the two 128-bit halves added.
+    let a = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    let b = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn hmax(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
+}
+
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
@@ -209,32 +216,61 @@ unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f32], values: &[f32], strid
     scores.clear();
     scores.resize(heads * n, 0.0);
     let (kp, vp, qp, sp) = (keys.as_ptr(), values.as_ptr(), q.as_ptr(), scores.as_mut_ptr());
-    let mut max = [f32::NEG_INFINITY; MAX_HEADS];
-    let mut i = 0;
+    // Scores, eight keys at a time: each key's dot product has its own accumulator and the
+    // eight are summed by one transposing reduction, so a key's score depends only on its row
+    // and the query, not on which keys share its block. A last partial block repeats its first
+    // key (a real score, so the maxima are unchanged) and keeps only the real entries.
+    let vscale = _mm256_set1_ps(scale);
+    let mut vmax = [_mm256_set1_ps(f32::NEG_INFINITY); MAX_HEADS];
+    let mut block = [kp; 8];
+    let (mut filled, mut i0) = (0, 0);
+    let mut flush = |block: &mut [*const f32; 8], count: usize, i0: usize| {
+        for b in count..8 {
+            block[b] = block[0];
+        }
+        for (h, m) in vmax.iter_mut().enumerate().take(heads) {
+            // SAFETY: the block's rows lie within `keys` (asserted above); head h's query is in
+            // q; i0 + count <= n, so h * n + i0 + count <= scores.len().
+            unsafe {
+                let s = _mm256_mul_ps(dot8(qp.add(h * hd), block, hd), vscale);
+                *m = _mm256_max_ps(*m, s);
+                if count == 8 {
+                    _mm256_storeu_ps(sp.add(h * n + i0), s);
+                } else {
+                    let mut tmp = [0f32; 8];
+                    _mm256_storeu_ps(tmp.as_mut_ptr(), s);
+                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), sp.add(h * n + i0), count);
+                }
+            }
+        }
+    };
     for r in ranges {
         for j in r.clone() {
-            for (h, m) in max.iter_mut().enumerate().take(heads) {
-                // SAFETY: slot j's row lies within `keys` (asserted above); head h's query is in
-                // q; h * n + i < scores.len().
-                let s = unsafe { dot(qp.add(h * hd), kp.add(j * stride + offset), hd) } * scale;
-                *m = m.max(s);
-                unsafe { *sp.add(h * n + i) = s };
+            block[filled] = kp.wrapping_add(j * stride + offset);
+            filled += 1;
+            if filled == 8 {
+                flush(&mut block, 8, i0);
+                i0 += 8;
+                filled = 0;
             }
-            i += 1;
         }
     }
-    let mut inv = [0f32; MAX_HEADS];
+    if filled > 0 {
+        flush(&mut block, filled, i0);
+    }
+    // Softmax; the normalized weights replace the scores.
     for h in 0..heads {
         let row = &mut scores[h * n..(h + 1) * n];
-        let (rp, m) = (row.as_mut_ptr(), max[h]);
+        let rp = row.as_mut_ptr();
+        let m = hmax(vmax[h]);
         let mut sum = 0f32;
         let mut i = 0;
-        let vmax = _mm256_set1_ps(m);
+        let vm = _mm256_set1_ps(m);
         let mut vsum = _mm256_setzero_ps();
         while i + 8 <= n {
             // SAFETY: i + 8 <= n = row.len().
             unsafe {
-                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(rp.add(i)), vmax));
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(rp.add(i)), vm));
                 _mm256_storeu_ps(rp.add(i), e);
                 vsum = _mm256_add_ps(vsum, e);
             }
@@ -245,7 +281,10 @@ unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f32], values: &[f32], strid
             sum += *s;
         }
         sum += hsum(vsum);
-        inv[h] = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+        let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
+        for s in row.iter_mut() {
+            *s *= inv;
+        }
     }
     // out_h = Σ_j p_hj v_j: four heads at a time, 16 dimensions at a time, so the partial sums
     // stay in registers and each value row is loaded once per four heads. Each output lane adds
@@ -256,21 +295,22 @@ unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f32], values: &[f32], strid
         // SAFETY: heads h0..h0 + hb exist in scores and out; the slots are checked above.
         unsafe {
             match hb {
-                4 => weigh_values::<4>(vp, stride, offset, ranges, hd, scores, n, &inv, h0, out),
-                3 => weigh_values::<3>(vp, stride, offset, ranges, hd, scores, n, &inv, h0, out),
-                2 => weigh_values::<2>(vp, stride, offset, ranges, hd, scores, n, &inv, h0, out),
-                _ => weigh_values::<1>(vp, stride, offset, ranges, hd, scores, n, &inv, h0, out),
+                4 => weigh_values::<4>(vp, stride, offset, ranges, hd, scores, n, h0, out),
+                3 => weigh_values::<3>(vp, stride, offset, ranges, hd, scores, n, h0, out),
+                2 => weigh_values::<2>(vp, stride, offset, ranges, hd, scores, n, h0, out),
+                _ => weigh_values::<1>(vp, stride, offset, ranges, hd, scores, n, h0, out),
             }
         }
         h0 += hb;
     }
 }
 
-/// out rows h0..h0 + HB = Σ_j (p_hj · inv_h) v_j (see `attend_heads`).
+/// out rows h0..h0 + HB = Σ_j p_hj v_j, with the normalized weights p in `scores` (see
+/// `attend_heads`).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn weigh_values<const HB: usize>(vp: *const f32, stride: usize, offset: usize, ranges: &[Range<usize>], hd: usize, scores: &[f32], n: usize, inv: &[f32; MAX_HEADS], h0: usize, out: &mut [f32]) {
+unsafe fn weigh_values<const HB: usize>(vp: *const f32, stride: usize, offset: usize, ranges: &[Range<usize>], hd: usize, scores: &[f32], n: usize, h0: usize, out: &mut [f32]) {
     let sp = scores.as_ptr();
     let mut d0 = 0;
     while d0 < hd {
@@ -284,7 +324,7 @@ unsafe fn weigh_values<const HB: usize>(vp: *const f32, stride: usize, offset: u
                     let row = vp.add(j * stride + offset + d0);
                     let v = [_mm256_loadu_ps(row), if lanes == 2 { _mm256_loadu_ps(row.add(8)) } else { _mm256_setzero_ps() }];
                     for (h, a) in acc.iter_mut().enumerate() {
-                        let pv = _mm256_set1_ps(*sp.add((h0 + h) * n + i) * inv[h0 + h]);
+                        let pv = _mm256_broadcast_ss(&*sp.add((h0 + h) * n + i));
                         for k in 0..lanes {
                             a[k] = _mm256_fmadd_ps(pv, v[k], a[k]);
                         }
