@@ -207,6 +207,26 @@ impl Kernels {
         let _ = (k, a, a_stride, nc, out);
     }
 
+    /// Floats of preparation per activation row of `k` elements (see [`Kernels::group_prepare_row`]).
+    pub fn group_prepared_len(&self, k: usize) -> usize {
+        #[cfg(target_arch = "x86_64")]
+        return crate::simd::avx2_group::prepared_len(k);
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let _ = k;
+            0
+        }
+    }
+
+    /// [`Kernels::group_prepare`] for one activation row, into `out` (`group_prepared_len` floats):
+    /// rows can be prepared in parallel.
+    pub fn group_prepare_row(&self, k: usize, a: &[u8], out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        crate::simd::avx2_group::prepare_row(k, a, out);
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (k, a, out);
+    }
+
     /// Block product with the group kernels; `prep` comes from [`Kernels::group_prepare`].
     #[allow(clippy::too_many_arguments)]
     pub fn group_gemm(&self, dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: &mut [f32]) {

@@ -63,28 +63,44 @@ pub fn matmul(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize, out: &mut [f32
         scratch.resize(n * arb, 0);
     }
     let quant = kt.quantize(vt);
-    if n >= 8 {
-        let sp = scratch.as_mut_ptr() as usize;
-        pool.for_chunks(n, 4, &|ts| {
-            for t in ts {
-                // SAFETY: each t is handled by exactly one thread; rows t*arb..(t+1)*arb are disjoint
-                // and lie within `scratch`, which outlives this call.
-                let dst = unsafe { std::slice::from_raw_parts_mut((sp as *mut u8).add(t * arb), arb) };
+    let grouped = kt.group_usable(w.dtype, k);
+    PREP.with(|prep| {
+        let mut prep = prep.borrow_mut();
+        let per_row = if grouped { kt.group_prepared_len(k) } else { 0 };
+        prep.clear();
+        prep.resize(n * per_row, 0.0);
+        if n >= 8 {
+            let (sp, pp) = (scratch.as_mut_ptr() as usize, prep.as_mut_ptr() as usize);
+            pool.for_chunks(n, 4, &|ts| {
+                for t in ts {
+                    // SAFETY: each t is handled by exactly one thread; rows t*arb..(t+1)*arb of
+                    // `scratch` and t*per_row..(t+1)*per_row of `prep` are disjoint, lie within
+                    // them, and both outlive this call.
+                    let (dst, pdst) = unsafe {
+                        (std::slice::from_raw_parts_mut((sp as *mut u8).add(t * arb), arb), std::slice::from_raw_parts_mut((pp as *mut f32).add(t * per_row), per_row))
+                    };
+                    quant(&x[t * k..(t + 1) * k], dst);
+                    if grouped {
+                        kt.group_prepare_row(k, dst, pdst);
+                    }
+                }
+            });
+        } else {
+            for t in 0..n {
+                let dst = &mut scratch[t * arb..(t + 1) * arb];
                 quant(&x[t * k..(t + 1) * k], dst);
+                if grouped {
+                    kt.group_prepare_row(k, dst, &mut prep[t * per_row..(t + 1) * per_row]);
+                }
             }
-        });
-    } else {
-        for t in 0..n {
-            quant(&x[t * k..(t + 1) * k], &mut scratch[t * arb..(t + 1) * arb]);
         }
-    }
+    });
     let act: &[u8] = scratch;
     let wrb = w.row_bytes();
     let optr = SharedMut(out.as_mut_ptr());
-    if kt.group_usable(w.dtype, k) {
+    if grouped {
         PREP.with(|prep| {
-            let mut prep = prep.borrow_mut();
-            kt.group_prepare(k, act, arb, n, &mut prep);
+            let prep = prep.borrow();
             let prep: &[f32] = &prep;
             let chunk = if n == 1 { (m / (pool.n_threads() * 8)).clamp(16, 256) / 4 * 4 } else { ROW_CHUNK };
             pool.for_chunks(m, chunk, &|rows| {

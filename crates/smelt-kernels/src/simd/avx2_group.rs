@@ -225,22 +225,31 @@ unsafe fn accumulate(acc: __m256, s: __m256i, sw: __m256, cw: __m256, prep: *con
 /// Prepare Q8_0 activation rows (`a_stride` bytes apart) for the group kernels: per group,
 /// 8 scales then 8 scale × sum values, in lane order.
 pub fn prepare(k: usize, a: &[u8], a_stride: usize, nc: usize, out: &mut Vec<f32>) {
-    let groups = k / GROUP;
+    let per_row = prepared_len(k);
     out.clear();
-    out.resize(nc * groups * PREP, 0.0);
+    out.resize(nc * per_row, 0.0);
     for c in 0..nc {
-        let row = &a[c * a_stride..];
-        for g in 0..groups {
-            let dst = &mut out[(c * groups + g) * PREP..][..PREP];
-            for i in 0..4 {
-                let blk = &row[34 * (4 * g + i)..];
-                let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
-                let sum = |r: std::ops::Range<usize>| blk[r].iter().map(|&b| b as i8 as i32).sum::<i32>();
-                dst[i] = d;
-                dst[4 + i] = d;
-                dst[8 + i] = d * sum(2..18) as f32;
-                dst[12 + i] = d * sum(18..34) as f32;
-            }
+        prepare_row(k, &a[c * a_stride..], &mut out[c * per_row..(c + 1) * per_row]);
+    }
+}
+
+/// Floats [`prepare_row`] writes for a row of `k` elements.
+pub fn prepared_len(k: usize) -> usize {
+    k / GROUP * PREP
+}
+
+/// [`prepare`] for one activation row.
+pub fn prepare_row(k: usize, row: &[u8], dst: &mut [f32]) {
+    for g in 0..k / GROUP {
+        let dst = &mut dst[g * PREP..(g + 1) * PREP];
+        for i in 0..4 {
+            let blk = &row[34 * (4 * g + i)..];
+            let d = half::f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32();
+            let sum = |r: std::ops::Range<usize>| blk[r].iter().map(|&b| b as i8 as i32).sum::<i32>();
+            dst[i] = d;
+            dst[4 + i] = d;
+            dst[8 + i] = d * sum(2..18) as f32;
+            dst[12 + i] = d * sum(18..34) as f32;
         }
     }
 }

@@ -130,6 +130,18 @@ fn linear(pool: &ThreadPool, w: &Linear, x: &[f32], n: usize, out: &mut Vec<f32>
     timed!(0, ops::matmul(pool, &w.matrix(), x, n, out, scratch));
 }
 
+/// `f(t, row)` for each token's row of `row` floats: through the pool when there are enough
+/// tokens to pay for it, else on this thread (the result is the same).
+fn per_token(pool: &ThreadPool, data: &mut [f32], row: usize, f: &(dyn Fn(usize, &mut [f32]) + Sync)) {
+    if data.len() >= 8 * row {
+        pool.for_rows(data, row, 2, f);
+    } else {
+        for (t, r) in data.chunks_exact_mut(row).enumerate() {
+            f(t, r);
+        }
+    }
+}
+
 fn add_bias(x: &mut [f32], bias: &Option<Vec<f32>>) {
     if let Some(b) = bias {
         for row in x.chunks_exact_mut(b.len()) {
@@ -147,12 +159,14 @@ impl Block<'_> {
     pub fn norm_input(&mut self, weight: &[f32]) {
         let ws = &mut *self.ws;
         fit(&mut ws.h, ws.x.len());
-        timed!(2, rms_norm(&ws.x, weight, self.model.hp.norm_eps, &mut ws.h));
+        let (x, eps, e) = (&ws.x, self.model.hp.norm_eps, weight.len());
+        timed!(2, per_token(&ws.pool, &mut ws.h, e, &|t, h| rms_norm(&x[t * e..(t + 1) * e], weight, eps, h)));
     }
 
     /// a = rms_norm(a) · weight (Gemma's post-attention and post-FFN norms)
     pub fn norm_output(&mut self, weight: &[f32]) {
-        rms_norm_inplace(&mut self.ws.a, weight, self.model.hp.norm_eps);
+        let eps = self.model.hp.norm_eps;
+        timed!(2, per_token(&self.ws.pool, &mut self.ws.a, weight.len(), &|_, a| rms_norm_inplace(a, weight, eps)));
     }
 
     /// x += a
@@ -175,8 +189,9 @@ impl Block<'_> {
         add_bias(&mut ws.k, &w.bk);
         add_bias(&mut ws.v, &w.bv);
         if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
-            rms_norm_inplace(&mut ws.q, qn, hp.norm_eps);
-            rms_norm_inplace(&mut ws.k, kn, hp.norm_eps);
+            let eps = hp.norm_eps;
+            timed!(2, per_token(&pool, &mut ws.q, nh * d, &|_, q| rms_norm_inplace(q, qn, eps)));
+            timed!(2, per_token(&pool, &mut ws.k, nkv * d, &|_, k| rms_norm_inplace(k, kn, eps)));
         }
         let rope = &hp.rope[il];
         let t_rope = std::time::Instant::now();
