@@ -11,6 +11,8 @@ fn main() {
         let kt = Kernels::for_isa(isa);
         for dtype in WEIGHT_DTYPES {
             if k % dtype.block_len() != 0 { continue; }
+            // DTYPES=Q5_0,Q4_K limits the run to those formats.
+            if std::env::var("DTYPES").is_ok_and(|only| !only.split(',').any(|t| t.eq_ignore_ascii_case(dtype.name()))) { continue; }
             let k = if dtype.block_len() == 256 { 1024 } else { k };
             let wrb = dtype.row_bytes(k).unwrap();
             let mut w = vec![0u8; wrb * rows];

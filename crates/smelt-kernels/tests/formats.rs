@@ -289,7 +289,7 @@ fn tiled_products_match_the_scalar_reference() {
             let wrb = dtype.row_bytes(n).unwrap();
             let (vs, vf) = (scalar.activation_type(dtype, n), k.activation_type(dtype, n));
             let (rbs, rbf) = (vs.row_bytes(n).unwrap(), vf.row_bytes(n).unwrap());
-            for (nr, nc) in [(1, 1), (4, 1), (5, 1), (7, 3), (3, 5), (9, 2), (2, 9)] {
+            for (nr, nc) in [(1, 1), (4, 1), (5, 1), (7, 3), (3, 5), (9, 2), (2, 9), (3, 37), (17, 20)] {
                 let w: Vec<u8> = (0..nr).flat_map(|_| random_row(&mut rng, dtype, n)).collect();
                 let xs: Vec<Vec<f32>> = (0..nc).map(|_| (0..n).map(|_| rng.normal()).collect()).collect();
                 let (mut a_s, mut a_f) = (vec![0u8; nc * rbs], vec![0u8; nc * rbf]);

@@ -29,6 +29,9 @@ pub const GROUP: usize = 128;
 /// Floats of activation preparation per group: `sa` (8) then `ea` (8).
 const PREP: usize = 16;
 
+/// Activation rows per block in the buffered (many-row) product; even, so pairs never straddle.
+const COL_BLOCK: usize = 16;
+
 /// One unpacked group.
 #[derive(Clone, Copy)]
 struct Group {
@@ -426,23 +429,33 @@ fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u
         let mut buf = buf.borrow_mut();
         // SAFETY: the rows are within the range asserted by `gemm`; CPU features as above.
         unsafe { unpack_rows::<T>(groups, w.as_ptr(), w_stride, nr, &mut buf) };
-        for r in 0..nr {
-            let (u, s) = (buf.u[r * groups * 4..].as_ptr(), buf.s[r * groups..].as_ptr());
-            let mut c = 0;
-            while c < nc {
-                let rn = (nc - c).min(2);
-                // SAFETY: activation rows c..c+rn are within the asserted range; out has nr*nc
-                // entries; u and s hold this row's `groups` unpacked groups.
-                unsafe {
-                    let (ap, pp, op) = (a.as_ptr().add(c * a_stride), prep.as_ptr().add(c * groups * PREP), out.as_mut_ptr().add(c * nr + r));
-                    if rn == 2 {
-                        buffered_tile::<T, 2>(groups, u, s, ap, a_stride, pp, op, nr);
-                    } else {
-                        buffered_tile::<T, 1>(groups, u, s, ap, a_stride, pp, op, nr);
+        // Blocks of activation rows small enough to stay in L1 while every unpacked weight row
+        // passes over them (the weights then come from L2 once per block, instead of all the
+        // activations once per weight row). Pairs of activation rows are the same whatever the
+        // blocking, so results do not depend on it.
+        let cb = COL_BLOCK.min(nc);
+        let mut c0 = 0;
+        while c0 < nc {
+            let c1 = (c0 + cb).min(nc);
+            for r in 0..nr {
+                let (u, s) = (buf.u[r * groups * 4..].as_ptr(), buf.s[r * groups..].as_ptr());
+                let mut c = c0;
+                while c < c1 {
+                    let rn = (c1 - c).min(2);
+                    // SAFETY: activation rows c..c+rn are within the asserted range; out has
+                    // nr*nc entries; u and s hold this row's `groups` unpacked groups.
+                    unsafe {
+                        let (ap, pp, op) = (a.as_ptr().add(c * a_stride), prep.as_ptr().add(c * groups * PREP), out.as_mut_ptr().add(c * nr + r));
+                        if rn == 2 {
+                            buffered_tile::<T, 2>(groups, u, s, ap, a_stride, pp, op, nr);
+                        } else {
+                            buffered_tile::<T, 1>(groups, u, s, ap, a_stride, pp, op, nr);
+                        }
                     }
+                    c += rn;
                 }
-                c += rn;
             }
+            c0 = c1;
         }
     });
 }
