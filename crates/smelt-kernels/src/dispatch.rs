@@ -237,6 +237,23 @@ impl Kernels {
         let _ = (w, w_stride, nr, a, a_stride, nc, prep, out);
     }
 
+    /// [`Kernels::group_gemm`] writing entry (r, c) to `out[c * ldo + r]`.
+    ///
+    /// # Safety
+    /// `out.add(c * ldo + r)` must be valid for writes for every r < nr, c < nc, and no other
+    /// thread may access those floats during the call.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn group_gemm_strided(&self, dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: *mut f32, ldo: usize) {
+        assert!(self.group_usable(dtype, k), "group kernels unavailable for {dtype} with k = {k}");
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller's contract on `out`.
+        unsafe {
+            crate::simd::avx2_group::gemm_strided(dtype, k, w, w_stride, nr, a, a_stride, nc, prep, out, ldo)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (w, w_stride, nr, a, a_stride, nc, prep, out, ldo);
+    }
+
     /// Block product: `out[c * nr + r] = w_row(r) · a_row(c)` for `nr` weight rows (each
     /// `w_stride` bytes apart, `k` elements of `dtype`) and `nc` activation rows (`a_stride`
     /// bytes apart, in `self.activation_type(dtype, k)`). Uses the group kernels where they apply, else one dot product per pair.

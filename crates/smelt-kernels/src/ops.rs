@@ -105,26 +105,9 @@ pub fn matmul(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize, out: &mut [f32
             let chunk = if n == 1 { (m / (pool.n_threads() * 8)).clamp(16, 256) / 4 * 4 } else { ROW_CHUNK };
             pool.for_chunks(m, chunk, &|rows| {
                 let optr = optr;
-                if n == 1 {
-                    // SAFETY: row ranges handed out by `for_chunks` are disjoint and lie within out[..m].
-                    let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(rows.start), rows.len()) };
-                    kt.group_gemm(w.dtype, k, &w.data[rows.start * wrb..], wrb, rows.len(), act, arb, 1, prep, dst);
-                    return;
-                }
-                TILE.with(|tile| {
-                    let mut tile = tile.borrow_mut();
-                    let nr = rows.len();
-                    if tile.len() < nr * n {
-                        tile.resize(nr * n, 0.0);
-                    }
-                    kt.group_gemm(w.dtype, k, &w.data[rows.start * wrb..], wrb, nr, act, arb, n, prep, &mut tile);
-                    for t in 0..n {
-                        for (i, r) in rows.clone().enumerate() {
-                            // SAFETY: (t, r) pairs are disjoint across chunks and t * m + r < out.len().
-                            unsafe { *optr.0.add(t * m + r) = tile[t * nr + i] };
-                        }
-                    }
-                });
+                // SAFETY: this chunk writes out[t * m + r] for its rows r and t < n: disjoint from
+                // every other chunk's entries, and within out (asserted above).
+                unsafe { kt.group_gemm_strided(w.dtype, k, &w.data[rows.start * wrb..], wrb, rows.len(), act, arb, n, prep, optr.0.add(rows.start), m) };
             });
         });
         return;

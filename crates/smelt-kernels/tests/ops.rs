@@ -106,3 +106,44 @@ fn log_sum_exp_matches_the_scalar_reference() {
         assert_eq!((k.log_sum_exp)(&[f32::NEG_INFINITY; 9]), f32::NEG_INFINITY);
     }
 }
+
+#[test]
+fn parallel_matmul_entries_equal_single_products() {
+    // Every entry of a threaded product of many activation rows is exactly the product of that
+    // weight row with that activation row alone: results never depend on the batch or on how the
+    // rows were split between threads.
+    use smelt_kernels::dispatch::kernels;
+    use smelt_kernels::formats::{scale_offsets, DType};
+    use smelt_kernels::ops::{matmul, Matrix};
+    use smelt_kernels::pool::ThreadPool;
+    let mut rng = Rng(21);
+    let pool = ThreadPool::new(3);
+    let kt = kernels();
+    for dtype in [DType::Q5_0, DType::Q8_0, DType::Q4_K, DType::Q6_K] {
+        let (k, m) = (512, 75);
+        let bb = dtype.block_bytes();
+        let mut w: Vec<u8> = (0..dtype.row_bytes(k).unwrap() * m).map(|_| (rng.f() * 128.0) as i8 as u8).collect();
+        for blk in w.chunks_exact_mut(bb) {
+            for &off in scale_offsets(dtype) {
+                blk[off..off + 2].copy_from_slice(&half::f16::from_f32(rng.f() * 0.05).to_bits().to_le_bytes());
+            }
+        }
+        let wm = Matrix::new(dtype, m, k, &w);
+        for n in [1, 3, 6, 21] {
+            let x: Vec<f32> = (0..n * k).map(|_| rng.f()).collect();
+            let mut out = vec![0f32; n * m];
+            matmul(&pool, &wm, &x, n, &mut out, &mut Vec::new());
+            let vt = kt.activation_type(dtype, k);
+            let arb = vt.row_bytes(k).unwrap();
+            for t in 0..n {
+                let mut a = vec![0u8; arb];
+                kt.quantize(vt)(&x[t * k..(t + 1) * k], &mut a);
+                for r in 0..m {
+                    let mut one = [0f32];
+                    kt.gemm(dtype, k, &w[r * wm.row_bytes()..], wm.row_bytes(), 1, &a, arb, 1, &mut one);
+                    assert_eq!(out[t * m + r], one[0], "{dtype} n={n} at ({t}, {r})");
+                }
+            }
+        }
+    }
+}

@@ -360,25 +360,43 @@ unsafe fn buffered_tile<const T: u32, const RN: usize>(groups: usize, u: *const 
 /// out[c * nr + r] = w_row(r) · a_row(c) for r < nr, c < nc, with `prep` from [`prepare`].
 #[allow(clippy::too_many_arguments)]
 pub fn gemm(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: &mut [f32]) {
+    assert!(out.len() >= nr * nc);
+    // SAFETY: out holds nr * nc floats: entry (r, c) at c * nr + r.
+    unsafe { gemm_strided(dtype, k, w, w_stride, nr, a, a_stride, nc, prep, out.as_mut_ptr(), nr) }
+}
+
+/// [`gemm`] writing entry (r, c) to `out[c * ldo + r]`, so each thread of a parallel product can
+/// write its rows straight into the shared result.
+///
+/// # Safety
+/// `out.add(c * ldo + r)` must be valid for writes for every r < nr, c < nc, and no other thread
+/// may access those floats during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_strided(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: *mut f32, ldo: usize) {
     assert!(usable(dtype, k));
     let groups = k / GROUP;
     let (wrb, arb) = (dtype.row_bytes(k).unwrap_or(0), ACT.row_bytes(k).unwrap_or(0));
     assert!(wrb <= w_stride && arb <= a_stride);
     assert!(nr == 0 || w.len() >= (nr - 1) * w_stride + wrb);
     assert!(nc == 0 || a.len() >= (nc - 1) * a_stride + arb);
-    assert!(prep.len() >= nc * groups * PREP && out.len() >= nr * nc);
-    match dtype {
-        DType::Q4_0 => run::<2>(groups, w, w_stride, nr, a, a_stride, nc, prep, out),
-        DType::Q5_0 => run::<6>(groups, w, w_stride, nr, a, a_stride, nc, prep, out),
-        DType::Q8_0 => run::<8>(groups, w, w_stride, nr, a, a_stride, nc, prep, out),
-        DType::Q4_K => run::<12>(groups, w, w_stride, nr, a, a_stride, nc, prep, out),
-        DType::Q5_K => run::<13>(groups, w, w_stride, nr, a, a_stride, nc, prep, out),
-        _ => run::<14>(groups, w, w_stride, nr, a, a_stride, nc, prep, out),
+    assert!(prep.len() >= nc * groups * PREP && (nc <= 1 || ldo >= nr));
+    // SAFETY: the caller's contract on `out`; the rest is asserted above.
+    unsafe {
+        match dtype {
+            DType::Q4_0 => run::<2>(groups, w, w_stride, nr, a, a_stride, nc, prep, out, ldo),
+            DType::Q5_0 => run::<6>(groups, w, w_stride, nr, a, a_stride, nc, prep, out, ldo),
+            DType::Q8_0 => run::<8>(groups, w, w_stride, nr, a, a_stride, nc, prep, out, ldo),
+            DType::Q4_K => run::<12>(groups, w, w_stride, nr, a, a_stride, nc, prep, out, ldo),
+            DType::Q5_K => run::<13>(groups, w, w_stride, nr, a, a_stride, nc, prep, out, ldo),
+            _ => run::<14>(groups, w, w_stride, nr, a, a_stride, nc, prep, out, ldo),
+        }
     }
 }
 
+/// # Safety
+/// As [`gemm_strided`].
 #[allow(clippy::too_many_arguments)]
-fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: &mut [f32]) {
+unsafe fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: *mut f32, ldo: usize) {
     if nc < 4 {
         for c in 0..nc {
             let (ac, pc) = (&a[c * a_stride..], &prep[c * groups * PREP..]);
@@ -397,7 +415,8 @@ fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u
                         _ => stream_tile::<T, 1>(groups, wp, w_stride, ac.as_ptr(), pc.as_ptr(), tile.as_mut_ptr()),
                     }
                 }
-                out[c * nr + r..c * nr + r + rm].copy_from_slice(&tile[..rm]);
+                // SAFETY: entries (r..r+rm, c) are the caller's to write.
+                unsafe { std::ptr::copy_nonoverlapping(tile.as_ptr(), out.add(c * ldo + r), rm) };
                 r += rm;
             }
         }
@@ -409,15 +428,15 @@ fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u
             let mut c = 0;
             while c < nc {
                 let rn = (nc - c).min(4);
-                // SAFETY: row r, activation rows c..c+rn and out are within the ranges asserted by
-                // `gemm`; CPU features as above.
+                // SAFETY: row r and activation rows c..c+rn are within the ranges asserted by
+                // `gemm_strided`, whose caller owns the out entries; CPU features as above.
                 unsafe {
-                    let (wp, ap, pp, op) = (w.as_ptr().add(r * w_stride), a.as_ptr().add(c * a_stride), prep.as_ptr().add(c * groups * PREP), out.as_mut_ptr().add(c * nr + r));
+                    let (wp, ap, pp, op) = (w.as_ptr().add(r * w_stride), a.as_ptr().add(c * a_stride), prep.as_ptr().add(c * groups * PREP), out.add(c * ldo + r));
                     match rn {
-                        4 => stream_cols::<T, 4>(groups, wp, ap, a_stride, pp, op, nr),
-                        3 => stream_cols::<T, 3>(groups, wp, ap, a_stride, pp, op, nr),
-                        2 => stream_cols::<T, 2>(groups, wp, ap, a_stride, pp, op, nr),
-                        _ => stream_cols::<T, 1>(groups, wp, ap, a_stride, pp, op, nr),
+                        4 => stream_cols::<T, 4>(groups, wp, ap, a_stride, pp, op, ldo),
+                        3 => stream_cols::<T, 3>(groups, wp, ap, a_stride, pp, op, ldo),
+                        2 => stream_cols::<T, 2>(groups, wp, ap, a_stride, pp, op, ldo),
+                        _ => stream_cols::<T, 1>(groups, wp, ap, a_stride, pp, op, ldo),
                     }
                 }
                 c += rn;
@@ -442,14 +461,14 @@ fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u
                 let mut c = c0;
                 while c < c1 {
                     let rn = (c1 - c).min(2);
-                    // SAFETY: activation rows c..c+rn are within the asserted range; out has
-                    // nr*nc entries; u and s hold this row's `groups` unpacked groups.
+                    // SAFETY: activation rows c..c+rn are within the asserted range; the caller
+                    // owns the out entries; u and s hold this row's `groups` unpacked groups.
                     unsafe {
-                        let (ap, pp, op) = (a.as_ptr().add(c * a_stride), prep.as_ptr().add(c * groups * PREP), out.as_mut_ptr().add(c * nr + r));
+                        let (ap, pp, op) = (a.as_ptr().add(c * a_stride), prep.as_ptr().add(c * groups * PREP), out.add(c * ldo + r));
                         if rn == 2 {
-                            buffered_tile::<T, 2>(groups, u, s, ap, a_stride, pp, op, nr);
+                            buffered_tile::<T, 2>(groups, u, s, ap, a_stride, pp, op, ldo);
                         } else {
-                            buffered_tile::<T, 1>(groups, u, s, ap, a_stride, pp, op, nr);
+                            buffered_tile::<T, 1>(groups, u, s, ap, a_stride, pp, op, ldo);
                         }
                     }
                     c += rn;
