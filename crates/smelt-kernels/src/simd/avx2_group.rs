@@ -19,7 +19,7 @@
 //! same `accumulate`.
 
 use super::avx2::{bits_to_bytes, f16, hsum_f32, load, nibbles32};
-use super::avx2::prefetch_block;
+use super::avx2::{prefetch_block, PREFETCH};
 use crate::formats::DType;
 use std::arch::x86_64::*;
 use std::cell::RefCell;
@@ -397,6 +397,13 @@ pub unsafe fn gemm_strided(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr
 /// As [`gemm_strided`].
 #[allow(clippy::too_many_arguments)]
 unsafe fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: *mut f32, ldo: usize) {
+    // The loops below prefetch PREFETCH bytes ahead of where they read; start the stream by
+    // prefetching the first PREFETCH bytes of this range (decoding runs many short ranges, and
+    // each would otherwise begin with demand misses).
+    let span = (nr * w_stride).min(PREFETCH);
+    for off in (0..span).step_by(64) {
+        prefetch_block(w.as_ptr().wrapping_add(off).wrapping_sub(PREFETCH), 1);
+    }
     if nc < 4 {
         for c in 0..nc {
             let (ac, pc) = (&a[c * a_stride..], &prep[c * groups * PREP..]);
