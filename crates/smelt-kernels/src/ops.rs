@@ -54,16 +54,74 @@ const ROW_CHUNK: usize = 32;
 /// `vec_dot_type`), so the inner loop is an
 /// integer dot product; `scratch` holds them (grown as needed, reused across calls).
 pub fn matmul(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize, out: &mut [f32], scratch: &mut Vec<u8>) {
-    let (k, m) = (w.cols, w.rows);
-    assert!(x.len() >= n * k && out.len() >= n * m, "matmul shapes");
+    matmul_fused(pool, [w], x, n, [out], scratch)
+}
+
+/// [`matmul`] of several matrices with the same input (a layer's Q, K and V projections, or
+/// its gate and up projections) as one job: the activations are quantized once and the threads
+/// share one queue of row ranges over all the matrices, so small matrices cost one
+/// synchronization between them instead of one each. Every output is exactly what `matmul`
+/// gives for that matrix alone.
+pub fn matmul_fused<const N: usize>(pool: &ThreadPool, ws: [&Matrix; N], x: &[f32], n: usize, outs: [&mut [f32]; N], scratch: &mut Vec<u8>) {
     let kt = kernels();
-    let vt = kt.activation_type(w.dtype, k);
+    let k = ws[0].cols;
+    let grouped = ws.iter().all(|w| w.cols == k && kt.group_usable(w.dtype, k));
+    if !grouped {
+        for (w, out) in ws.into_iter().zip(outs) {
+            if N > 1 {
+                matmul_fused(pool, [w], x, n, [out], scratch);
+            } else {
+                matmul_one(pool, w, x, n, out, scratch);
+            }
+        }
+        return;
+    }
+    for (w, out) in ws.iter().zip(&outs) {
+        assert!(x.len() >= n * k && out.len() >= n * w.rows, "matmul shapes");
+    }
+    let vt = kt.activation_type(ws[0].dtype, k);
+    let arb = vt.row_bytes(k).expect("activation row must be whole blocks");
+    quantize_activations(pool, vt, true, x, k, n, scratch);
+    let act: &[u8] = scratch;
+    let optrs = outs.map(|o| SharedMut(o.as_mut_ptr()));
+    // Row ranges over the matrices one after another.
+    let mut starts = [0usize; N];
+    let mut total = 0;
+    for (s, w) in starts.iter_mut().zip(&ws) {
+        *s = total;
+        total += w.rows;
+    }
+    PREP.with(|prep| {
+        let prep = prep.borrow();
+        let prep: &[f32] = &prep;
+        let chunk = if n == 1 { (total / (pool.n_threads() * 8)).clamp(16, 256) / 4 * 4 } else { ROW_CHUNK };
+        pool.for_chunks(total, chunk, &|rows| {
+            for i in 0..N {
+                let (w, s, optr) = (ws[i], starts[i], optrs[i]);
+                let (lo, hi) = (rows.start.max(s), rows.end.min(s + w.rows));
+                if lo >= hi {
+                    continue;
+                }
+                let (r0, nr, wrb) = (lo - s, hi - lo, w.row_bytes());
+                // SAFETY: this range writes outs[i][t * m + r] for its rows r of matrix i and
+                // t < n: disjoint from every other range's entries, and within the output
+                // (asserted above).
+                unsafe { kt.group_gemm_strided(w.dtype, k, &w.data[r0 * wrb..], wrb, nr, act, arb, n, prep, optr.0.add(r0), w.rows) };
+            }
+        });
+    });
+}
+
+/// Quantize `n` activation rows of `k` floats to `vt` into `scratch`, and prepare them for the
+/// group kernels (into the calling thread's `PREP`) when `grouped`; rows in parallel when there
+/// are many.
+fn quantize_activations(pool: &ThreadPool, vt: DType, grouped: bool, x: &[f32], k: usize, n: usize, scratch: &mut Vec<u8>) {
+    let kt = kernels();
     let arb = vt.row_bytes(k).expect("activation row must be whole blocks");
     if scratch.len() < n * arb {
         scratch.resize(n * arb, 0);
     }
     let quant = kt.quantize(vt);
-    let grouped = kt.group_usable(w.dtype, k);
     PREP.with(|prep| {
         let mut prep = prep.borrow_mut();
         let per_row = if grouped { kt.group_prepared_len(k) } else { 0 };
@@ -95,23 +153,19 @@ pub fn matmul(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize, out: &mut [f32
             }
         }
     });
+}
+
+/// One matrix without the group kernels: per-row dot products.
+fn matmul_one(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize, out: &mut [f32], scratch: &mut Vec<u8>) {
+    let (k, m) = (w.cols, w.rows);
+    assert!(x.len() >= n * k && out.len() >= n * m, "matmul shapes");
+    let kt = kernels();
+    let vt = kt.activation_type(w.dtype, k);
+    let arb = vt.row_bytes(k).expect("activation row must be whole blocks");
+    quantize_activations(pool, vt, false, x, k, n, scratch);
     let act: &[u8] = scratch;
     let wrb = w.row_bytes();
     let optr = SharedMut(out.as_mut_ptr());
-    if grouped {
-        PREP.with(|prep| {
-            let prep = prep.borrow();
-            let prep: &[f32] = &prep;
-            let chunk = if n == 1 { (m / (pool.n_threads() * 8)).clamp(16, 256) / 4 * 4 } else { ROW_CHUNK };
-            pool.for_chunks(m, chunk, &|rows| {
-                let optr = optr;
-                // SAFETY: this chunk writes out[t * m + r] for its rows r and t < n: disjoint from
-                // every other chunk's entries, and within out (asserted above).
-                unsafe { kt.group_gemm_strided(w.dtype, k, &w.data[rows.start * wrb..], wrb, rows.len(), act, arb, n, prep, optr.0.add(rows.start), m) };
-            });
-        });
-        return;
-    }
     if n == 1 {
         // Decoding: long contiguous row ranges per task keep the hardware prefetchers streaming.
         let chunk = (m / (pool.n_threads() * 8)).clamp(16, 256) / 4 * 4;

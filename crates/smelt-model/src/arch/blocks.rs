@@ -182,9 +182,11 @@ impl Block<'_> {
         let (d, nh, nkv) = (hp.head_dim, hp.n_head, hp.n_head_kv);
         let ws = &mut *self.ws;
         let pool = ws.pool.clone();
-        linear(&pool, &w.wq, &ws.h, n, &mut ws.q, &mut ws.matmul);
-        linear(&pool, &w.wk, &ws.h, n, &mut ws.k, &mut ws.matmul);
-        linear(&pool, &w.wv, &ws.h, n, &mut ws.v, &mut ws.matmul);
+        fit(&mut ws.q, n * w.wq.rows);
+        fit(&mut ws.k, n * w.wk.rows);
+        fit(&mut ws.v, n * w.wv.rows);
+        let (mq, mk, mv) = (w.wq.matrix(), w.wk.matrix(), w.wv.matrix());
+        timed!(0, ops::matmul_fused(&pool, [&mq, &mk, &mv], &ws.h, n, [&mut ws.q, &mut ws.k, &mut ws.v], &mut ws.matmul));
         add_bias(&mut ws.q, &w.bq);
         add_bias(&mut ws.k, &w.bk);
         add_bias(&mut ws.v, &w.bv);
@@ -265,8 +267,10 @@ impl Block<'_> {
         let n = self.n();
         let ws = &mut *self.ws;
         let pool = ws.pool.clone();
-        linear(&pool, &w.gate, &ws.h, n, &mut ws.gate, &mut ws.matmul);
-        linear(&pool, &w.up, &ws.h, n, &mut ws.up, &mut ws.matmul);
+        fit(&mut ws.gate, n * w.gate.rows);
+        fit(&mut ws.up, n * w.up.rows);
+        let (mg, mu) = (w.gate.matrix(), w.up.matrix());
+        timed!(0, ops::matmul_fused(&pool, [&mg, &mu], &ws.h, n, [&mut ws.gate, &mut ws.up], &mut ws.matmul));
         let f = match act {
             Activation::Silu => ops::silu_mul,
             Activation::GeluTanh => ops::gelu_mul,
