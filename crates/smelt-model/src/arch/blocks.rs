@@ -276,7 +276,7 @@ impl Block<'_> {
             Activation::GeluTanh => ops::gelu_mul,
         };
         let (ff, up) = (w.gate.rows, &ws.up);
-        timed!(3, pool.for_rows(&mut ws.gate, ff, 1, &|t, row| f(row, &up[t * ff..(t + 1) * ff])));
+        timed!(3, per_token(&pool, &mut ws.gate, ff, &|t, row| f(row, &up[t * ff..(t + 1) * ff])));
         linear(&pool, &w.down, &ws.gate, n, &mut ws.a, &mut ws.matmul);
     }
 }
