@@ -119,18 +119,28 @@ def clients(url, model, n_clients, requests, max_tokens):
     }
 
 
-def document(target_tokens=2500):
+def document(smelt, model, target_tokens=2500):
+    """The repository's README and kernel notes, cut to `target_tokens` of the model's tokenizer."""
     text = open(os.path.join(ROOT, "README.md")).read() + "\n" + open(os.path.join(ROOT, "crates/smelt-kernels/PERF.md")).read()
     words = text.split()
-    # ~0.75 words per token for English prose and markdown.
-    n = int(target_tokens * 0.75)
-    while len(words) < n:
+    while len(words) < 4 * target_tokens:
         words += words
-    return " ".join(words[:n])
+
+    def tokens(n):
+        out = subprocess.run([smelt, "tokenize", "-m", model, " ".join(words[:n])], check=True, capture_output=True, text=True).stdout
+        return len(json.loads(out))
+
+    lo, hi = 1, 4 * target_tokens
+    while lo < hi:  # the most words that stay within target_tokens
+        mid = (lo + hi + 1) // 2
+        if tokens(mid) <= target_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return " ".join(words[:lo]), tokens(lo)
 
 
-def doc_ttft(url, model):
-    doc = document()
+def doc_ttft(url, model, doc):
     cold = chat(url, model, [{"role": "user", "content": doc + "\n\nWhat is this document about?"}], 8)[0]
     warm = chat(url, model, [{"role": "user", "content": doc + "\n\nWhich models does it mention?"}], 8)[0]
     return cold, warm
@@ -149,10 +159,12 @@ def main():
         subprocess.run(["cargo", "build", "--release", "-p", "smelt"], check=True, cwd=ROOT)
     rows = []
     bench = {}
+    doc_tokens = {}
     for name in a.models:
         path = subprocess.run([smelt, "pull", name], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         out = subprocess.run([smelt, "bench", "-m", name, "-t", str(a.threads), "-p", "0", "-n", str(a.max_tokens), "-r", "3", "--json", "--no-bandwidth", "--no-grammar"], check=True, capture_output=True, text=True).stdout
         bench[name] = json.loads(out)[0]["avg_ts"]
+        doc, doc_tokens[name] = document(smelt, name)
         for kind in ["llama.cpp", "smelt"]:
             print(f"{name}: {kind} ...", file=sys.stderr, flush=True)
             proc, url = start(kind, path, name, a.threads, 8, a.ctx)
@@ -164,12 +176,13 @@ def main():
                 proc.wait()
             proc, url = start(kind, path, name, a.threads, 1, a.ctx)
             try:
-                cold, warm = doc_ttft(url, name)
+                cold, warm = doc_ttft(url, name, doc)
             finally:
                 proc.terminate()
                 proc.wait()
             rows.append((name, kind, one, eight, cold, warm))
-    print(f"\nthreads: {a.threads}, {a.requests} requests per client, {a.max_tokens} tokens each, greedy, streaming\n")
+    print(f"\nthreads: {a.threads}, {a.requests} requests per client, {a.max_tokens} tokens each, greedy, streaming")
+    print("document: " + ", ".join(f"{n} {t} tokens" for n, t in doc_tokens.items()) + " (plus the question and chat template)\n")
     print("| model | server | 1 client t/s | latency mean / p95 s | TTFT s | 8 clients t/s | latency mean / p95 s | TTFT s | doc TTFT cold s | warm s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, kind, one, eight, cold, warm in rows:
