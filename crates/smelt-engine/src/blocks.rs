@@ -4,6 +4,9 @@
 //! of everything before them (the parent block's hash), so two requests whose prompts start the
 //! same way map their first blocks to the same hashes and can share them. Blocks no sequence uses
 //! any more stay cached (evictable, least recently used first) until their memory is needed.
+//! Cached blocks are also indexed by their parent's hash with their tokens, including the last,
+//! partly filled block of a finished sequence, so a request that diverges in the middle of a
+//! block can still reuse that block's first positions (copied into a block of its own).
 
 use smelt_model::kv::BLOCK_SIZE;
 use std::collections::{BTreeMap, HashMap};
@@ -34,10 +37,20 @@ pub fn prefix_hashes(tokens: &[u32]) -> Vec<u64> {
     out
 }
 
+/// What a cached block holds: the hash of the block before it and its tokens (all
+/// BLOCK_SIZE of them, with `hash` set, for a full block; fewer for a partial one).
+struct Entry {
+    parent: u64,
+    hash: Option<u64>,
+    tokens: Vec<u32>,
+}
+
 pub struct BlockAllocator {
     refs: Vec<u32>,
-    hash_of: Vec<Option<u64>>,
+    entry: Vec<Option<Entry>>,
     cached: HashMap<u64, BlockId>,
+    /// Cached blocks (full or partial) by the hash of the block before them.
+    children: HashMap<u64, Vec<BlockId>>,
     /// Cached blocks nobody uses, by last use.
     lru: BTreeMap<u64, BlockId>,
     lru_tick: Vec<u64>,
@@ -52,8 +65,9 @@ impl BlockAllocator {
     pub fn new(n_blocks: usize) -> BlockAllocator {
         BlockAllocator {
             refs: vec![0; n_blocks],
-            hash_of: vec![None; n_blocks],
+            entry: (0..n_blocks).map(|_| None).collect(),
             cached: HashMap::new(),
+            children: HashMap::new(),
             lru: BTreeMap::new(),
             lru_tick: vec![0; n_blocks],
             tick: 0,
@@ -84,14 +98,35 @@ impl BlockAllocator {
             None => {
                 let (&tick, &b) = self.lru.iter().next()?;
                 self.lru.remove(&tick);
-                if let Some(h) = self.hash_of[b as usize].take() {
-                    self.cached.remove(&h);
-                }
+                self.forget(b);
                 b
             }
         };
         self.refs[b as usize] = 1;
         Some(b)
+    }
+
+    /// Remove a block from the cache indexes.
+    fn forget(&mut self, b: BlockId) {
+        if let Some(e) = self.entry[b as usize].take() {
+            if let Some(h) = e.hash {
+                self.cached.remove(&h);
+            }
+            if let Some(list) = self.children.get_mut(&e.parent) {
+                list.retain(|&c| c != b);
+                if list.is_empty() {
+                    self.children.remove(&e.parent);
+                }
+            }
+        }
+    }
+
+    /// Take one more reference to a block (out of the evictable set if it was there).
+    pub fn acquire(&mut self, b: BlockId) {
+        if self.refs[b as usize] == 0 {
+            self.lru.remove(&self.lru_tick[b as usize]);
+        }
+        self.refs[b as usize] += 1;
     }
 
     /// The longest run of cached blocks matching `hashes` from the start, each now referenced
@@ -100,10 +135,7 @@ impl BlockAllocator {
         let mut hit = Vec::new();
         for h in hashes {
             let Some(&b) = self.cached.get(h) else { break };
-            if self.refs[b as usize] == 0 {
-                self.lru.remove(&self.lru_tick[b as usize]);
-            }
-            self.refs[b as usize] += 1;
+            self.acquire(b);
             hit.push(b);
         }
         self.lookups += tokens as u64;
@@ -111,12 +143,45 @@ impl BlockAllocator {
         hit
     }
 
-    /// Make a full block findable by its prefix hash (first writer wins).
-    pub fn register(&mut self, b: BlockId, hash: u64) {
-        if self.hash_of[b as usize].is_none() && !self.cached.contains_key(&hash) {
-            self.hash_of[b as usize] = Some(hash);
-            self.cached.insert(hash, b);
+    /// The cached block after `parent` (0: the first block) whose tokens share the longest
+    /// start with `want`, and that length (at least 1), if any.
+    pub fn best_partial(&self, parent: u64, want: &[u32]) -> Option<(BlockId, usize)> {
+        let mut best: Option<(BlockId, usize)> = None;
+        for &b in self.children.get(&parent)? {
+            let Some(e) = &self.entry[b as usize] else { continue };
+            let j = e.tokens.iter().zip(want).take_while(|(a, b)| a == b).count();
+            if j > best.map_or(0, |(_, n)| n) {
+                best = Some((b, j));
+            }
         }
+        best
+    }
+
+    /// Count `n` tokens reused from a partial match (hit-rate statistics).
+    pub fn record_hit(&mut self, n: usize) {
+        self.hits += n as u64;
+    }
+
+    /// Make a full block findable by its prefix hash (first writer wins). `parent` is the hash
+    /// of the block before it (0 for the first), `tokens` its BLOCK_SIZE tokens.
+    pub fn register(&mut self, b: BlockId, parent: u64, hash: u64, tokens: &[u32]) {
+        if self.entry[b as usize].as_ref().is_some_and(|e| e.hash.is_some()) || self.cached.contains_key(&hash) {
+            return;
+        }
+        self.forget(b);
+        self.entry[b as usize] = Some(Entry { parent, hash: Some(hash), tokens: tokens.to_vec() });
+        self.cached.insert(hash, b);
+        self.children.entry(parent).or_default().push(b);
+    }
+
+    /// Keep a partly filled block (its first `tokens.len()` positions) findable after `parent`
+    /// once its sequence is done with it.
+    pub fn register_partial(&mut self, b: BlockId, parent: u64, tokens: &[u32]) {
+        if self.entry[b as usize].is_some() || tokens.is_empty() || tokens.len() >= BLOCK_SIZE {
+            return;
+        }
+        self.entry[b as usize] = Some(Entry { parent, hash: None, tokens: tokens.to_vec() });
+        self.children.entry(parent).or_default().push(b);
     }
 
     /// Drop one reference; unused blocks stay cached if registered, else become free.
@@ -125,7 +190,7 @@ impl BlockAllocator {
         debug_assert!(*r > 0, "releasing an unused block");
         *r = r.saturating_sub(1);
         if *r == 0 {
-            if self.hash_of[b as usize].is_some() {
+            if self.entry[b as usize].is_some() {
                 self.tick += 1;
                 self.lru_tick[b as usize] = self.tick;
                 self.lru.insert(self.tick, b);
@@ -152,8 +217,8 @@ mod tests {
         assert_eq!(hashes.len(), 3);
         assert!(a.lookup(&hashes, doc.len()).is_empty());
         let blocks: Vec<BlockId> = (0..3).map(|_| a.allocate().unwrap()).collect();
-        for (b, h) in blocks.iter().zip(&hashes) {
-            a.register(*b, *h);
+        for (i, (b, h)) in blocks.iter().zip(&hashes).enumerate() {
+            a.register(*b, if i == 0 { 0 } else { hashes[i - 1] }, *h, &doc[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE]);
         }
         // A second request with the same first two blocks and a different third.
         let mut other = doc[..2 * BLOCK_SIZE].to_vec();
@@ -185,5 +250,32 @@ mod tests {
         assert_ne!(ha[0], hb[0]);
         assert_ne!(ha[1], hb[1], "same second block, different history");
         assert_eq!(prefix_hashes(&a[..BLOCK_SIZE + 3]), ha[..1].to_vec());
+    }
+
+    #[test]
+    fn partial_matches_find_the_longest_shared_start_and_leave_with_eviction() {
+        let mut a = BlockAllocator::new(3);
+        let doc = toks(BLOCK_SIZE + 5, 3);
+        let h = prefix_hashes(&doc);
+        let (b0, b1) = (a.allocate().unwrap(), a.allocate().unwrap());
+        a.register(b0, 0, h[0], &doc[..BLOCK_SIZE]);
+        a.register_partial(b1, h[0], &doc[BLOCK_SIZE..]);
+        // After the first block, a request sharing three of the five tokens finds b1.
+        let mut want = doc[BLOCK_SIZE..BLOCK_SIZE + 3].to_vec();
+        want.push(12345);
+        assert_eq!(a.best_partial(h[0], &want), Some((b1, 3)));
+        // From the start, the full block matches as far as the request goes.
+        assert_eq!(a.best_partial(0, &doc[..7]), Some((b0, 7)));
+        assert_eq!(a.best_partial(h[0], &[999]), None);
+        assert_eq!(a.best_partial(12, &want), None);
+        // Released, both stay cached; evicted, the partial block is no longer offered.
+        a.release(b0);
+        a.release(b1);
+        assert_eq!(a.available(), 3);
+        let _free = a.allocate().unwrap();
+        let _b0_again = a.allocate().unwrap();
+        let _b1_again = a.allocate().unwrap();
+        assert_eq!(a.best_partial(h[0], &want), None);
+        assert_eq!(a.best_partial(0, &doc[..7]), None);
     }
 }

@@ -309,10 +309,12 @@ impl Runner {
             let hit = self.alloc.lookup(&hashes, lookup_tokens);
             s.computed = hit.len() * BLOCK_SIZE;
             s.registered = hit.len();
+            let parent = if hit.is_empty() { 0 } else { hashes[hit.len() - 1] };
+            s.blocks = hit;
+            self.reuse_partial(&mut s, parent);
             if s.generated == 0 {
                 s.cached_tokens = s.computed;
             }
-            s.blocks = hit;
             // Enough blocks for the first chunk, or wait for memory.
             let first = (s.tokens.len() - s.computed).min(self.config.step_tokens);
             let need = (s.computed + first).div_ceil(BLOCK_SIZE).saturating_sub(s.blocks.len());
@@ -326,6 +328,39 @@ impl Runner {
             }
             self.running.push(s);
         }
+    }
+
+    /// After the shared full blocks: copy the first positions of a cached block that continues
+    /// the same way (the longest match, always leaving the last token to compute), so only
+    /// where the prompt really diverges is recomputed.
+    fn reuse_partial(&mut self, s: &mut Seq, parent: u64) {
+        let limit = (s.tokens.len() - 1).saturating_sub(s.computed).min(BLOCK_SIZE);
+        if limit == 0 {
+            return;
+        }
+        let Some((src, j)) = self.alloc.best_partial(parent, &s.tokens[s.computed..s.computed + limit]) else { return };
+        // Hold the source so allocating the copy cannot evict it.
+        self.alloc.acquire(src);
+        if let Some(dst) = self.alloc.allocate() {
+            self.kv.copy_positions(src, dst, j);
+            s.blocks.push(dst);
+            s.computed += j;
+            if s.generated == 0 {
+                self.alloc.record_hit(j.min(s.n_prompt.saturating_sub(s.computed - j)));
+            }
+        }
+        self.alloc.release(src);
+    }
+
+    /// Keep the last, partly filled block of a sequence that is done findable in the prefix
+    /// cache (see `reuse_partial`).
+    fn keep_partial(&mut self, s: &Seq) {
+        let (full, rest) = (s.computed / BLOCK_SIZE, s.computed % BLOCK_SIZE);
+        if rest == 0 || full >= s.blocks.len() || full > s.registered {
+            return;
+        }
+        let parent = if full == 0 { 0 } else { prefix_hashes(&s.tokens[..full * BLOCK_SIZE])[full - 1] };
+        self.alloc.register_partial(s.blocks[full], parent, &s.tokens[full * BLOCK_SIZE..s.computed]);
     }
 
     /// Ensure sequence `i` has blocks up to position `end`, preempting later sequences if the
@@ -356,6 +391,7 @@ impl Runner {
     /// so whoever reads the metrics after the response sees them settled.
     fn finish(&mut self, i: usize, finish: FinishReason) {
         let mut s = self.running.swap_remove(i);
+        self.keep_partial(&s);
         self.release(&mut s.blocks);
         self.publish_stats();
         let summary = Summary { finish, prompt_tokens: s.n_prompt, completion_tokens: s.generated, cached_tokens: s.cached_tokens };
@@ -478,7 +514,8 @@ impl Runner {
             if full > s.registered {
                 let hashes = prefix_hashes(&s.tokens[..full * BLOCK_SIZE]);
                 for b in s.registered..full {
-                    self.alloc.register(s.blocks[b], hashes[b]);
+                    let parent = if b == 0 { 0 } else { hashes[b - 1] };
+                    self.alloc.register(s.blocks[b], parent, hashes[b], &s.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE]);
                 }
                 s.registered = full;
             }
@@ -502,6 +539,7 @@ impl Runner {
         for (i, reason) in finished {
             if reason == FinishReason::Cancelled {
                 let mut s = self.running.swap_remove(i);
+                self.keep_partial(&s);
                 self.release(&mut s.blocks);
             } else {
                 self.finish(i, reason);

@@ -114,10 +114,36 @@ fn shared_prefixes_come_from_the_cache_and_change_nothing() {
     let (sk, rx, _) = sink();
     engine.submit(Job::Generate(GenRequest { prompt: q2.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
     let (second, s2) = collect(&rx);
-    assert_eq!(s2.cached_tokens, 96, "the document's six full blocks are reused");
+    // The document's six full blocks are shared, and its last four tokens are copied from the
+    // first request's seventh block, where the two prompts diverge.
+    assert_eq!(s2.cached_tokens, 100, "the whole document is reused");
     assert_eq!(first, alone(&m, &q1, &gp));
     assert_eq!(second, alone(&m, &q2, &gp));
-    assert!(engine.stats.prefix_hit_tokens.load(Ordering::Relaxed) >= 96);
+    // The same prompt again: everything but its last token comes from the cache.
+    let (sk, rx, _) = sink();
+    engine.submit(Job::Generate(GenRequest { prompt: q1.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+    let (third, s3) = collect(&rx);
+    assert_eq!(s3.cached_tokens, q1.len() - 1);
+    assert_eq!(third, first);
+    // A prompt that diverges in the middle of a block the second request filled.
+    let mut q4 = q2[..q2.len() - 2].to_vec();
+    q4.extend(prompt(5, 4));
+    let (sk, rx, _) = sink();
+    engine.submit(Job::Generate(GenRequest { prompt: q4.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+    let (fourth, s4) = collect(&rx);
+    assert_eq!(s4.cached_tokens, q2.len() - 2);
+    assert_eq!(fourth, alone(&m, &q4, &gp));
+    // The second request's answer, continued differently: its last block was only partly
+    // filled when it finished (positions 112..116), and was kept for this.
+    let mut q5 = q2.clone();
+    q5.extend(&second[..6]);
+    q5.extend(prompt(3, 5));
+    let (sk, rx, _) = sink();
+    engine.submit(Job::Generate(GenRequest { prompt: q5.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+    let (fifth, s5) = collect(&rx);
+    assert_eq!(s5.cached_tokens, q2.len() + 6);
+    assert_eq!(fifth, alone(&m, &q5, &gp));
+    assert!(engine.stats.prefix_hit_tokens.load(Ordering::Relaxed) >= 100 + 106 + 107 + 115);
 }
 
 #[test]

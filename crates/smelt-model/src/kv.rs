@@ -241,6 +241,16 @@ impl BlockPool {
         }
     }
 
+    /// Copy the keys and values of the first `n` positions of block `src` into block `dst`, in
+    /// every layer (a request reusing part of a cached block gets its own copy to extend).
+    pub fn copy_positions(&mut self, src: u32, dst: u32, n: usize) {
+        let n = n.min(BLOCK_SIZE);
+        let (s, d) = (src as usize * BLOCK_SIZE * self.row, dst as usize * BLOCK_SIZE * self.row);
+        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+            layer.copy_within(s..s + n * self.row, d);
+        }
+    }
+
     /// Bytes one block takes (all layers, keys and values).
     pub fn block_bytes(windows: usize, row: usize) -> usize {
         windows * 2 * BLOCK_SIZE * row * 4
