@@ -302,8 +302,10 @@ impl Runner {
     fn admit(&mut self) {
         while self.running.len() < self.config.max_seqs {
             let Some(mut s) = self.waiting.pop_front() else { break };
-            // Reuse cached blocks, but always compute at least the last token (for its logits).
-            let reusable = (s.tokens.len() - 1) / BLOCK_SIZE;
+            // Reuse cached blocks, but always compute at least the last token (for its logits),
+            // and everything when the prompt's own logprobs are wanted (they need every row).
+            let wants_rows = s.req.prompt_logprobs.is_some() && s.generated == 0;
+            let reusable = if wants_rows { 0 } else { (s.tokens.len() - 1) / BLOCK_SIZE };
             let hashes = prefix_hashes(&s.tokens[..reusable * BLOCK_SIZE]);
             let lookup_tokens = if s.generated == 0 { s.n_prompt } else { 0 };
             let hit = self.alloc.lookup(&hashes, lookup_tokens);
@@ -311,7 +313,9 @@ impl Runner {
             s.registered = hit.len();
             let parent = if hit.is_empty() { 0 } else { hashes[hit.len() - 1] };
             s.blocks = hit;
-            self.reuse_partial(&mut s, parent);
+            if !wants_rows {
+                self.reuse_partial(&mut s, parent);
+            }
             if s.generated == 0 {
                 s.cached_tokens = s.computed;
             }

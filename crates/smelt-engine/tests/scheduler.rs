@@ -201,18 +201,24 @@ fn prompt_logprobs_and_embeddings() {
     let m = model("qwen3");
     let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(2)), config(128));
     let p = prompt(70, 5);
-    let (sk, rx, _) = sink();
-    engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: params(2, None), prompt_logprobs: Some(3), sink: sk })).unwrap();
-    match rx.recv().unwrap() {
-        Event::PromptLogprobs(lp) => {
-            assert_eq!(lp.len(), p.len());
-            assert!(lp[0].logprob.is_none());
-            assert!(lp[1..].iter().all(|x| x.logprob.unwrap() <= 0.0 && x.top.len() == 3));
-            assert_eq!(lp.iter().map(|x| x.token).collect::<Vec<_>>(), p);
+    // Twice: the second time the prompt is in the prefix cache, and every row is still there.
+    let mut first = None;
+    for _ in 0..2 {
+        let (sk, rx, _) = sink();
+        engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: params(2, None), prompt_logprobs: Some(3), sink: sk })).unwrap();
+        match rx.recv().unwrap() {
+            Event::PromptLogprobs(lp) => {
+                assert_eq!(lp.len(), p.len());
+                assert!(lp[0].logprob.is_none());
+                assert!(lp[1..].iter().all(|x| x.logprob.unwrap() <= 0.0 && x.top.len() == 3));
+                assert_eq!(lp.iter().map(|x| x.token).collect::<Vec<_>>(), p);
+                let values: Vec<Option<f32>> = lp.iter().map(|x| x.logprob).collect();
+                assert_eq!(*first.get_or_insert(values.clone()), values);
+            }
+            other => panic!("expected prompt logprobs, got {other:?}"),
         }
-        other => panic!("expected prompt logprobs, got {other:?}"),
+        collect(&rx);
     }
-    collect(&rx);
     let (sk, rx, _) = sink();
     engine.submit(Job::Embed(EmbedRequest { inputs: vec![prompt(10, 1), prompt(40, 2), prompt(10, 1)], sink: sk })).unwrap();
     match rx.recv().unwrap() {

@@ -171,26 +171,53 @@ fn hsum(v: __m256) -> f32 {
 /// Heads attended together at most (their running maxima live on the stack).
 const MAX_HEADS: usize = 8;
 
-/// Dot products of one row of `hd` floats with eight others (hd a multiple of 8).
+/// Dot products of one row of `hd` floats with eight others (hd a multiple of 8), four at a
+/// time (see `dot4`).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn dot8(q: *const f32, k: &[*const f32; 8], hd: usize) -> __m256 {
-    let mut acc = [_mm256_setzero_ps(); 8];
+    // SAFETY: the caller's guarantee, passed on.
+    unsafe { _mm256_set_m128(dot4(q, [k[4], k[5], k[6], k[7]], hd), dot4(q, [k[0], k[1], k[2], k[3]], hd)) }
+}
+
+/// Dot products of one row with four others. Each is summed exactly as a lone dot product
+/// would be — two accumulators over alternate 8-float chunks, added, then the halves, pairs
+/// and lanes in a fixed order — but the four final reductions share one 4×4 transpose. A
+/// key's score therefore depends only on its row and the query.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot4(q: *const f32, k: [*const f32; 4], hd: usize) -> __m128 {
+    let (mut s0, mut s1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
     let mut d = 0;
-    while d < hd {
-        // SAFETY: the caller guarantees hd readable floats at q and at each k[j].
+    // SAFETY (loads): the caller guarantees hd readable floats at q and at each k[j].
+    while d + 16 <= hd {
         unsafe {
-            let qv = _mm256_loadu_ps(q.add(d));
-            for (a, kj) in acc.iter_mut().zip(k) {
-                *a = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj.add(d)), *a);
+            let (q0, q1) = (_mm256_loadu_ps(q.add(d)), _mm256_loadu_ps(q.add(d + 8)));
+            for j in 0..4 {
+                s0[j] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k[j].add(d)), s0[j]);
+                s1[j] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k[j].add(d + 8)), s1[j]);
             }
         }
-        d += 8;
+        d += 16;
     }
-    // [key0..key7]: pairwise sums, then the two 128-bit halves added.
-    let a = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
-    let b = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
-    _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31))
+    if d < hd {
+        unsafe {
+            let q0 = _mm256_loadu_ps(q.add(d));
+            for j in 0..4 {
+                s0[j] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k[j].add(d)), s0[j]);
+            }
+        }
+    }
+    // Per key: w = low half + high half of (s0 + s1); then (w0 + w2) + (w1 + w3).
+    let w: [__m128; 4] = std::array::from_fn(|j| {
+        let v = _mm256_add_ps(s0[j], s1[j]);
+        _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))
+    });
+    let (t0, t1) = (_mm_unpacklo_ps(w[0], w[1]), _mm_unpacklo_ps(w[2], w[3]));
+    let (t2, t3) = (_mm_unpackhi_ps(w[0], w[1]), _mm_unpackhi_ps(w[2], w[3]));
+    let (c0, c1) = (_mm_movelh_ps(t0, t1), _mm_movehl_ps(t1, t0));
+    let (c2, c3) = (_mm_movelh_ps(t2, t3), _mm_movehl_ps(t3, t2));
+    _mm_add_ps(_mm_add_ps(c0, c2), _mm_add_ps(c1, c3))
 }
 
 #[inline]
@@ -216,9 +243,9 @@ unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f32], values: &[f32], strid
     scores.clear();
     scores.resize(heads * n, 0.0);
     let (kp, vp, qp, sp) = (keys.as_ptr(), values.as_ptr(), q.as_ptr(), scores.as_mut_ptr());
-    // Scores, eight keys at a time: each key's dot product has its own accumulator and the
-    // eight are summed by one transposing reduction, so a key's score depends only on its row
-    // and the query, not on which keys share its block. A last partial block repeats its first
+    // Scores, eight keys at a time: each key's dot product has its own accumulators and the
+    // final sums share transposing reductions, so a key's score depends only on its row and
+    // the query, not on which keys share its block. A last partial block repeats its first
     // key (a real score, so the maxima are unchanged) and keeps only the real entries.
     let vscale = _mm256_set1_ps(scale);
     let mut vmax = [_mm256_set1_ps(f32::NEG_INFINITY); MAX_HEADS];
@@ -374,6 +401,52 @@ mod tests {
                 if (-87.0..=88.0).contains(x) {
                     assert!(((y as f64 - want) / want).abs() < 1e-6, "exp({x}) = {y}, want {want}");
                 }
+            }
+        }
+    }
+
+    /// A lone dot product: two accumulators over alternate 8-float chunks, then a horizontal sum.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn lone_dot(a: *const f32, b: *const f32, hd: usize) -> f32 {
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut d = 0;
+        // SAFETY: the caller passes hd floats at a and b.
+        unsafe {
+            while d + 16 <= hd {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d)), _mm256_loadu_ps(b.add(d)), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d + 8)), _mm256_loadu_ps(b.add(d + 8)), s1);
+                d += 16;
+            }
+            if d < hd {
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d)), _mm256_loadu_ps(b.add(d)), s0);
+            }
+        }
+        hsum(_mm256_add_ps(s0, s1))
+    }
+
+    #[test]
+    fn grouped_dot_products_equal_lone_ones_bitwise() {
+        if !super::super::avx2::available() {
+            return;
+        }
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut f = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
+        };
+        for hd in [8, 16, 24, 64, 72, 256] {
+            let q: Vec<f32> = (0..hd).map(|_| f()).collect();
+            let keys: Vec<Vec<f32>> = (0..8).map(|_| (0..hd).map(|_| f()).collect()).collect();
+            let ptrs: [*const f32; 8] = std::array::from_fn(|j| keys[j].as_ptr());
+            let mut got = [0f32; 8];
+            // SAFETY: AVX2/FMA checked above; every row holds hd floats.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), dot8(q.as_ptr(), &ptrs, hd)) };
+            for j in 0..8 {
+                // SAFETY: as above.
+                let want = unsafe { lone_dot(q.as_ptr(), keys[j].as_ptr(), hd) };
+                assert_eq!(got[j].to_bits(), want.to_bits(), "hd={hd} key {j}: {} vs {want}", got[j]);
             }
         }
     }
