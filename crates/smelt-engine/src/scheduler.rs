@@ -350,7 +350,7 @@ impl Runner {
             s.blocks.push(dst);
             s.computed += j;
             if s.generated == 0 {
-                self.alloc.record_hit(j.min(s.n_prompt.saturating_sub(s.computed - j)));
+                self.alloc.record_hit(j);
             }
         }
         self.alloc.release(src);

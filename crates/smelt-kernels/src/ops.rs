@@ -67,8 +67,9 @@ pub fn matmul_fused<const N: usize>(pool: &ThreadPool, ws: [&Matrix; N], x: &[f3
     let k = ws[0].cols;
     let grouped = ws.iter().all(|w| w.cols == k && kt.group_usable(w.dtype, k));
     if !grouped {
+        // Matrices the group kernels cannot take together: one at a time, each by the best path.
         for (w, out) in ws.into_iter().zip(outs) {
-            if N > 1 {
+            if N > 1 && kt.group_usable(w.dtype, w.cols) {
                 matmul_fused(pool, [w], x, n, [out], scratch);
             } else {
                 matmul_one(pool, w, x, n, out, scratch);
@@ -248,13 +249,6 @@ pub struct Rope {
 }
 
 impl Rope {
-    /// Rotate every head (`head_dim` floats each) of one token's vector at position `pos`.
-    pub fn apply(&self, x: &mut [f32], head_dim: usize, pos: usize, cache: &mut Vec<(f32, f32)>) {
-        cache.clear();
-        self.angles(pos, cache);
-        self.rotate(x, head_dim, cache);
-    }
-
     /// Append (cos, sin) of each rotated pair's angle at `pos` to `out` (`n_rot / 2` pairs),
     /// computed as GGML does: theta_i = pos * base^(-2i/n_rot), by repeated products.
     pub fn angles(&self, pos: usize, out: &mut Vec<(f32, f32)>) {
@@ -441,9 +435,12 @@ mod tests {
         let rope = Rope { style: RopeStyle::Neox, n_rot: 4, base: 10000.0, freq_scale: 1.0, freq_factors: None };
         let mut x = vec![1.0, 0.0, 0.0, 1.0];
         let mut c = Vec::new();
-        rope.apply(&mut x, 4, 0, &mut c);
+        rope.angles(0, &mut c);
+        rope.rotate(&mut x, 4, &c);
         assert_eq!(x, vec![1.0, 0.0, 0.0, 1.0]);
-        rope.apply(&mut x, 4, 1, &mut c);
+        c.clear();
+        rope.angles(1, &mut c);
+        rope.rotate(&mut x, 4, &c);
         // Pair (x0, x2) rotates by 1 radian; pair (x1, x3) by 1/100.
         assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[2] - 1f32.sin()).abs() < 1e-6);
         assert!((x[1] + (0.01f32).sin()).abs() < 1e-6 && (x[3] - (0.01f32).cos()).abs() < 1e-6);
