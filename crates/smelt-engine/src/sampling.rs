@@ -92,6 +92,8 @@ pub struct Sampler {
     counts: std::collections::HashMap<u32, u32>,
     /// Per-token weights of the unsorted draw (reused between tokens).
     weights: Vec<f32>,
+    /// The logits with bias and penalties applied, when a request has any (reused).
+    adjusted: Vec<f32>,
 }
 
 impl Sampler {
@@ -100,19 +102,33 @@ impl Sampler {
             let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
             t ^ (std::process::id() as u64) << 32
         });
-        Sampler { params, rng: Rng::new(seed), candidates: Vec::new(), counts: Default::default(), weights: Vec::new() }
+        Sampler { params, rng: Rng::new(seed), candidates: Vec::new(), counts: Default::default(), weights: Vec::new(), adjusted: Vec::new() }
     }
 
-    /// Pick the next token from `logits` (modified in place by bias and penalties), given the
-    /// sequence so far (`history`: prompt and generated tokens).
-    pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {
+    /// Pick the next token from `logits` (after bias and penalties, applied to a copy), given
+    /// the sequence so far (`history`: prompt and generated tokens).
+    pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
+        let mut adjusted = std::mem::take(&mut self.adjusted);
+        let id = if self.adjust(logits, history, &mut adjusted) { self.pick(&adjusted) } else { self.pick(logits) };
+        self.adjusted = adjusted;
+        id
+    }
+
+    /// Write `logits` with the logit bias and the repetition penalties applied to `out`; false
+    /// (nothing written) when the request has neither, so the common case copies nothing.
+    fn adjust(&mut self, logits: &[f32], history: &[u32], out: &mut Vec<f32>) -> bool {
         let p = &self.params;
+        let penalize = p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
+        if p.logit_bias.is_empty() && !penalize {
+            return false;
+        }
+        out.clear();
+        out.extend_from_slice(logits);
         for &(id, b) in &p.logit_bias {
-            if let Some(l) = logits.get_mut(id as usize) {
+            if let Some(l) = out.get_mut(id as usize) {
                 *l += b;
             }
         }
-        let penalize = p.repetition_penalty != 1.0 || p.presence_penalty != 0.0 || p.frequency_penalty != 0.0;
         if penalize {
             let recent = if p.penalty_last_n == 0 { history } else { &history[history.len().saturating_sub(p.penalty_last_n)..] };
             self.counts.clear();
@@ -120,7 +136,7 @@ impl Sampler {
                 *self.counts.entry(t).or_default() += 1;
             }
             for (&t, &c) in &self.counts {
-                if let Some(l) = logits.get_mut(t as usize) {
+                if let Some(l) = out.get_mut(t as usize) {
                     if *l > 0.0 {
                         *l /= p.repetition_penalty;
                     } else {
@@ -130,6 +146,12 @@ impl Sampler {
                 }
             }
         }
+        true
+    }
+
+    /// Pick from logits that already carry bias and penalties.
+    fn pick(&mut self, logits: &[f32]) -> u32 {
+        let p = &self.params;
         if p.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -138,17 +160,12 @@ impl Sampler {
         }
 
         let cands = &mut self.candidates;
-        cands.clear();
-        cands.extend(logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l)));
-        if cands.is_empty() {
-            return argmax(logits);
-        }
         let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         // top-k, then sort what is left (for top-p we need the whole distribution in order, but
         // only as far as the cut: sort a generous head first and widen if it is not enough).
-        if p.top_k > 0 && p.top_k < cands.len() {
-            cands.select_nth_unstable_by(p.top_k - 1, by_logit_desc);
-            cands.truncate(p.top_k);
+        top_k_candidates(logits, p.top_k, cands);
+        if cands.is_empty() {
+            return argmax(logits);
         }
         sort_head(cands, p.top_p, by_logit_desc);
 
@@ -194,8 +211,9 @@ impl Sampler {
     /// applied) in one vectorized pass and draw. This is the OpenAI API's default sampling.
     fn draw_whole(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        let max = logits.iter().copied().filter(|l| l.is_finite()).fold(f32::NEG_INFINITY, f32::max);
-        if !max.is_finite() || logits.contains(&f32::INFINITY) {
+        let max = max_value(logits);
+        if !max.is_finite() {
+            // Every logit -inf or NaN, or some +inf (which takes all the probability).
             return argmax(logits);
         }
         // min-p: keep tokens at least min_p times as likely as the best (before temperature).
@@ -233,14 +251,68 @@ fn sort_head(cands: &mut [(u32, f32)], top_p: f32, cmp: impl Fn(&(u32, f32), &(u
     cands.sort_unstable_by(cmp);
 }
 
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0usize;
+/// The finite logits (no NaN) among the `k` largest, ties to the lower index — exactly the first
+/// `k` under (logit descending, index ascending); every finite logit when `k` is 0 or larger
+/// than their count. One pass that keeps only values above the current k-th best, so a large
+/// vocabulary costs a scan, not a selection over all of it.
+fn top_k_candidates(logits: &[f32], k: usize, out: &mut Vec<(u32, f32)>) {
+    let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    out.clear();
+    if k == 0 || k >= logits.len() {
+        out.extend(logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l)));
+        return;
+    }
+    // A later index with the k-th best value ranks below it, so only strictly larger values
+    // can still enter once k are held.
+    let mut floor = f32::NEG_INFINITY;
     for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+        if l.is_finite() && l.total_cmp(&floor).is_gt() {
+            out.push((i as u32, l));
+            if out.len() >= 2 * k + 256 {
+                out.select_nth_unstable_by(k - 1, by_logit_desc);
+                out.truncate(k);
+                floor = out[k - 1].1;
+            }
         }
     }
-    best as u32
+    if out.len() > k {
+        out.select_nth_unstable_by(k - 1, by_logit_desc);
+        out.truncate(k);
+    }
+}
+
+/// The largest value, NaN ignored (-inf when there is none). Sixteen independent lanes so the
+/// compiler vectorizes the scan.
+pub fn max_value(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 16];
+    let chunks = x.chunks_exact(16);
+    let mut best = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| if v > m { v } else { m });
+    for c in chunks {
+        for (m, &v) in lanes.iter_mut().zip(c) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    for m in lanes {
+        if m > best {
+            best = m;
+        }
+    }
+    best
+}
+
+/// Index of the largest logit (the first, on ties; NaN ignored; 0 when there is none): block
+/// maxima by a vectorized scan, then a search of the first block that holds the maximum.
+pub fn argmax(logits: &[f32]) -> u32 {
+    const BLOCK: usize = 512;
+    let (mut best, mut block) = (f32::NEG_INFINITY, 0);
+    for (b, chunk) in logits.chunks(BLOCK).enumerate() {
+        let m = max_value(chunk);
+        if m > best {
+            (best, block) = (m, b);
+        }
+    }
+    let start = block * BLOCK;
+    logits[start.min(logits.len())..].iter().position(|&l| l == best).map_or(0, |i| (start + i) as u32)
 }
 
 /// Log-softmax normalizer (log-sum-exp) of a logits row.
@@ -273,16 +345,17 @@ mod tests {
     #[test]
     fn greedy_takes_the_argmax_after_bias() {
         let mut s = Sampler::new(SamplingParams::greedy());
-        assert_eq!(s.sample(&mut logits(), &[]), 1);
+        assert_eq!(s.sample(&logits(), &[]), 1);
         let mut s = Sampler::new(SamplingParams { logit_bias: vec![(1, f32::NEG_INFINITY)], ..SamplingParams::greedy() });
-        assert_eq!(s.sample(&mut logits(), &[]), 4);
+        assert_eq!(s.sample(&logits(), &[]), 4);
     }
 
     #[test]
     fn penalties_follow_llama_cpp() {
-        let mut l = logits();
+        let mut l = Vec::new();
         let mut s = Sampler::new(SamplingParams { repetition_penalty: 2.0, presence_penalty: 0.5, frequency_penalty: 0.25, ..SamplingParams::greedy() });
-        s.sample(&mut l, &[1, 1, 3]);
+        assert!(s.adjust(&logits(), &[1, 1, 3], &mut l));
+        assert!(!Sampler::new(SamplingParams::greedy()).adjust(&logits(), &[1, 1, 3], &mut l));
         assert_eq!(l[1], 3.0 / 2.0 - 2.0 * 0.25 - 0.5);
         assert_eq!(l[3], -1.0 * 2.0 - 0.25 - 0.5);
         assert_eq!(l[0], 1.0);
@@ -292,7 +365,7 @@ mod tests {
     fn seeded_sampling_is_reproducible_and_respects_filters() {
         let draw = |seed, top_k, top_p, min_p| {
             let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_k, top_p, min_p, seed: Some(seed), ..Default::default() });
-            (0..2000).map(|_| s.sample(&mut logits(), &[])).collect::<Vec<_>>()
+            (0..2000).map(|_| s.sample(&logits(), &[])).collect::<Vec<_>>()
         };
         assert_eq!(draw(7, 0, 1.0, 0.0), draw(7, 0, 1.0, 0.0));
         assert_ne!(draw(7, 0, 1.0, 0.0), draw(8, 0, 1.0, 0.0));
@@ -309,7 +382,7 @@ mod tests {
         let n = 20000;
         let mut hits = [0usize; 5];
         for _ in 0..n {
-            hits[s.sample(&mut logits(), &[]) as usize] += 1;
+            hits[s.sample(&logits(), &[]) as usize] += 1;
         }
         let l = logits();
         let lse = log_sum_exp(&l);
@@ -332,7 +405,7 @@ mod tests {
             let mut s = Sampler::new(SamplingParams { temperature: t, top_k: 0, top_p, min_p, seed: Some(9), ..Default::default() });
             let mut hits = [0usize; 5];
             for _ in 0..20000 {
-                hits[s.sample(&mut logits(), &[]) as usize] += 1;
+                hits[s.sample(&logits(), &[]) as usize] += 1;
             }
             hits.map(|h| h as f64 / 20000.0)
         };
@@ -351,6 +424,50 @@ mod tests {
         assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 4, 2]);
         let total: f64 = l.iter().map(|&x| ((x - log_sum_exp(&l)) as f64).exp()).sum();
         assert!((total - 1.0).abs() < 1e-6);
+    }
+
+    /// Random logits with many ties, signed zeros, NaN and infinities.
+    fn awkward(n: usize, seed: u64) -> Vec<f32> {
+        let mut r = Rng::new(seed);
+        (0..n)
+            .map(|_| match (r.uniform() * 40.0) as u32 {
+                0 => f32::NAN,
+                1 => f32::NEG_INFINITY,
+                2 => -0.0,
+                3 => 0.0,
+                _ => ((r.uniform() * 16.0) as i32 - 8) as f32 * 0.5,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn argmax_and_top_k_equal_plain_definitions() {
+        let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+        for (seed, n) in [(1, 1), (2, 7), (3, 513), (4, 1000), (5, 4099), (6, 262_145)] {
+            let l = awkward(n, seed);
+            // The first index of the largest non-NaN value.
+            let mut want = None;
+            for (i, &v) in l.iter().enumerate() {
+                if !v.is_nan() && want.is_none_or(|w: usize| v > l[w]) {
+                    want = Some(i);
+                }
+            }
+            assert_eq!(argmax(&l), want.unwrap_or(0) as u32, "n = {n}");
+            for k in [1, 2, 40, 300, n.saturating_sub(1), n, n + 5, 0] {
+                let mut all: Vec<(u32, f32)> = l.iter().enumerate().filter(|(_, v)| v.is_finite()).map(|(i, &v)| (i as u32, v)).collect();
+                all.sort_by(by_logit_desc);
+                if k > 0 && k < n {
+                    all.truncate(k);
+                }
+                let mut got = Vec::new();
+                top_k_candidates(&l, k, &mut got);
+                got.sort_by(by_logit_desc);
+                assert_eq!(got.iter().map(|c| (c.0, c.1.to_bits())).collect::<Vec<_>>(), all.iter().map(|c| (c.0, c.1.to_bits())).collect::<Vec<_>>(), "n = {n}, k = {k}");
+            }
+        }
+        assert_eq!(argmax(&[]), 0);
+        assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
+        assert_eq!(argmax(&[f32::NAN, 1.0, f32::INFINITY, f32::INFINITY]), 2);
     }
 
     #[test]

@@ -194,8 +194,7 @@ impl Constraint {
 /// Draw the next token under a constraint: the unconstrained draw if allowed, else a draw from
 /// the allowed tokens. None when nothing is allowed (the grammar cannot continue).
 pub fn sample_constrained(sampler: &mut Sampler, c: &mut Constraint, tok: &Tokenizer, logits: &[f32], history: &[u32]) -> Option<u32> {
-    let mut work = logits.to_vec();
-    let id = sampler.sample(&mut work, history);
+    let id = sampler.sample(logits, history);
     // From here on, the cost is the grammar's.
     let t = std::time::Instant::now();
     let out = (|| {
@@ -215,7 +214,7 @@ pub fn sample_constrained(sampler: &mut Sampler, c: &mut Constraint, tok: &Token
         if !any {
             return None;
         }
-        let id = sampler.sample(&mut work, history);
+        let id = sampler.sample(&work, history);
         (mask[id as usize / 64] >> (id % 64) & 1 == 1).then_some(id)
     })();
     c.spent += t.elapsed();
