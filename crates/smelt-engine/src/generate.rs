@@ -6,7 +6,7 @@ use crate::sampling::{log_sum_exp, top_logprobs, Sampler, SamplingParams};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, ModelError, Workspace};
 use smelt_model::kv::KvCache;
-use smelt_model::tokenizer::StreamDecoder;
+use smelt_model::tokenizer::{StreamDecoder, Tokenizer};
 use std::sync::Arc;
 
 /// Tokens fed to the model per forward pass during prefill.
@@ -32,6 +32,8 @@ pub struct GenerateParams {
     pub stop: Vec<String>,
     /// Keep going past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// Report each token's log-probability (`Step::logprob`).
+    pub logprobs: bool,
     /// How many alternatives to report per step (0 = none).
     pub top_logprobs: usize,
     /// Constrain the output to this grammar (generation ends when it is complete).
@@ -40,7 +42,7 @@ pub struct GenerateParams {
 
 impl Default for GenerateParams {
     fn default() -> Self {
-        GenerateParams { max_tokens: 256, sampling: SamplingParams::default(), stop: Vec::new(), ignore_eos: false, top_logprobs: 0, grammar: None }
+        GenerateParams { max_tokens: 256, sampling: SamplingParams::default(), stop: Vec::new(), ignore_eos: false, logprobs: false, top_logprobs: 0, grammar: None }
     }
 }
 
@@ -59,8 +61,9 @@ pub enum FinishReason {
 #[derive(Clone, Debug)]
 pub struct Step {
     pub id: u32,
-    /// Log-probability of `id` under the model (before sampling filters).
-    pub logprob: f32,
+    /// Log-probability of `id` under the model (before sampling filters), when asked for
+    /// (`GenerateParams::logprobs` or `top_logprobs`: it costs a pass over the vocabulary).
+    pub logprob: Option<f32>,
     /// The most likely tokens and their log-probabilities, most likely first.
     pub top: Vec<(u32, f32)>,
     /// New text this step makes final (may be empty while a character or a possible stop
@@ -170,89 +173,142 @@ impl Session {
             return Err(GenerateError::Param("stop strings must not be empty".into()));
         }
         let mut logits = self.prefill(prompt)?;
-        let mut sampler = Sampler::new(params.sampling.clone());
-        let mut decoder = StreamDecoder::new();
-        let mut stops = StopMatcher::new(&params.stop);
-        let mut steps = Vec::new();
+        let constraint = params.grammar.as_ref().map(|g| {
+            let trie = self.trie.get_or_insert_with(|| Arc::new(TokenTrie::new(tok))).clone();
+            Constraint::shared(self.automata.get(g), trie)
+        });
+        let mut dec = Decoding::new(params, constraint);
+        let mut steps: Vec<Step> = Vec::new();
         let mut text = String::new();
         let mut history: Vec<u32> = prompt.to_vec();
-        let mut constraint = match &params.grammar {
-            Some(g) => {
-                let trie = self.trie.get_or_insert_with(|| Arc::new(TokenTrie::new(tok))).clone();
-                Some(Constraint::shared(self.automata.get(g), trie))
-            }
-            None => None,
-        };
         let finish = loop {
-            if steps.len() >= params.max_tokens {
+            if params.max_tokens == 0 {
                 break FinishReason::Length;
             }
-            let lse = log_sum_exp(&logits);
-            let top = top_logprobs(&logits, lse, params.top_logprobs);
-            let raw = logits.clone();
-            let id = match constraint.as_mut() {
-                None => sampler.sample(&mut logits, &history),
-                Some(c) => match sample_constrained(&mut sampler, c, tok, &raw, &history) {
-                    Some(id) => id,
-                    None => break FinishReason::Stop,
-                },
+            // The sampled token still has to go into the cache to continue.
+            let room = self.tokens.len() < self.n_ctx;
+            let (step, finish) = match dec.next(tok, &logits, &history, room) {
+                Next::Token(step, finish) => (step, finish),
+                Next::Stuck => break FinishReason::Stop,
             };
-            let logprob = raw[id as usize] - lse;
+            let id = step.id;
             history.push(id);
-            let complete = constraint.as_mut().is_some_and(|c| {
-                c.advance(tok, id);
-                c.finished()
-            });
-            let end = (!params.ignore_eos || constraint.is_some()) && tok.is_end_of_generation(id);
-            let piece = if end { String::new() } else { decoder.push(tok.piece(id, false)) };
-            let (mut emit, stopped) = stops.push(&piece);
-            if complete && !stopped {
-                // The grammar is done: flush what was held back for a possible stop string.
-                emit.push_str(&stops.finish(&decoder.finish()));
-            }
-            text.push_str(&emit);
-            let step = Step { id, logprob, top, text: emit };
+            text.push_str(&step.text);
             let keep_going = on_step(&step);
             steps.push(step);
-            if end || stopped || complete {
-                break FinishReason::Stop;
+            if let Some(finish) = finish {
+                break finish;
             }
             if !keep_going {
-                break FinishReason::Cancelled;
-            }
-            if self.tokens.len() >= self.n_ctx {
-                break FinishReason::Length;
-            }
-            logits = self.feed(&[id])?;
-        };
-        if finish != FinishReason::Stop {
-            // Flush text held back for a possible stop string or an incomplete character.
-            let rest = stops.finish(&decoder.finish());
-            if !rest.is_empty() {
+                // Release text held back for a possible stop string or an incomplete character.
+                let rest = dec.flush();
                 text.push_str(&rest);
                 if let Some(last) = steps.last_mut() {
                     last.text.push_str(&rest);
                 }
+                break FinishReason::Cancelled;
             }
-        }
+            logits = self.feed(&[id])?;
+        };
+        let constraint = dec.constraint;
         let (grammar_secs, grammar_masks) = constraint.map_or((0.0, 0), |c| (c.spent.as_secs_f64(), c.masks_computed));
         Ok(Generation { prompt_tokens: prompt.len(), steps, text, finish, grammar_secs, grammar_masks })
     }
 }
 
+/// What [`Decoding::next`] produced.
+pub(crate) enum Next {
+    /// A token, and the reason generation ends with it, if it does.
+    Token(Step, Option<FinishReason>),
+    /// Nothing in the vocabulary can continue the grammar.
+    Stuck,
+}
+
+/// One sequence's token-by-token state — sampler, grammar, text decoding, stop strings and
+/// limits — shared by [`Session::generate`] and the serving engine, so both take the same step.
+pub(crate) struct Decoding {
+    sampler: Sampler,
+    decoder: StreamDecoder,
+    stops: StopMatcher,
+    pub(crate) constraint: Option<Constraint>,
+    /// Tokens sampled so far.
+    pub(crate) generated: usize,
+    logprobs: bool,
+    top_logprobs: usize,
+    ignore_eos: bool,
+    max_tokens: usize,
+}
+
+impl Decoding {
+    pub(crate) fn new(params: &GenerateParams, constraint: Option<Constraint>) -> Decoding {
+        Decoding {
+            sampler: Sampler::new(params.sampling.clone()),
+            decoder: StreamDecoder::new(),
+            stops: StopMatcher::new(&params.stop),
+            constraint,
+            generated: 0,
+            logprobs: params.logprobs,
+            top_logprobs: params.top_logprobs,
+            ignore_eos: params.ignore_eos,
+            max_tokens: params.max_tokens,
+        }
+    }
+
+    /// Sample the token after `history` (prompt and tokens so far) from the model's `logits`
+    /// for it, and say whether generation ends with it; `room`: whether the context can take
+    /// another token after this one. When it ends for length or a finished grammar, the step's
+    /// text includes everything held back.
+    pub(crate) fn next(&mut self, tok: &Tokenizer, logits: &[f32], history: &[u32], room: bool) -> Next {
+        let lse = (self.logprobs || self.top_logprobs > 0).then(|| log_sum_exp(logits));
+        let top = lse.map_or_else(Vec::new, |lse| top_logprobs(logits, lse, self.top_logprobs));
+        let id = match self.constraint.as_mut() {
+            None => self.sampler.sample(logits, history),
+            Some(c) => match sample_constrained(&mut self.sampler, c, tok, logits, history) {
+                Some(id) => id,
+                None => return Next::Stuck,
+            },
+        };
+        let logprob = lse.map(|lse| logits[id as usize] - lse);
+        self.generated += 1;
+        let complete = self.constraint.as_mut().is_some_and(|c| {
+            c.advance(tok, id);
+            c.finished()
+        });
+        let end = (!self.ignore_eos || self.constraint.is_some()) && tok.is_end_of_generation(id);
+        let piece = if end { String::new() } else { self.decoder.push(tok.piece(id, false)) };
+        let (mut text, stopped) = self.stops.push(&piece);
+        let finish = if end || stopped || complete {
+            Some(FinishReason::Stop)
+        } else if self.generated >= self.max_tokens || !room {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        if finish == Some(FinishReason::Length) || (complete && !stopped) {
+            text.push_str(&self.flush());
+        }
+        Next::Token(Step { id, logprob, top, text }, finish)
+    }
+
+    /// Text held back for a possible stop string or an incomplete character.
+    pub(crate) fn flush(&mut self) -> String {
+        self.stops.finish(&self.decoder.finish())
+    }
+}
+
 /// Finds stop strings in streamed text, holding back any tail that could be the start of one.
-pub(crate) struct StopMatcher {
+struct StopMatcher {
     stops: Vec<String>,
     held: String,
 }
 
 impl StopMatcher {
-    pub(crate) fn new(stops: &[String]) -> Self {
+    fn new(stops: &[String]) -> Self {
         StopMatcher { stops: stops.to_vec(), held: String::new() }
     }
 
     /// Add text; returns (text safe to emit, whether a stop string was found).
-    pub(crate) fn push(&mut self, piece: &str) -> (String, bool) {
+    fn push(&mut self, piece: &str) -> (String, bool) {
         self.held.push_str(piece);
         if self.stops.is_empty() {
             return (std::mem::take(&mut self.held), false);
@@ -279,7 +335,7 @@ impl StopMatcher {
         (out, false)
     }
 
-    pub(crate) fn finish(&mut self, rest: &str) -> String {
+    fn finish(&mut self, rest: &str) -> String {
         self.held.push_str(rest);
         std::mem::take(&mut self.held)
     }

@@ -11,14 +11,13 @@
 //! cache — when it resumes). Requests talk to the engine through a bounded queue and stream
 //! events back through a [`Sink`]; a sink whose receiver is gone cancels its sequence at once.
 
-use crate::blocks::{prefix_hashes, BlockAllocator, BlockId};
-use crate::generate::{FinishReason, GenerateParams, Step, StopMatcher};
-use crate::grammar::{sample_constrained, AutomatonCache, Constraint, TokenTrie};
-use crate::sampling::{log_sum_exp, top_logprobs, Sampler};
+use crate::blocks::{block_hash, prefix_hashes, BlockAllocator, BlockId};
+use crate::generate::{Decoding, FinishReason, GenerateParams, Next, Step};
+use crate::grammar::{AutomatonCache, Constraint, TokenTrie};
+use crate::sampling::{log_sum_exp, top_logprobs};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, Workspace};
 use smelt_model::kv::{BlockPool, PagedKv, PagedSeq, BLOCK_SIZE};
-use smelt_model::tokenizer::StreamDecoder;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
@@ -155,14 +154,11 @@ struct Seq {
     blocks: Vec<BlockId>,
     /// Positions whose KV is in `blocks`.
     computed: usize,
-    /// Full blocks already registered in the prefix cache.
-    registered: usize,
+    /// Hash chain of the full blocks registered in the prefix cache so far (block i's hash
+    /// covers every token up to the end of block i).
+    hashes: Vec<u64>,
     cached_tokens: usize,
-    sampler: Sampler,
-    decoder: StreamDecoder,
-    stops: StopMatcher,
-    constraint: Option<Constraint>,
-    generated: usize,
+    dec: Decoding,
     prompt_lp: Vec<PromptLogprob>,
 }
 
@@ -242,8 +238,6 @@ impl Runner {
         match job {
             Job::Embed(e) => self.embed(e),
             Job::Generate(req) => {
-                let sampler = Sampler::new(req.params.sampling.clone());
-                let stops = StopMatcher::new(&req.params.stop);
                 let constraint = req.params.grammar.as_ref().map(|g| {
                     let trie = self.trie.get_or_insert_with(|| Arc::new(TokenTrie::new(&self.model.tokenizer))).clone();
                     Constraint::shared(self.automata.get(g), trie)
@@ -255,13 +249,9 @@ impl Runner {
                     tokens,
                     blocks: Vec::new(),
                     computed: 0,
-                    registered: 0,
+                    hashes: Vec::new(),
                     cached_tokens: 0,
-                    sampler,
-                    decoder: StreamDecoder::new(),
-                    stops,
-                    constraint,
-                    generated: 0,
+                    dec: Decoding::new(&req.params, constraint),
                     prompt_lp: Vec::new(),
                     req,
                 });
@@ -304,19 +294,20 @@ impl Runner {
             let Some(mut s) = self.waiting.pop_front() else { break };
             // Reuse cached blocks, but always compute at least the last token (for its logits),
             // and everything when the prompt's own logprobs are wanted (they need every row).
-            let wants_rows = s.req.prompt_logprobs.is_some() && s.generated == 0;
+            let wants_rows = s.req.prompt_logprobs.is_some() && s.dec.generated == 0;
             let reusable = if wants_rows { 0 } else { (s.tokens.len() - 1) / BLOCK_SIZE };
-            let hashes = prefix_hashes(&s.tokens[..reusable * BLOCK_SIZE]);
-            let lookup_tokens = if s.generated == 0 { s.n_prompt } else { 0 };
+            let mut hashes = prefix_hashes(&s.tokens[..reusable * BLOCK_SIZE]);
+            let lookup_tokens = if s.dec.generated == 0 { s.n_prompt } else { 0 };
             let hit = self.alloc.lookup(&hashes, lookup_tokens);
             s.computed = hit.len() * BLOCK_SIZE;
-            s.registered = hit.len();
-            let parent = if hit.is_empty() { 0 } else { hashes[hit.len() - 1] };
+            hashes.truncate(hit.len());
+            let parent = hashes.last().copied().unwrap_or(0);
+            s.hashes = hashes;
             s.blocks = hit;
             if !wants_rows {
                 self.reuse_partial(&mut s, parent);
             }
-            if s.generated == 0 {
+            if s.dec.generated == 0 {
                 s.cached_tokens = s.computed;
             }
             // Enough blocks for the first chunk, or wait for memory.
@@ -326,7 +317,7 @@ impl Runner {
                 let mut blocks = std::mem::take(&mut s.blocks);
                 self.release(&mut blocks);
                 s.computed = 0;
-                s.registered = 0;
+                s.hashes.clear();
                 self.waiting.push_front(s);
                 break;
             }
@@ -349,7 +340,7 @@ impl Runner {
             self.kv.copy_positions(src, dst, j);
             s.blocks.push(dst);
             s.computed += j;
-            if s.generated == 0 {
+            if s.dec.generated == 0 {
                 self.alloc.record_hit(j);
             }
         }
@@ -360,10 +351,10 @@ impl Runner {
     /// cache (see `reuse_partial`).
     fn keep_partial(&mut self, s: &Seq) {
         let (full, rest) = (s.computed / BLOCK_SIZE, s.computed % BLOCK_SIZE);
-        if rest == 0 || full >= s.blocks.len() || full > s.registered {
+        if rest == 0 || full >= s.blocks.len() || full > s.hashes.len() {
             return;
         }
-        let parent = if full == 0 { 0 } else { prefix_hashes(&s.tokens[..full * BLOCK_SIZE])[full - 1] };
+        let parent = if full == 0 { 0 } else { s.hashes[full - 1] };
         self.alloc.register_partial(s.blocks[full], parent, &s.tokens[full * BLOCK_SIZE..s.computed]);
     }
 
@@ -379,7 +370,7 @@ impl Runner {
                     let mut v = self.running.remove(victim);
                     self.release(&mut v.blocks);
                     v.computed = 0;
-                    v.registered = 0;
+                    v.hashes.clear();
                     self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
                     self.waiting.push_front(v);
                     if victim < i {
@@ -398,7 +389,7 @@ impl Runner {
         self.keep_partial(&s);
         self.release(&mut s.blocks);
         self.publish_stats();
-        let summary = Summary { finish, prompt_tokens: s.n_prompt, completion_tokens: s.generated, cached_tokens: s.cached_tokens };
+        let summary = Summary { finish, prompt_tokens: s.n_prompt, completion_tokens: s.dec.generated, cached_tokens: s.cached_tokens };
         s.req.sink.send(Event::Done(summary));
     }
 
@@ -472,7 +463,7 @@ impl Runner {
                 })
                 .collect();
             let mut kv = PagedKv { pool: &mut self.kv, seqs };
-            self.model.forward(&batch, &mut kv, &mut self.ws).map(|l| l.to_vec())
+            self.model.forward(&batch, &mut kv, &mut self.ws)
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
@@ -515,16 +506,15 @@ impl Runner {
             }
             // Register newly completed full blocks in the prefix cache.
             let full = s.computed / BLOCK_SIZE;
-            if full > s.registered {
-                let hashes = prefix_hashes(&s.tokens[..full * BLOCK_SIZE]);
-                for b in s.registered..full {
-                    let parent = if b == 0 { 0 } else { hashes[b - 1] };
-                    self.alloc.register(s.blocks[b], parent, hashes[b], &s.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE]);
-                }
-                s.registered = full;
+            for b in s.hashes.len()..full {
+                let parent = s.hashes.last().copied().unwrap_or(0);
+                let tokens = &s.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE];
+                let hash = block_hash(parent, tokens);
+                self.alloc.register(s.blocks[b], parent, hash, tokens);
+                s.hashes.push(hash);
             }
             let Some(lrow) = last_row else { continue };
-            if s.generated == 0 && s.req.prompt_logprobs.is_some() {
+            if s.dec.generated == 0 && s.req.prompt_logprobs.is_some() {
                 let first = PromptLogprob { token: s.tokens[0], logprob: None, top: Vec::new() };
                 let mut lp = vec![first];
                 lp.append(&mut s.prompt_lp);
@@ -613,39 +603,14 @@ impl Runner {
 /// Sample the next token of a sequence from its logits row, stream it, and say whether (and
 /// why) the sequence is finished.
 fn sample_next(s: &mut Seq, lrow: &[f32], model: &Model, n_ctx: usize) -> Option<FinishReason> {
-    let p = &s.req.params;
-    let tok = &model.tokenizer;
-    let lse = log_sum_exp(lrow);
-    let top = top_logprobs(lrow, lse, p.top_logprobs);
-    let id = match s.constraint.as_mut() {
-        None => s.sampler.sample(&mut lrow.to_vec(), &s.tokens),
-        Some(c) => match sample_constrained(&mut s.sampler, c, tok, lrow, &s.tokens) {
-            Some(id) => id,
-            // Nothing in the vocabulary can continue the grammar.
-            None => return Some(FinishReason::Stop),
-        },
+    // The scheduler stops one position short of the context's end.
+    let room = s.tokens.len() + 1 < n_ctx;
+    let (step, finish) = match s.dec.next(&model.tokenizer, lrow, &s.tokens, room) {
+        Next::Token(step, finish) => (step, finish),
+        Next::Stuck => return Some(FinishReason::Stop),
     };
-    let logprob = lrow[id as usize] - lse;
-    s.generated += 1;
-    let complete = s.constraint.as_mut().is_some_and(|c| {
-        c.advance(tok, id);
-        c.finished()
-    });
-    let end = (!p.ignore_eos || s.constraint.is_some()) && tok.is_end_of_generation(id);
-    let piece = if end { String::new() } else { s.decoder.push(tok.piece(id, false)) };
-    let (mut text, stopped) = s.stops.push(&piece);
-    let finish = if end || stopped || complete {
-        Some(FinishReason::Stop)
-    } else if s.generated >= p.max_tokens || s.tokens.len() + 1 >= n_ctx {
-        Some(FinishReason::Length)
-    } else {
-        None
-    };
-    if finish == Some(FinishReason::Length) || (complete && !stopped) {
-        // Flush text held back for a possible stop string or an incomplete character.
-        text.push_str(&s.stops.finish(&s.decoder.finish()));
-    }
-    if !s.req.sink.send(Event::Token(Step { id, logprob, top, text })) {
+    let id = step.id;
+    if !s.req.sink.send(Event::Token(step)) {
         return Some(FinishReason::Cancelled);
     }
     s.tokens.push(id);

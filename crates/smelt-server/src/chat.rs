@@ -92,7 +92,7 @@ pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Respo
         (_, Some(k)) if k < 0 => return Err(ApiError::invalid("top_logprobs", format!("top_logprobs must be between 0 and 20, got {k}"))),
         (_, k) => k.unwrap_or(0) as usize,
     };
-    let mut plan = plan(&req.sampling, model.hp.n_vocab, top)?;
+    let mut plan = plan(&req.sampling, model.hp.n_vocab, want_logprobs.then_some(top))?;
     let template = model.chat_template().map_err(|e| ApiError::internal(e.to_string()))?;
     let tools = tools::setup(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls, &template.source)?;
     let mut messages = template_messages(&req.messages)?;

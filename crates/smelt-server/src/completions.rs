@@ -96,7 +96,7 @@ impl LegacyLogprobs {
     }
 
     fn step(&mut self, entry: &ModelEntry, s: &Step) {
-        self.push(entry, s.id, Some(s.logprob), &s.top);
+        self.push(entry, s.id, s.logprob, &s.top);
     }
 
     fn json(&self) -> Value {
@@ -119,7 +119,7 @@ pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Respo
             return Err(ApiError::invalid("best_of", "best_of is not supported (use n)"));
         }
     }
-    let plan = plan(&req.sampling, model.hp.n_vocab, k.unwrap_or(0))?;
+    let plan = plan(&req.sampling, model.hp.n_vocab, k)?;
     let prompts = match (&req.suffix, &req.prompt) {
         (Some(suffix), Input::Text(p)) => vec![with_suffix(&entry, p, suffix)?],
         (Some(_), _) => return Err(ApiError::invalid("suffix", "suffix needs a single text prompt")),

@@ -40,8 +40,10 @@ fn range(name: &str, v: f64, lo: f64, hi: f64) -> Result<f32, ApiError> {
 }
 
 /// Check and convert the sampling fields (OpenAI's defaults: temperature 1, top_p 1, no
-/// penalties), for a model with `n_vocab` tokens.
-pub fn plan(f: &SamplingFields, n_vocab: usize, top_logprobs: usize) -> Result<Plan, ApiError> {
+/// penalties), for a model with `n_vocab` tokens; `logprobs`: whether token log-probabilities
+/// are wanted, and with how many alternatives.
+pub fn plan(f: &SamplingFields, n_vocab: usize, logprobs: Option<usize>) -> Result<Plan, ApiError> {
+    let top_logprobs = logprobs.unwrap_or(0);
     let mut s = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, penalty_last_n: 64, ..Default::default() };
     if let Some(t) = f.temperature {
         s.temperature = range("temperature", t, 0.0, 2.0)?;
@@ -111,7 +113,7 @@ pub fn plan(f: &SamplingFields, n_vocab: usize, top_logprobs: usize) -> Result<P
     }
     let grammar = crate::structured::extension(f)?;
     Ok(Plan {
-        params: GenerateParams { max_tokens, sampling: s, stop, ignore_eos: f.ignore_eos, top_logprobs, grammar },
+        params: GenerateParams { max_tokens, sampling: s, stop, ignore_eos: f.ignore_eos, logprobs: logprobs.is_some(), top_logprobs, grammar },
         n: n as usize,
         stream: f.stream,
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),

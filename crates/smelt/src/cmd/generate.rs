@@ -68,6 +68,8 @@ pub fn run(a: Args) -> Result<()> {
         sampling: a.sampling.params(),
         stop: a.stop.clone(),
         ignore_eos: a.ignore_eos,
+        // The JSON output reports every token's log-probability.
+        logprobs: a.json,
         top_logprobs: a.logprobs,
         grammar,
     };
