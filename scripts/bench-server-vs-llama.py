@@ -9,8 +9,10 @@ For each model and server it measures, with streaming chat requests:
   - a ~2,500-token document asked two different questions one after the other: time to first
     token cold (first question) and warm (second question: the document is in the prefix cache).
 llama-server runs with -np 8 for the client tests and -np 1 for the document test, as in the
-issue's reference numbers. It is found through $LLAMA_SERVER (or next to $LLAMA_BENCH, or
-~/.cache/smelt-ref/llama.cpp/bin); scripts/build-llama-cpp.sh builds it.
+issue's reference numbers. smelt's single-client requests alternate with `smelt bench` generation
+repetitions, so the two are compared on the machine in the same state. llama-server is found
+through $LLAMA_SERVER (or next to $LLAMA_BENCH, or ~/.cache/smelt-ref/llama.cpp/bin);
+scripts/build-llama-cpp.sh builds it.
 """
 import argparse
 import json
@@ -107,7 +109,23 @@ def clients(url, model, n_clients, requests, max_tokens):
         t.start()
     for t in threads:
         t.join()
-    wall = time.time() - t0
+    return summarize(results, time.time() - t0)
+
+
+def one_client(url, model, requests, max_tokens, before_each=None):
+    """One client's requests one after another; `before_each()` runs (untimed) before each, so
+    `smelt bench` repetitions can alternate with them and both see the machine in the same state."""
+    results, wall = [], 0.0
+    for r in range(requests):
+        if before_each:
+            before_each()
+        t0 = time.time()
+        results.append(chat(url, model, [{"role": "user", "content": f"Write a short story about robot number {r}."}], max_tokens))
+        wall += time.time() - t0
+    return summarize(results, wall)
+
+
+def summarize(results, wall):
     lat = sorted(r[1] for r in results)
     return {
         "tps": sum(r[2] for r in results) / wall,
@@ -162,14 +180,19 @@ def main():
     doc_tokens = {}
     for name in a.models:
         path = subprocess.run([smelt, "pull", name], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        out = subprocess.run([smelt, "bench", "-m", name, "-t", str(a.threads), "-p", "0", "-n", str(a.max_tokens), "-r", "3", "--json", "--no-bandwidth", "--no-grammar"], check=True, capture_output=True, text=True).stdout
-        bench[name] = json.loads(out)[0]["avg_ts"]
+        samples = []
+
+        def bench_rep():
+            out = subprocess.run([smelt, "bench", "-m", name, "-t", str(a.threads), "-p", "0", "-n", str(a.max_tokens), "-r", "1", "--json", "--no-bandwidth", "--no-grammar"], check=True, capture_output=True, text=True).stdout
+            samples.append(json.loads(out)[0]["avg_ts"])
+
         doc, doc_tokens[name] = document(smelt, name)
         for kind in ["llama.cpp", "smelt"]:
             print(f"{name}: {kind} ...", file=sys.stderr, flush=True)
             proc, url = start(kind, path, name, a.threads, 8, a.ctx)
             try:
-                one = clients(url, name, 1, a.requests, a.max_tokens)
+                # smelt's single client alternates with `smelt bench` generation repetitions.
+                one = one_client(url, name, a.requests, a.max_tokens, bench_rep if kind == "smelt" else None)
                 eight = clients(url, name, 8, a.requests, a.max_tokens)
             finally:
                 proc.terminate()
@@ -181,6 +204,7 @@ def main():
                 proc.terminate()
                 proc.wait()
             rows.append((name, kind, one, eight, cold, warm))
+        bench[name] = statistics.mean(samples)
     print(f"\nthreads: {a.threads}, {a.requests} requests per client, {a.max_tokens} tokens each, greedy, streaming")
     print("document: " + ", ".join(f"{n} {t} tokens" for n, t in doc_tokens.items()) + " (plus the question and chat template)\n")
     print("| model | server | 1 client t/s | latency mean / p95 s | TTFT s | 8 clients t/s | latency mean / p95 s | TTFT s | doc TTFT cold s | warm s |")
@@ -192,7 +216,7 @@ def main():
     for name in a.models:
         ll, sm = by[(name, "llama.cpp")], by[(name, "smelt")]
         print(f"{name}: 8-client throughput smelt/llama.cpp = {sm[3]['tps'] / ll[3]['tps']:.2f}; warm TTFT = {100 * sm[5] / sm[4]:.1f}% of cold (llama.cpp warm {ll[5]:.3f} s)")
-        print(f"{name}: 1-client streaming decode {sm[2]['decode']:.1f} t/s vs smelt bench tg{a.max_tokens} {bench[name]:.1f} t/s ({100 * sm[2]['decode'] / bench[name]:.0f}%); llama.cpp {ll[2]['decode']:.1f} t/s")
+        print(f"{name}: 1-client streaming decode {sm[2]['decode']:.1f} t/s vs smelt bench tg{a.max_tokens} {bench[name]:.1f} t/s (alternating; {100 * sm[2]['decode'] / bench[name]:.0f}%); llama.cpp {ll[2]['decode']:.1f} t/s")
 
 
 if __name__ == "__main__":
