@@ -18,6 +18,18 @@ fn main() {
         model.forward(chunk, &mut caches, &mut ws).unwrap();
     }
     let pp = t.elapsed().as_secs_f64();
+    // TAIL=k: then time a k-token continuation (a warm prompt's uncached suffix) on its own.
+    if let Some(k) = std::env::var("TAIL").ok().and_then(|s| s.parse::<usize>().ok()) {
+        let _ = smelt_model::arch::blocks::profile::take();
+        let tail: Vec<BatchToken> = (0..k).map(|i| BatchToken { token: (i * 53 % 1000) as u32 + 100, pos: n + i, seq: 0, logits: i == k - 1 }).collect();
+        let t = Instant::now();
+        model.forward(&tail, &mut caches, &mut ws).unwrap();
+        println!("{k} more tokens after {n}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+        for (kind, secs) in smelt_model::arch::blocks::profile::take() {
+            println!("  {kind:12} {:8.2} ms", secs * 1e3);
+        }
+        caches[0].truncate(n).unwrap();
+    }
     let t = Instant::now();
     let steps: usize = std::env::var("STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
     for i in 0..steps {

@@ -229,11 +229,13 @@ impl Block<'_> {
         let (q, kv, batch) = (&ws.q, &*self.kv, self.batch);
         let group = nh / nkv;
         let scale = hp.attn_scale;
-        // Work items: the query heads sharing a key/value head attend together (each key and
-        // value row is read once for all of them) unless that leaves threads idle, as when
-        // decoding one token of a model with a single key/value head. A head's result is the
-        // same either way.
-        let per_item = if n * nkv >= 2 * pool.n_threads() { group } else { 1 };
+        // Work items: the query heads sharing a key/value head attend together, so each key and
+        // value row is read once for all of them (at long contexts the cache is far larger than
+        // the CPU caches, and every extra pass over it is memory traffic); when that leaves
+        // threads idle, as when decoding one token of a model with a single key/value head, the
+        // group splits into as few parts as keep every thread busy. A head's result is the same
+        // however its group is split.
+        let per_item = (1..=group).rev().find(|&p| group % p == 0 && n * nkv * (group / p) >= pool.n_threads()).unwrap_or(1);
         let items_per_token = nh / per_item;
         let t_att = std::time::Instant::now();
         pool.for_rows(&mut ws.att, per_item * d, 1, &|item, out| {
