@@ -356,19 +356,19 @@ pub fn f32_bytes(x: &[f32]) -> &[u8] {
 }
 
 /// y += a * x
-pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) {
+pub fn axpy(y: &mut [f32], a: f32, x: &[half::f16]) {
     for (yi, &xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
+        *yi += a * xi.to_f32();
     }
 }
 
 /// Softmax attention of query heads over cached keys/values: for each head h (the `hd` floats
 /// `q[h * hd..]`), out_h = Σ_j softmax_j(q_h·k_j * scale) v_j over the slots j in `ranges`
-/// (half-open slot ranges); slot j's key and value are the `hd` floats at
+/// (half-open slot ranges); slot j's key and value are the `hd` f16 values at
 /// `keys[j * stride + offset ..]` (all heads given share them: one key/value head). A head's
 /// result is the same whether it is attended alone or with others.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(q: &[f32], hd: usize, keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[std::ops::Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+pub fn attend(q: &[f32], hd: usize, keys: &[half::f16], values: &[half::f16], stride: usize, offset: usize, ranges: &[std::ops::Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     kernels().attend(q, hd, keys, values, stride, offset, ranges, scale, scores, out)
 }
 
@@ -377,8 +377,8 @@ pub fn attend(q: &[f32], hd: usize, keys: &[f32], values: &[f32], stride: usize,
 pub fn attend_scalar(
     q: &[f32],
     hd: usize,
-    keys: &[f32],
-    values: &[f32],
+    keys: &[half::f16],
+    values: &[half::f16],
     stride: usize,
     offset: usize,
     ranges: &[std::ops::Range<usize>],
@@ -391,7 +391,7 @@ pub fn attend_scalar(
         let mut max = f32::NEG_INFINITY;
         for j in ranges.iter().flat_map(|r| r.clone()) {
             let k = &keys[j * stride + offset..][..hd];
-            let s = q.iter().zip(k).map(|(a, b)| a * b).sum::<f32>() * scale;
+            let s = q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
             max = max.max(s);
             scores.push(s);
         }
@@ -449,8 +449,8 @@ mod tests {
     #[test]
     fn attention_weights_sum_to_one() {
         let q = [1.0, 0.0];
-        let keys = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0];
-        let values = [1.0, 1.0, 3.0, 3.0, 5.0, 5.0];
+        let keys = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0].map(half::f16::from_f32);
+        let values = [1.0, 1.0, 3.0, 3.0, 5.0, 5.0].map(half::f16::from_f32);
         let mut out = [0.0; 2];
         attend(&q, 2, &keys, &values, 2, 0, &[0..1, 1..3], 1.0, &mut Vec::new(), &mut out);
         let e = 1f32.exp();

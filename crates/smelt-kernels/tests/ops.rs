@@ -46,8 +46,8 @@ fn attention_matches_the_scalar_reference() {
         let cases = [(64, 5, vec![0..5], 1), (256, 40, vec![30..40, 0..7], 4), (8, 1, vec![0..1], 3), (72, 300, vec![0..300], 7), (24, 33, vec![3..20, 21..33], 9), (16, 0, vec![], 2)];
         for (hd, slots, ranges, heads) in cases {
             let stride = hd * 2;
-            let keys: Vec<f32> = (0..slots.max(1) * stride).map(|_| rng.f()).collect();
-            let values: Vec<f32> = (0..slots.max(1) * stride).map(|_| rng.f()).collect();
+            let keys: Vec<half::f16> = (0..slots.max(1) * stride).map(|_| half::f16::from_f32(rng.f())).collect();
+            let values: Vec<half::f16> = (0..slots.max(1) * stride).map(|_| half::f16::from_f32(rng.f())).collect();
             let q: Vec<f32> = (0..heads * hd).map(|_| rng.f() * 4.0).collect();
             let (mut a, mut b) = (vec![0f32; heads * hd], vec![0f32; heads * hd]);
             k.attend(&q, hd, &keys, &values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut a);

@@ -1,6 +1,7 @@
 //! AVX2 versions of the element-wise and attention operations: exp, SiLU/GELU gating, and
 //! softmax attention of one query head over cached keys and values.
 
+use half::f16;
 use std::arch::x86_64::*;
 use std::ops::Range;
 
@@ -171,11 +172,18 @@ fn hsum(v: __m256) -> f32 {
 /// Heads attended together at most (their running maxima live on the stack).
 const MAX_HEADS: usize = 8;
 
-/// Dot products of one row of `hd` floats with eight others (hd a multiple of 8), four at a
-/// time (see `dot4`).
+/// Eight f16 values widened to f32 (exactly).
+#[inline(always)]
+unsafe fn load_f16(p: *const f16) -> __m256 {
+    // SAFETY: the caller guarantees 8 readable values at p; F16C is enabled in every caller.
+    unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
+}
+
+/// Dot products of one row of `hd` floats with eight rows of f16 (hd a multiple of 8), four at
+/// a time (see `dot4`).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot8(q: *const f32, k: &[*const f32; 8], hd: usize) -> __m256 {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot8(q: *const f32, k: &[*const f16; 8], hd: usize) -> __m256 {
     // SAFETY: the caller's guarantee, passed on.
     unsafe { _mm256_set_m128(dot4(q, [k[4], k[5], k[6], k[7]], hd), dot4(q, [k[0], k[1], k[2], k[3]], hd)) }
 }
@@ -185,8 +193,8 @@ unsafe fn dot8(q: *const f32, k: &[*const f32; 8], hd: usize) -> __m256 {
 /// and lanes in a fixed order — but the four final reductions share one 4×4 transpose. A
 /// key's score therefore depends only on its row and the query.
 #[inline]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot4(q: *const f32, k: [*const f32; 4], hd: usize) -> __m128 {
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot4(q: *const f32, k: [*const f16; 4], hd: usize) -> __m128 {
     let (mut s0, mut s1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
     let mut d = 0;
     // SAFETY (loads): the caller guarantees hd readable floats at q and at each k[j].
@@ -194,8 +202,8 @@ unsafe fn dot4(q: *const f32, k: [*const f32; 4], hd: usize) -> __m128 {
         unsafe {
             let (q0, q1) = (_mm256_loadu_ps(q.add(d)), _mm256_loadu_ps(q.add(d + 8)));
             for j in 0..4 {
-                s0[j] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k[j].add(d)), s0[j]);
-                s1[j] = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k[j].add(d + 8)), s1[j]);
+                s0[j] = _mm256_fmadd_ps(q0, load_f16(k[j].add(d)), s0[j]);
+                s1[j] = _mm256_fmadd_ps(q1, load_f16(k[j].add(d + 8)), s1[j]);
             }
         }
         d += 16;
@@ -204,7 +212,7 @@ unsafe fn dot4(q: *const f32, k: [*const f32; 4], hd: usize) -> __m128 {
         unsafe {
             let q0 = _mm256_loadu_ps(q.add(d));
             for j in 0..4 {
-                s0[j] = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k[j].add(d)), s0[j]);
+                s0[j] = _mm256_fmadd_ps(q0, load_f16(k[j].add(d)), s0[j]);
             }
         }
     }
@@ -228,9 +236,9 @@ fn hmax(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
 }
 
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f16], values: &[f16], stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     let heads = q.len() / hd;
     assert!(heads <= MAX_HEADS && out.len() >= heads * hd);
     for r in ranges {
@@ -251,7 +259,7 @@ unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f32], values: &[f32], strid
     let mut vmax = [_mm256_set1_ps(f32::NEG_INFINITY); MAX_HEADS];
     let mut block = [kp; 8];
     let (mut filled, mut i0) = (0, 0);
-    let mut flush = |block: &mut [*const f32; 8], count: usize, i0: usize| {
+    let mut flush = |block: &mut [*const f16; 8], count: usize, i0: usize| {
         for b in count..8 {
             block[b] = block[0];
         }
@@ -335,9 +343,9 @@ unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f32], values: &[f32], strid
 /// out rows h0..h0 + HB = Σ_j p_hj v_j, with the normalized weights p in `scores` (see
 /// `attend_heads`).
 #[inline]
-#[target_feature(enable = "avx2,fma")]
+#[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn weigh_values<const HB: usize>(vp: *const f32, stride: usize, offset: usize, ranges: &[Range<usize>], hd: usize, scores: &[f32], n: usize, h0: usize, out: &mut [f32]) {
+unsafe fn weigh_values<const HB: usize>(vp: *const f16, stride: usize, offset: usize, ranges: &[Range<usize>], hd: usize, scores: &[f32], n: usize, h0: usize, out: &mut [f32]) {
     let sp = scores.as_ptr();
     let mut d0 = 0;
     while d0 < hd {
@@ -349,7 +357,7 @@ unsafe fn weigh_values<const HB: usize>(vp: *const f32, stride: usize, offset: u
                 // SAFETY: the caller checked slot j's row against `values`; d0 + 8 * lanes <= hd.
                 unsafe {
                     let row = vp.add(j * stride + offset + d0);
-                    let v = [_mm256_loadu_ps(row), if lanes == 2 { _mm256_loadu_ps(row.add(8)) } else { _mm256_setzero_ps() }];
+                    let v = [load_f16(row), if lanes == 2 { load_f16(row.add(8)) } else { _mm256_setzero_ps() }];
                     for (h, a) in acc.iter_mut().enumerate() {
                         let pv = _mm256_broadcast_ss(&*sp.add((h0 + h) * n + i));
                         for k in 0..lanes {
@@ -373,10 +381,10 @@ unsafe fn weigh_values<const HB: usize>(vp: *const f32, stride: usize, offset: u
 /// Softmax attention of query heads sharing one key/value head (see `ops::attend`); head size
 /// a multiple of 8.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(q: &[f32], hd: usize, keys: &[f32], values: &[f32], stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+pub fn attend(q: &[f32], hd: usize, keys: &[f16], values: &[f16], stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     assert!(hd > 0 && hd % 8 == 0 && q.len() % hd == 0 && out.len() >= q.len());
     for (qc, oc) in q.chunks(MAX_HEADS * hd).zip(out.chunks_mut(MAX_HEADS * hd)) {
-        // SAFETY: installed only when the CPU has AVX2 and FMA; bounds are asserted inside.
+        // SAFETY: installed only when the CPU has AVX2, FMA and F16C; bounds are asserted inside.
         unsafe { attend_heads(qc, hd, keys, values, stride, offset, ranges, scale, scores, oc) }
     }
 }
@@ -406,19 +414,19 @@ mod tests {
     }
 
     /// A lone dot product: two accumulators over alternate 8-float chunks, then a horizontal sum.
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn lone_dot(a: *const f32, b: *const f32, hd: usize) -> f32 {
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn lone_dot(a: *const f32, b: *const f16, hd: usize) -> f32 {
         let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
         let mut d = 0;
         // SAFETY: the caller passes hd floats at a and b.
         unsafe {
             while d + 16 <= hd {
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d)), _mm256_loadu_ps(b.add(d)), s0);
-                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d + 8)), _mm256_loadu_ps(b.add(d + 8)), s1);
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d)), load_f16(b.add(d)), s0);
+                s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d + 8)), load_f16(b.add(d + 8)), s1);
                 d += 16;
             }
             if d < hd {
-                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d)), _mm256_loadu_ps(b.add(d)), s0);
+                s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a.add(d)), load_f16(b.add(d)), s0);
             }
         }
         hsum(_mm256_add_ps(s0, s1))
@@ -438,8 +446,8 @@ mod tests {
         };
         for hd in [8, 16, 24, 64, 72, 256] {
             let q: Vec<f32> = (0..hd).map(|_| f()).collect();
-            let keys: Vec<Vec<f32>> = (0..8).map(|_| (0..hd).map(|_| f()).collect()).collect();
-            let ptrs: [*const f32; 8] = std::array::from_fn(|j| keys[j].as_ptr());
+            let keys: Vec<Vec<f16>> = (0..8).map(|_| (0..hd).map(|_| f16::from_f32(f())).collect()).collect();
+            let ptrs: [*const f16; 8] = std::array::from_fn(|j| keys[j].as_ptr());
             let mut got = [0f32; 8];
             // SAFETY: AVX2/FMA checked above; every row holds hd floats.
             unsafe { _mm256_storeu_ps(got.as_mut_ptr(), dot8(q.as_ptr(), &ptrs, hd)) };
