@@ -78,4 +78,19 @@ fn special_tokens_and_end_of_generation() {
     // Without parse_special, control-token text is plain text.
     assert_ne!(g.encode("<end_of_turn>", false, false), vec![eot]);
     assert_eq!(g.encode("<end_of_turn>", false, true), vec![eot]);
+    // In long texts too (where specials are first ruled out by a filter of the text's 4-byte
+    // windows): each special comes out as its token, and the text between as plain text.
+    let filler = "plain words and <angle brackets> that are not tokens, ".repeat(12);
+    for (tok, names) in [(&g, ["<start_of_turn>", "<end_of_turn>", "<pad>"]), (&q, ["<|im_start|>", "<|im_end|>", "<|endoftext|>"])] {
+        let mut text = String::new();
+        let mut want = Vec::new();
+        for name in names {
+            text.push_str(&filler);
+            text.push_str(name);
+            want.extend(tok.encode(&filler, false, true));
+            want.push(tok.token_id(name).unwrap());
+        }
+        assert!(text.len() > 1000);
+        assert_eq!(tok.encode(&text, false, true), want);
+    }
 }

@@ -280,13 +280,18 @@ impl Tokenizer {
     /// Split text around special tokens, longest token text first.
     fn split_specials<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
         let mut frags = if text.is_empty() { vec![] } else { vec![Fragment::Text(text)] };
+        // Vocabularies hold thousands of special tokens (Gemma 3: over 6,000), and searching a
+        // long prompt for each is most of the tokenizer's time. A special whose first four
+        // bytes appear nowhere in the text cannot occur in it: one pass over the text marks its
+        // 4-byte windows, so most specials are ruled out without a search.
+        let windows = ByteWindows::of(text.as_bytes());
         for &id in &self.specials {
             let ty = self.types[id as usize];
             if !parse_special && matches!(ty, TokenType::Control | TokenType::Unknown) {
                 continue;
             }
             let needle = self.texts[id as usize].as_str();
-            if !frags.iter().any(|f| matches!(f, Fragment::Text(t) if t.contains(needle))) {
+            if !windows.may_contain(needle.as_bytes()) || !frags.iter().any(|f| matches!(f, Fragment::Text(t) if t.contains(needle))) {
                 continue;
             }
             let mut next = Vec::with_capacity(frags.len() + 2);
@@ -338,4 +343,39 @@ impl Tokenizer {
 enum Fragment<'t> {
     Text(&'t str),
     Token(u32),
+}
+
+/// Which 4-byte windows a text contains, as a 2^20-bit filter of their hashes (false positives
+/// possible, false negatives not).
+struct ByteWindows(Vec<u64>);
+
+impl ByteWindows {
+    const BITS: u32 = 20;
+
+    fn hash(w: &[u8]) -> usize {
+        let v = u32::from_le_bytes([w[0], w[1], w[2], w[3]]);
+        (v.wrapping_mul(0x9E37_79B1) >> (32 - Self::BITS)) as usize
+    }
+
+    fn of(text: &[u8]) -> ByteWindows {
+        if text.len() < 256 {
+            // Short texts are searched directly (no filter: everything may match).
+            return ByteWindows(Vec::new());
+        }
+        let mut bits = vec![0u64; (1 << Self::BITS) / 64];
+        for w in text.windows(4) {
+            let h = Self::hash(w);
+            bits[h / 64] |= 1 << (h % 64);
+        }
+        ByteWindows(bits)
+    }
+
+    /// False only if `needle` (of at least 4 bytes) cannot occur in the text.
+    fn may_contain(&self, needle: &[u8]) -> bool {
+        if needle.len() < 4 || self.0.is_empty() {
+            return true;
+        }
+        let h = Self::hash(&needle[..4]);
+        self.0[h / 64] >> (h % 64) & 1 == 1
+    }
 }
