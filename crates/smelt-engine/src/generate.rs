@@ -180,19 +180,18 @@ impl Session {
         let mut dec = Decoding::new(params, constraint);
         let mut steps: Vec<Step> = Vec::new();
         let mut text = String::new();
-        let mut history: Vec<u32> = prompt.to_vec();
         let finish = loop {
             if params.max_tokens == 0 {
                 break FinishReason::Length;
             }
-            // The sampled token still has to go into the cache to continue.
+            // The cache holds the prompt and every token so far (the history the sampler
+            // needs); the sampled token still has to go in to continue.
             let room = self.tokens.len() < self.n_ctx;
-            let (step, finish) = match dec.next(tok, &logits, &history, room) {
+            let (step, finish) = match dec.next(tok, &logits, &self.tokens, room) {
                 Next::Token(step, finish) => (step, finish),
                 Next::Stuck => break FinishReason::Stop,
             };
             let id = step.id;
-            history.push(id);
             text.push_str(&step.text);
             let keep_going = on_step(&step);
             steps.push(step);
