@@ -33,7 +33,7 @@ fn main() {
             for _ in 0..reps {
                 for r0 in (0..rows).step_by(16) {
                     if grouped {
-                        kt.group_gemm(dtype, k, &w[r0 * wrb..], wrb, 16, &a, arb, nc, &prep, &mut out[..16 * nc]);
+                        kt.group_gemm(dtype, k, &w[r0 * wrb..], wrb, 16, nc, &prep, &mut out[..16 * nc]);
                     } else {
                         kt.gemm(dtype, k, &w[r0 * wrb..], wrb, 16, &a, arb, nc, &mut out[..16 * nc]);
                     }

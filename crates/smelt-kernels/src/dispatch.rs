@@ -227,14 +227,15 @@ impl Kernels {
         let _ = (k, a, out);
     }
 
-    /// Block product with the group kernels; `prep` comes from [`Kernels::group_prepare`].
+    /// Block product with the group kernels; `prep` comes from [`Kernels::group_prepare`] and
+    /// holds everything they need of the activations.
     #[allow(clippy::too_many_arguments)]
-    pub fn group_gemm(&self, dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: &mut [f32]) {
+    pub fn group_gemm(&self, dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, nc: usize, prep: &[f32], out: &mut [f32]) {
         assert!(self.group_usable(dtype, k), "group kernels unavailable for {dtype} with k = {k}");
         #[cfg(target_arch = "x86_64")]
-        crate::simd::avx2_group::gemm(dtype, k, w, w_stride, nr, a, a_stride, nc, prep, out);
+        crate::simd::avx2_group::gemm(dtype, k, w, w_stride, nr, nc, prep, out);
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (w, w_stride, nr, a, a_stride, nc, prep, out);
+        let _ = (w, w_stride, nr, nc, prep, out);
     }
 
     /// [`Kernels::group_gemm`] writing entry (r, c) to `out[c * ldo + r]`.
@@ -243,15 +244,15 @@ impl Kernels {
     /// `out.add(c * ldo + r)` must be valid for writes for every r < nr, c < nc, and no other
     /// thread may access those floats during the call.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn group_gemm_strided(&self, dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: *mut f32, ldo: usize) {
+    pub unsafe fn group_gemm_strided(&self, dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, nc: usize, prep: &[f32], out: *mut f32, ldo: usize) {
         assert!(self.group_usable(dtype, k), "group kernels unavailable for {dtype} with k = {k}");
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's contract on `out`.
         unsafe {
-            crate::simd::avx2_group::gemm_strided(dtype, k, w, w_stride, nr, a, a_stride, nc, prep, out, ldo)
+            crate::simd::avx2_group::gemm_strided(dtype, k, w, w_stride, nr, nc, prep, out, ldo)
         };
         #[cfg(not(target_arch = "x86_64"))]
-        let _ = (w, w_stride, nr, a, a_stride, nc, prep, out, ldo);
+        let _ = (w, w_stride, nr, nc, prep, out, ldo);
     }
 
     /// Block product: `out[c * nr + r] = w_row(r) · a_row(c)` for `nr` weight rows (each
@@ -262,7 +263,7 @@ impl Kernels {
         if self.group_usable(dtype, k) {
             let mut prep = Vec::new();
             self.group_prepare(k, a, a_stride, nc, &mut prep);
-            self.group_gemm(dtype, k, w, w_stride, nr, a, a_stride, nc, &prep, out);
+            self.group_gemm(dtype, k, w, w_stride, nr, nc, &prep, out);
             return;
         }
         let dot = self.vec_dot(dtype);

@@ -81,9 +81,8 @@ pub fn matmul_fused<const N: usize>(pool: &ThreadPool, ws: [&Matrix; N], x: &[f3
         assert!(x.len() >= n * k && out.len() >= n * w.rows, "matmul shapes");
     }
     let vt = kt.activation_type(ws[0].dtype, k);
-    let arb = vt.row_bytes(k).expect("activation row must be whole blocks");
+    // The group kernels read the activations only through their preparation.
     quantize_activations(pool, vt, true, x, k, n, scratch);
-    let act: &[u8] = scratch;
     let optrs = outs.map(|o| SharedMut(o.as_mut_ptr()));
     // Row ranges over the matrices one after another.
     let mut starts = [0usize; N];
@@ -107,7 +106,7 @@ pub fn matmul_fused<const N: usize>(pool: &ThreadPool, ws: [&Matrix; N], x: &[f3
                 // SAFETY: this range writes outs[i][t * m + r] for its rows r of matrix i and
                 // t < n: disjoint from every other range's entries, and within the output
                 // (asserted above).
-                unsafe { kt.group_gemm_strided(w.dtype, k, &w.data[r0 * wrb..], wrb, nr, act, arb, n, prep, optr.0.add(r0), w.rows) };
+                unsafe { kt.group_gemm_strided(w.dtype, k, &w.data[r0 * wrb..], wrb, nr, n, prep, optr.0.add(r0), w.rows) };
             }
         });
     });

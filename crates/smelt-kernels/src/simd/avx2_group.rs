@@ -10,8 +10,9 @@
 //! (".lo" = the unit's first 16 elements). Activations are Q8_0 (a scale per 32 values) for
 //! every weight format — finer than the per-256 scales (Q8_K) llama.cpp uses with k-quants, so
 //! closer to full precision at no cost here — and are prepared once per matrix product into the
-//! matching per-16 vectors `sa` (scale) and `ea` (scale × sum of the 16 quantized values). Then per group:
-//!     s   = the 8 per-16 integer sums Σ u·q (maddubs, madd, a 3-hadd tree)
+//! matching per-16 vectors `sa` (scale) and `ea` (scale × sum of the 16 quantized values), plus
+//! a copy of the quantized values in the order of the unpacked weights. Then per group:
+//!     s   = the 8 per-16 integer sums Σ u·q (maddubs, 16-bit adds, madd; see `sums`)
 //!     acc = fma(cvt(s), sw·sa, acc);  acc = fma(cw, ea, acc)
 //! and the result is the horizontal sum of `acc`. For decoding, groups are unpacked into
 //! registers as they stream in; for many activation rows, a chunk of weight rows is unpacked
@@ -26,8 +27,12 @@ use std::cell::RefCell;
 
 pub const GROUP: usize = 128;
 
-/// Floats of activation preparation per group: `sa` (8) then `ea` (8).
-const PREP: usize = 16;
+/// Floats of activation preparation per group: `sa` (8), `ea` (8), then the group's 128
+/// quantized activation bytes in interleaved order (32 floats' worth; see [`interleave`]).
+const PREP: usize = 48;
+
+/// Where the interleaved activation bytes start within a group's preparation.
+const PREP_Q: usize = 16;
 
 /// Activation rows per block in the buffered (many-row) product; even, so pairs never straddle.
 const COL_BLOCK: usize = 16;
@@ -72,10 +77,36 @@ fn lanes(v: [f32; 4], w: [f32; 4]) -> __m256 {
     _mm256_setr_ps(v[0], v[1], v[2], v[3], w[0], w[1], w[2], w[3])
 }
 
-/// Unpack group `g` of a weight row.
+/// Unpack group `g` of a weight row, its units interleaved (see [`interleave`]).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn unpack<const T: u32>(row: *const u8, g: usize) -> Group {
+    // SAFETY: as `unpack_units`, whose contract the caller keeps.
+    let grp = unsafe { unpack_units::<T>(row, g) };
+    Group { u: interleave(grp.u), ..grp }
+}
+
+/// Interleave a group's four units so that every 4-byte lane holds elements of one per-16 sum:
+/// output vector m's lane L is unit L's bytes 4m..4m+4 (lanes 0–3, the units' first 16
+/// elements) or 16+4m..16+4m+4 (lanes 4–7, their last 16). Lane L of the four vectors then
+/// covers exactly the elements of per-16 sum L, so products of the four vectors can be added
+/// lane by lane (see [`sums`]) instead of through a horizontal-add tree. Activations are stored
+/// in the same order by [`prepare_row`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn interleave(u: [__m256i; 4]) -> [__m256i; 4] {
+    // A 4×4 transpose of 32-bit elements within each 128-bit half.
+    let t0 = _mm256_unpacklo_epi32(u[0], u[1]);
+    let t1 = _mm256_unpackhi_epi32(u[0], u[1]);
+    let t2 = _mm256_unpacklo_epi32(u[2], u[3]);
+    let t3 = _mm256_unpackhi_epi32(u[2], u[3]);
+    [_mm256_unpacklo_epi64(t0, t2), _mm256_unpackhi_epi64(t0, t2), _mm256_unpacklo_epi64(t1, t3), _mm256_unpackhi_epi64(t1, t3)]
+}
+
+/// Unpack group `g` of a weight row, units in element order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_units<const T: u32>(row: *const u8, g: usize) -> Group {
     let dtype = dtype_of::<T>();
     // SAFETY (whole function): the caller guarantees `row` holds the row's blocks; each branch
     // reads only the blocks of group g, and AVX2/FMA/F16C are enabled in every caller.
@@ -183,30 +214,39 @@ unsafe fn unpack<const T: u32>(row: *const u8, g: usize) -> Group {
     }
 }
 
-/// The 8 per-16 integer sums of a group against 128 activation bytes at `q`
-/// (four 32-byte units at `q_at(0..4)`).
+/// The 8 per-16 integer sums of an interleaved group against its 128 interleaved activation
+/// bytes at `q`, in lane order.
+///
+/// `maddubs` leaves 16-bit sums of two products; lanes of the four vectors belong to the same
+/// per-16 sum, so they are added as 16-bit integers while that cannot overflow, and widened
+/// with one `madd` per vector sum. Activations lie in [-128, 127]; unsigned weights below 32
+/// (4- and 5-bit formats) give at most 8 · 31 · 128 = 31,744 for all four vectors; Q6_K's
+/// (below 64) at most 4 · 63 · 128 = 32,256 for two; Q8_0 (signed, sign trick) widens each
+/// vector. The integer sums are exact either way, so the result is the same as widening
+/// every product.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn sums(signed: bool, u: &[__m256i; 4], q: [*const u8; 4]) -> __m256i {
-    // SAFETY: the caller guarantees 32 readable bytes at each q pointer.
-    unsafe {
-        let ones = _mm256_set1_epi16(1);
-        let m: [__m256i; 4] = std::array::from_fn(|i| {
-            let y = load(q[i]);
-            let p = if signed { _mm256_maddubs_epi16(_mm256_sign_epi8(u[i], u[i]), _mm256_sign_epi8(y, u[i])) } else { _mm256_maddubs_epi16(u[i], y) };
-            _mm256_madd_epi16(p, ones)
-        });
-        _mm256_hadd_epi32(_mm256_hadd_epi32(m[0], m[1]), _mm256_hadd_epi32(m[2], m[3]))
+unsafe fn sums<const T: u32>(u: &[__m256i; 4], q: *const u8) -> __m256i {
+    // SAFETY: the caller guarantees 128 readable bytes at q.
+    let y: [__m256i; 4] = unsafe { std::array::from_fn(|i| load(q.add(32 * i))) };
+    let ones = _mm256_set1_epi16(1);
+    match dtype_of::<T>() {
+        DType::Q8_0 => {
+            let m: [__m256i; 4] = std::array::from_fn(|i| {
+                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(u[i], u[i]), _mm256_sign_epi8(y[i], u[i])), ones)
+            });
+            _mm256_add_epi32(_mm256_add_epi32(m[0], m[1]), _mm256_add_epi32(m[2], m[3]))
+        }
+        DType::Q6_K => {
+            let p: [__m256i; 4] = std::array::from_fn(|i| _mm256_maddubs_epi16(u[i], y[i]));
+            let lo = _mm256_madd_epi16(_mm256_add_epi16(p[0], p[1]), ones);
+            _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_add_epi16(p[2], p[3]), ones))
+        }
+        _ => {
+            let p: [__m256i; 4] = std::array::from_fn(|i| _mm256_maddubs_epi16(u[i], y[i]));
+            _mm256_madd_epi16(_mm256_add_epi16(_mm256_add_epi16(p[0], p[1]), _mm256_add_epi16(p[2], p[3])), ones)
+        }
     }
-}
-
-/// The activation format of the group kernels.
-pub const ACT: DType = DType::Q8_0;
-
-/// Where the quantized values of unit i of group g of a Q8_0 activation row start.
-#[inline(always)]
-fn act_unit(a: *const u8, g: usize, i: usize) -> *const u8 {
-    a.wrapping_add(34 * (4 * g + i) + 2)
 }
 
 /// acc += cvt(s)·(sw·sa) + cw·ea — the one accumulation step both paths share.
@@ -253,23 +293,29 @@ pub fn prepare_row(k: usize, row: &[u8], dst: &mut [f32]) {
             dst[4 + i] = d;
             dst[8 + i] = d * sum(2..18) as f32;
             dst[12 + i] = d * sum(18..34) as f32;
+            // The quantized bytes in `interleave` order, four per float slot (copied as bits).
+            for m in 0..4 {
+                let four = |o: usize| f32::from_ne_bytes([blk[o], blk[o + 1], blk[o + 2], blk[o + 3]]);
+                dst[PREP_Q + 8 * m + i] = four(2 + 4 * m);
+                dst[PREP_Q + 8 * m + 4 + i] = four(18 + 4 * m);
+            }
         }
     }
 }
 
 /// RM weight rows × 1 activation row, unpacking as the weights stream in (decoding).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn stream_tile<const T: u32, const RM: usize>(groups: usize, w: *const u8, ws: usize, a: *const u8, prep: *const f32, out: *mut f32) {
+unsafe fn stream_tile<const T: u32, const RM: usize>(groups: usize, w: *const u8, ws: usize, prep: *const f32, out: *mut f32) {
     let dtype = dtype_of::<T>();
-    let (sg, off) = (signed(dtype), !signed(dtype));
+    let off = !signed(dtype);
     let mut acc = [_mm256_setzero_ps(); RM];
     for g in 0..groups {
-        let q = std::array::from_fn(|i| act_unit(a, g, i));
+        let q = prep.wrapping_add(g * PREP + PREP_Q) as *const u8;
         for r in 0..RM {
             // SAFETY: row r and group g are within the caller-checked ranges.
             unsafe {
                 let grp = unpack::<T>(w.add(r * ws), g);
-                let s = sums(sg, &grp.u, q);
+                let s = sums::<T>(&grp.u, q);
                 acc[r] = accumulate(acc[r], s, grp.sw, grp.cw, prep.add(g * PREP), off);
             }
         }
@@ -283,19 +329,18 @@ unsafe fn stream_tile<const T: u32, const RM: usize>(groups: usize, w: *const u8
 /// 1 weight row × RN activation rows, unpacking each group once in registers (small batches:
 /// several sequences decoding together).
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn stream_cols<const T: u32, const RN: usize>(groups: usize, w: *const u8, a: *const u8, as_: usize, prep: *const f32, out: *mut f32, ldo: usize) {
+unsafe fn stream_cols<const T: u32, const RN: usize>(groups: usize, w: *const u8, prep: *const f32, out: *mut f32, ldo: usize) {
     let dtype = dtype_of::<T>();
-    let (sg, off) = (signed(dtype), !signed(dtype));
+    let off = !signed(dtype);
     let mut acc = [_mm256_setzero_ps(); RN];
     for g in 0..groups {
         // SAFETY: the row, activation rows c < RN and group g are within the caller-checked ranges.
         unsafe {
             let grp = unpack::<T>(w, g);
             for c in 0..RN {
-                let ac = a.add(c * as_);
-                let q = std::array::from_fn(|i| act_unit(ac, g, i));
-                let sm = sums(sg, &grp.u, q);
-                acc[c] = accumulate(acc[c], sm, grp.sw, grp.cw, prep.add((c * groups + g) * PREP), off);
+                let pc = prep.add((c * groups + g) * PREP);
+                let sm = sums::<T>(&grp.u, pc.add(PREP_Q) as *const u8);
+                acc[c] = accumulate(acc[c], sm, grp.sw, grp.cw, pc, off);
             }
         }
     }
@@ -334,9 +379,9 @@ unsafe fn unpack_rows<const T: u32>(groups: usize, w: *const u8, ws: usize, nr: 
 
 /// 1 unpacked weight row × RN activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn buffered_tile<const T: u32, const RN: usize>(groups: usize, u: *const __m256i, s: *const (__m256, __m256), a: *const u8, as_: usize, prep: *const f32, out: *mut f32, ldo: usize) {
+unsafe fn buffered_tile<const T: u32, const RN: usize>(groups: usize, u: *const __m256i, s: *const (__m256, __m256), prep: *const f32, out: *mut f32, ldo: usize) {
     let dtype = dtype_of::<T>();
-    let (sg, off) = (signed(dtype), !signed(dtype));
+    let off = !signed(dtype);
     let mut acc = [_mm256_setzero_ps(); RN];
     for g in 0..groups {
         // SAFETY: the caller passes `groups` unpacked groups at u and s.
@@ -344,10 +389,9 @@ unsafe fn buffered_tile<const T: u32, const RN: usize>(groups: usize, u: *const 
         for c in 0..RN {
             // SAFETY: activation row c and group g are within the caller-checked ranges.
             unsafe {
-                let ac = a.add(c * as_);
-                let q = std::array::from_fn(|i| act_unit(ac, g, i));
-                let sm = sums(sg, &gu, q);
-                acc[c] = accumulate(acc[c], sm, sw, cw, prep.add((c * groups + g) * PREP), off);
+                let pc = prep.add((c * groups + g) * PREP);
+                let sm = sums::<T>(&gu, pc.add(PREP_Q) as *const u8);
+                acc[c] = accumulate(acc[c], sm, sw, cw, pc, off);
             }
         }
     }
@@ -359,10 +403,10 @@ unsafe fn buffered_tile<const T: u32, const RN: usize>(groups: usize, u: *const 
 
 /// out[c * nr + r] = w_row(r) · a_row(c) for r < nr, c < nc, with `prep` from [`prepare`].
 #[allow(clippy::too_many_arguments)]
-pub fn gemm(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: &mut [f32]) {
+pub fn gemm(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, nc: usize, prep: &[f32], out: &mut [f32]) {
     assert!(out.len() >= nr * nc);
     // SAFETY: out holds nr * nc floats: entry (r, c) at c * nr + r.
-    unsafe { gemm_strided(dtype, k, w, w_stride, nr, a, a_stride, nc, prep, out.as_mut_ptr(), nr) }
+    unsafe { gemm_strided(dtype, k, w, w_stride, nr, nc, prep, out.as_mut_ptr(), nr) }
 }
 
 /// [`gemm`] writing entry (r, c) to `out[c * ldo + r]`, so each thread of a parallel product can
@@ -372,23 +416,22 @@ pub fn gemm(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u
 /// `out.add(c * ldo + r)` must be valid for writes for every r < nr, c < nc, and no other thread
 /// may access those floats during the call.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_strided(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: *mut f32, ldo: usize) {
+pub unsafe fn gemm_strided(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr: usize, nc: usize, prep: &[f32], out: *mut f32, ldo: usize) {
     assert!(usable(dtype, k));
     let groups = k / GROUP;
-    let (wrb, arb) = (dtype.row_bytes(k).unwrap_or(0), ACT.row_bytes(k).unwrap_or(0));
-    assert!(wrb <= w_stride && arb <= a_stride);
+    let wrb = dtype.row_bytes(k).unwrap_or(0);
+    assert!(wrb <= w_stride);
     assert!(nr == 0 || w.len() >= (nr - 1) * w_stride + wrb);
-    assert!(nc == 0 || a.len() >= (nc - 1) * a_stride + arb);
     assert!(prep.len() >= nc * groups * PREP && (nc <= 1 || ldo >= nr));
     // SAFETY: the caller's contract on `out`; the rest is asserted above.
     unsafe {
         match dtype {
-            DType::Q4_0 => run::<2>(groups, w, w_stride, nr, a, a_stride, nc, prep, out, ldo),
-            DType::Q5_0 => run::<6>(groups, w, w_stride, nr, a, a_stride, nc, prep, out, ldo),
-            DType::Q8_0 => run::<8>(groups, w, w_stride, nr, a, a_stride, nc, prep, out, ldo),
-            DType::Q4_K => run::<12>(groups, w, w_stride, nr, a, a_stride, nc, prep, out, ldo),
-            DType::Q5_K => run::<13>(groups, w, w_stride, nr, a, a_stride, nc, prep, out, ldo),
-            _ => run::<14>(groups, w, w_stride, nr, a, a_stride, nc, prep, out, ldo),
+            DType::Q4_0 => run::<2>(groups, w, w_stride, nr, nc, prep, out, ldo),
+            DType::Q5_0 => run::<6>(groups, w, w_stride, nr, nc, prep, out, ldo),
+            DType::Q8_0 => run::<8>(groups, w, w_stride, nr, nc, prep, out, ldo),
+            DType::Q4_K => run::<12>(groups, w, w_stride, nr, nc, prep, out, ldo),
+            DType::Q5_K => run::<13>(groups, w, w_stride, nr, nc, prep, out, ldo),
+            _ => run::<14>(groups, w, w_stride, nr, nc, prep, out, ldo),
         }
     }
 }
@@ -396,7 +439,7 @@ pub unsafe fn gemm_strided(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr
 /// # Safety
 /// As [`gemm_strided`].
 #[allow(clippy::too_many_arguments)]
-unsafe fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize, a: &[u8], a_stride: usize, nc: usize, prep: &[f32], out: *mut f32, ldo: usize) {
+unsafe fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize, nc: usize, prep: &[f32], out: *mut f32, ldo: usize) {
     // The loops below prefetch PREFETCH bytes ahead of where they read; start the stream by
     // prefetching the first PREFETCH bytes of this range (decoding runs many short ranges, and
     // each would otherwise begin with demand misses).
@@ -406,7 +449,7 @@ unsafe fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize,
     }
     if nc < 4 {
         for c in 0..nc {
-            let (ac, pc) = (&a[c * a_stride..], &prep[c * groups * PREP..]);
+            let pc = &prep[c * groups * PREP..];
             let mut r = 0;
             while r < nr {
                 let rm = (nr - r).min(4);
@@ -416,10 +459,10 @@ unsafe fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize,
                 unsafe {
                     let wp = w.as_ptr().add(r * w_stride);
                     match rm {
-                        4 => stream_tile::<T, 4>(groups, wp, w_stride, ac.as_ptr(), pc.as_ptr(), tile.as_mut_ptr()),
-                        3 => stream_tile::<T, 3>(groups, wp, w_stride, ac.as_ptr(), pc.as_ptr(), tile.as_mut_ptr()),
-                        2 => stream_tile::<T, 2>(groups, wp, w_stride, ac.as_ptr(), pc.as_ptr(), tile.as_mut_ptr()),
-                        _ => stream_tile::<T, 1>(groups, wp, w_stride, ac.as_ptr(), pc.as_ptr(), tile.as_mut_ptr()),
+                        4 => stream_tile::<T, 4>(groups, wp, w_stride, pc.as_ptr(), tile.as_mut_ptr()),
+                        3 => stream_tile::<T, 3>(groups, wp, w_stride, pc.as_ptr(), tile.as_mut_ptr()),
+                        2 => stream_tile::<T, 2>(groups, wp, w_stride, pc.as_ptr(), tile.as_mut_ptr()),
+                        _ => stream_tile::<T, 1>(groups, wp, w_stride, pc.as_ptr(), tile.as_mut_ptr()),
                     }
                 }
                 // SAFETY: entries (r..r+rm, c) are the caller's to write.
@@ -438,12 +481,12 @@ unsafe fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize,
                 // SAFETY: row r and activation rows c..c+rn are within the ranges asserted by
                 // `gemm_strided`, whose caller owns the out entries; CPU features as above.
                 unsafe {
-                    let (wp, ap, pp, op) = (w.as_ptr().add(r * w_stride), a.as_ptr().add(c * a_stride), prep.as_ptr().add(c * groups * PREP), out.add(c * ldo + r));
+                    let (wp, pp, op) = (w.as_ptr().add(r * w_stride), prep.as_ptr().add(c * groups * PREP), out.add(c * ldo + r));
                     match rn {
-                        4 => stream_cols::<T, 4>(groups, wp, ap, a_stride, pp, op, ldo),
-                        3 => stream_cols::<T, 3>(groups, wp, ap, a_stride, pp, op, ldo),
-                        2 => stream_cols::<T, 2>(groups, wp, ap, a_stride, pp, op, ldo),
-                        _ => stream_cols::<T, 1>(groups, wp, ap, a_stride, pp, op, ldo),
+                        4 => stream_cols::<T, 4>(groups, wp, pp, op, ldo),
+                        3 => stream_cols::<T, 3>(groups, wp, pp, op, ldo),
+                        2 => stream_cols::<T, 2>(groups, wp, pp, op, ldo),
+                        _ => stream_cols::<T, 1>(groups, wp, pp, op, ldo),
                     }
                 }
                 c += rn;
@@ -471,11 +514,11 @@ unsafe fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize,
                     // SAFETY: activation rows c..c+rn are within the asserted range; the caller
                     // owns the out entries; u and s hold this row's `groups` unpacked groups.
                     unsafe {
-                        let (ap, pp, op) = (a.as_ptr().add(c * a_stride), prep.as_ptr().add(c * groups * PREP), out.add(c * ldo + r));
+                        let (pp, op) = (prep.as_ptr().add(c * groups * PREP), out.add(c * ldo + r));
                         if rn == 2 {
-                            buffered_tile::<T, 2>(groups, u, s, ap, a_stride, pp, op, ldo);
+                            buffered_tile::<T, 2>(groups, u, s, pp, op, ldo);
                         } else {
-                            buffered_tile::<T, 1>(groups, u, s, ap, a_stride, pp, op, ldo);
+                            buffered_tile::<T, 1>(groups, u, s, pp, op, ldo);
                         }
                     }
                     c += rn;
