@@ -43,7 +43,7 @@ fn attention_matches_the_scalar_reference() {
     let mut rng = Rng(9);
     for isa in Kernels::available_isas() {
         let k = Kernels::for_isa(isa);
-        let cases = [(64, 5, vec![0..5], 1), (256, 40, vec![30..40, 0..7], 4), (8, 1, vec![0..1], 3), (72, 300, vec![0..300], 7), (24, 33, vec![3..20, 21..33], 9), (16, 0, vec![], 2)];
+        let cases = [(64, 5, vec![0..5], 1), (256, 40, vec![30..40, 0..7], 4), (8, 1, vec![0..1], 3), (72, 300, vec![0..300], 7), (24, 33, vec![3..20, 21..33], 9), (16, 0, vec![], 2), (256, 700, vec![100..700, 0..50], 4)];
         for (hd, slots, ranges, heads) in cases {
             let stride = hd * 2;
             let keys: Vec<half::f16> = (0..slots.max(1) * stride).map(|_| half::f16::from_f32(rng.f())).collect();

@@ -169,7 +169,7 @@ fn hsum(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
 }
 
-/// Heads attended together at most (their running maxima live on the stack).
+/// Heads attended together at most.
 const MAX_HEADS: usize = 8;
 
 /// Eight f16 values widened to f32 (exactly).
@@ -228,6 +228,59 @@ unsafe fn dot4(q: *const f32, k: [*const f16; 4], hd: usize) -> __m128 {
     _mm_add_ps(_mm_add_ps(c0, c2), _mm_add_ps(c1, c3))
 }
 
+/// Dot products of four query rows with one key row, each summed exactly as a lone dot product
+/// would be — two accumulators over alternate 8-float chunks, added, then the halves, pairs
+/// and lanes in a fixed order — with the four final reductions sharing one 4×4 transpose, and
+/// the key widened once for all four. The score of a (key, head) pair is therefore the same
+/// whichever heads share the pass.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_heads(q: [*const f32; 4], k: *const f16, hd: usize) -> __m128 {
+    let (mut s0, mut s1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+    let mut d = 0;
+    // SAFETY (loads): the caller guarantees hd readable values at k and at each q[h].
+    while d + 16 <= hd {
+        unsafe {
+            let (k0, k1) = (load_f16(k.add(d)), load_f16(k.add(d + 8)));
+            for h in 0..4 {
+                s0[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h].add(d)), k0, s0[h]);
+                s1[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h].add(d + 8)), k1, s1[h]);
+            }
+        }
+        d += 16;
+    }
+    if d < hd {
+        unsafe {
+            let k0 = load_f16(k.add(d));
+            for h in 0..4 {
+                s0[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h].add(d)), k0, s0[h]);
+            }
+        }
+    }
+    let w: [__m128; 4] = std::array::from_fn(|h| {
+        let v = _mm256_add_ps(s0[h], s1[h]);
+        _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))
+    });
+    let (t0, t1) = (_mm_unpacklo_ps(w[0], w[1]), _mm_unpacklo_ps(w[2], w[3]));
+    let (t2, t3) = (_mm_unpackhi_ps(w[0], w[1]), _mm_unpackhi_ps(w[2], w[3]));
+    let (c0, c1) = (_mm_movelh_ps(t0, t1), _mm_movehl_ps(t1, t0));
+    let (c2, c3) = (_mm_movelh_ps(t2, t3), _mm_movehl_ps(t3, t2));
+    _mm_add_ps(_mm_add_ps(c0, c2), _mm_add_ps(c1, c3))
+}
+
+/// The largest value of a row (-inf for an empty one).
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+fn row_max(row: &[f32]) -> f32 {
+    let mut m = _mm256_set1_ps(f32::NEG_INFINITY);
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        // SAFETY: c holds 8 floats.
+        m = _mm256_max_ps(m, unsafe { _mm256_loadu_ps(c.as_ptr()) });
+    }
+    chunks.remainder().iter().fold(hmax(m), |a, &b| a.max(b))
+}
+
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 fn hmax(v: __m256) -> f32 {
@@ -251,53 +304,24 @@ unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f16], values: &[f16], strid
     scores.clear();
     scores.resize(heads * n, 0.0);
     let (kp, vp, qp, sp) = (keys.as_ptr(), values.as_ptr(), q.as_ptr(), scores.as_mut_ptr());
-    // Scores, eight keys at a time: each key's dot product has its own accumulators and the
-    // final sums share transposing reductions, so a key's score depends only on its row and
-    // the query, not on which keys share its block. A last partial block repeats its first
-    // key (a real score, so the maxima are unchanged) and keeps only the real entries.
-    let vscale = _mm256_set1_ps(scale);
-    let mut vmax = [_mm256_set1_ps(f32::NEG_INFINITY); MAX_HEADS];
-    let mut block = [kp; 8];
-    let (mut filled, mut i0) = (0, 0);
-    let mut flush = |block: &mut [*const f16; 8], count: usize, i0: usize| {
-        for b in count..8 {
-            block[b] = block[0];
+    // Scores. Every (key, head) dot product is summed exactly as a lone one, so a score
+    // depends only on its key row and query, whichever path computes it: long heads widen each
+    // key once for four heads (fewer passes over a long context's keys); short ones take eight
+    // keys per query, sharing each query load.
+    // SAFETY: the key rows lie within `keys` (asserted above); q holds `heads` queries of hd
+    // floats; scores holds heads * n floats.
+    unsafe {
+        if hd >= 128 {
+            scores_by_key(qp, heads, hd, kp, stride, offset, ranges, scale, sp, n);
+        } else {
+            scores_by_head(qp, heads, hd, kp, stride, offset, ranges, scale, sp, n);
         }
-        for (h, m) in vmax.iter_mut().enumerate().take(heads) {
-            // SAFETY: the block's rows lie within `keys` (asserted above); head h's query is in
-            // q; i0 + count <= n, so h * n + i0 + count <= scores.len().
-            unsafe {
-                let s = _mm256_mul_ps(dot8(qp.add(h * hd), block, hd), vscale);
-                *m = _mm256_max_ps(*m, s);
-                if count == 8 {
-                    _mm256_storeu_ps(sp.add(h * n + i0), s);
-                } else {
-                    let mut tmp = [0f32; 8];
-                    _mm256_storeu_ps(tmp.as_mut_ptr(), s);
-                    std::ptr::copy_nonoverlapping(tmp.as_ptr(), sp.add(h * n + i0), count);
-                }
-            }
-        }
-    };
-    for r in ranges {
-        for j in r.clone() {
-            block[filled] = kp.wrapping_add(j * stride + offset);
-            filled += 1;
-            if filled == 8 {
-                flush(&mut block, 8, i0);
-                i0 += 8;
-                filled = 0;
-            }
-        }
-    }
-    if filled > 0 {
-        flush(&mut block, filled, i0);
     }
     // Softmax; the normalized weights replace the scores.
     for h in 0..heads {
         let row = &mut scores[h * n..(h + 1) * n];
         let rp = row.as_mut_ptr();
-        let m = hmax(vmax[h]);
+        let m = row_max(row);
         let mut sum = 0f32;
         let mut i = 0;
         let vm = _mm256_set1_ps(m);
@@ -340,41 +364,159 @@ unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f16], values: &[f16], strid
     }
 }
 
+/// scores[h * n + i] = scale · q_h · k_i for the keys of `ranges` in order, one key at a time
+/// for up to four heads (see `dot_heads`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_by_key(qp: *const f32, heads: usize, hd: usize, kp: *const f16, stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, sp: *mut f32, n: usize) {
+    let vscale = _mm_set1_ps(scale);
+    let mut i = 0;
+    for r in ranges {
+        for j in r.clone() {
+            let kr = kp.wrapping_add(j * stride + offset);
+            let mut h0 = 0;
+            while h0 < heads {
+                let hp = (heads - h0).min(4);
+                // Missing heads of a last partial pass repeat the first (computed, not stored).
+                let qs: [*const f32; 4] = std::array::from_fn(|x| qp.wrapping_add((h0 + if x < hp { x } else { 0 }) * hd));
+                // SAFETY: the caller's guarantees; i < n, so every stored index is below heads * n.
+                unsafe {
+                    let mut lanes = [0f32; 4];
+                    _mm_storeu_ps(lanes.as_mut_ptr(), _mm_mul_ps(dot_heads(qs, kr, hd), vscale));
+                    for (x, &v) in lanes.iter().enumerate().take(hp) {
+                        *sp.add((h0 + x) * n + i) = v;
+                    }
+                }
+                h0 += hp;
+            }
+            i += 1;
+        }
+    }
+}
+
+/// [`scores_by_key`] eight keys at a time per head (see `dot8`). A last partial block repeats
+/// its first key and keeps only the real entries.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_by_head(qp: *const f32, heads: usize, hd: usize, kp: *const f16, stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, sp: *mut f32, n: usize) {
+    let vscale = _mm256_set1_ps(scale);
+    let flush = |block: &mut [*const f16; 8], count: usize, i0: usize| {
+        for b in count..8 {
+            block[b] = block[0];
+        }
+        for h in 0..heads {
+            // SAFETY: the caller's guarantees; i0 + count <= n.
+            unsafe {
+                let s = _mm256_mul_ps(dot8(qp.add(h * hd), block, hd), vscale);
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), s);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), sp.add(h * n + i0), count);
+            }
+        }
+    };
+    let mut block = [kp; 8];
+    let (mut filled, mut i0) = (0, 0);
+    for r in ranges {
+        for j in r.clone() {
+            block[filled] = kp.wrapping_add(j * stride + offset);
+            filled += 1;
+            if filled == 8 {
+                flush(&mut block, 8, i0);
+                i0 += 8;
+                filled = 0;
+            }
+        }
+    }
+    if filled > 0 {
+        flush(&mut block, filled, i0);
+    }
+}
+
+/// Keys whose value rows are weighed together: their rows (`hd` f16 each) stay in L1 while the
+/// output dimensions are walked 16 at a time.
+const VALUE_BLOCK_BYTES: usize = 16 * 1024;
+
 /// out rows h0..h0 + HB = Σ_j p_hj v_j, with the normalized weights p in `scores` (see
-/// `attend_heads`).
+/// `attend_heads`). Keys go in blocks that fit in L1 (a long context's value rows would
+/// otherwise stream from L3 once per 16 output dimensions); within a block the partial sums
+/// stay in registers, between blocks in `out`. Each output lane adds its terms in slot order
+/// either way.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn weigh_values<const HB: usize>(vp: *const f16, stride: usize, offset: usize, ranges: &[Range<usize>], hd: usize, scores: &[f32], n: usize, h0: usize, out: &mut [f32]) {
-    let sp = scores.as_ptr();
+    const MAX_BLOCK: usize = 256;
+    let kb = (VALUE_BLOCK_BYTES / (2 * hd)).clamp(8, MAX_BLOCK);
+    out[h0 * hd..(h0 + HB) * hd].fill(0.0);
+    let mut rows = [vp; MAX_BLOCK];
+    let (mut filled, mut i0) = (0, 0);
+    for r in ranges {
+        for j in r.clone() {
+            rows[filled] = vp.wrapping_add(j * stride + offset);
+            filled += 1;
+            if filled == kb {
+                // SAFETY: the caller checked every slot's row against `values`; i0 + filled <= n.
+                unsafe { weigh_block::<HB>(&rows[..filled], hd, scores.as_ptr().add(i0), n, h0, out) };
+                i0 += filled;
+                filled = 0;
+            }
+        }
+    }
+    if filled > 0 {
+        // SAFETY: as above.
+        unsafe { weigh_block::<HB>(&rows[..filled], hd, scores.as_ptr().add(i0), n, h0, out) };
+    }
+}
+
+/// out rows h0..h0 + HB += Σ_b p_h(b) v_b over one block of value rows; the weights of head h
+/// are at `sp + h * n`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weigh_block<const HB: usize>(rows: &[*const f16], hd: usize, sp: *const f32, n: usize, h0: usize, out: &mut [f32]) {
+    assert!(out.len() >= (h0 + HB) * hd);
+    let op = out.as_mut_ptr();
     let mut d0 = 0;
-    while d0 < hd {
-        let lanes = (hd - d0).min(16) / 8;
-        let mut acc = [[_mm256_setzero_ps(); 2]; HB];
-        let mut i = 0;
-        for r in ranges {
-            for j in r.clone() {
-                // SAFETY: the caller checked slot j's row against `values`; d0 + 8 * lanes <= hd.
-                unsafe {
-                    let row = vp.add(j * stride + offset + d0);
-                    let v = [load_f16(row), if lanes == 2 { load_f16(row.add(8)) } else { _mm256_setzero_ps() }];
-                    for (h, a) in acc.iter_mut().enumerate() {
-                        let pv = _mm256_broadcast_ss(&*sp.add((h0 + h) * n + i));
-                        for k in 0..lanes {
-                            a[k] = _mm256_fmadd_ps(pv, v[k], a[k]);
-                        }
-                    }
-                }
-                i += 1;
-            }
-        }
-        for (h, a) in acc.iter().enumerate() {
-            for (k, lane) in a.iter().enumerate().take(lanes) {
-                // SAFETY: (h0 + h) * hd + d0 + 8k + 8 <= heads * hd <= out.len().
-                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add((h0 + h) * hd + d0 + 8 * k), *lane) };
-            }
-        }
+    while d0 + 16 <= hd {
+        // SAFETY: the caller's guarantees, passed on; d0 + 16 <= hd.
+        unsafe { weigh_lanes::<HB, 2>(rows, d0, hd, sp, n, h0, op) };
         d0 += 16;
+    }
+    if d0 < hd {
+        // SAFETY: as above; hd is a multiple of 8, so d0 + 8 == hd.
+        unsafe { weigh_lanes::<HB, 1>(rows, d0, hd, sp, n, h0, op) };
+    }
+}
+
+/// Dimensions d0..d0 + 8·L of [`weigh_block`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn weigh_lanes<const HB: usize, const L: usize>(rows: &[*const f16], d0: usize, hd: usize, sp: *const f32, n: usize, h0: usize, op: *mut f32) {
+    let mut acc = [[_mm256_setzero_ps(); L]; HB];
+    // SAFETY (all accesses): the caller guarantees out holds (h0 + HB) * hd floats, each row hd
+    // values and the weights of every head for this block; d0 + 8L <= hd.
+    for (h, a) in acc.iter_mut().enumerate() {
+        for (k, lane) in a.iter_mut().enumerate() {
+            *lane = unsafe { _mm256_loadu_ps(op.add((h0 + h) * hd + d0 + 8 * k)) };
+        }
+    }
+    for (b, &row) in rows.iter().enumerate() {
+        unsafe {
+            let row = row.add(d0);
+            let v: [__m256; L] = std::array::from_fn(|k| load_f16(row.add(8 * k)));
+            for (h, a) in acc.iter_mut().enumerate() {
+                let pv = _mm256_broadcast_ss(&*sp.add((h0 + h) * n + b));
+                for k in 0..L {
+                    a[k] = _mm256_fmadd_ps(pv, v[k], a[k]);
+                }
+            }
+        }
+    }
+    for (h, a) in acc.iter().enumerate() {
+        for (k, lane) in a.iter().enumerate() {
+            unsafe { _mm256_storeu_ps(op.add((h0 + h) * hd + d0 + 8 * k), *lane) };
+        }
     }
 }
 
@@ -445,15 +587,25 @@ mod tests {
             ((x >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0
         };
         for hd in [8, 16, 24, 64, 72, 256] {
-            let q: Vec<f32> = (0..hd).map(|_| f()).collect();
+            let qs: Vec<Vec<f32>> = (0..4).map(|_| (0..hd).map(|_| f()).collect()).collect();
+            let key: Vec<f16> = (0..hd).map(|_| f16::from_f32(f())).collect();
+            let ptrs: [*const f32; 4] = std::array::from_fn(|h| qs[h].as_ptr());
+            let mut got = [0f32; 4];
+            // SAFETY: AVX2/FMA checked above; every row holds hd values.
+            unsafe { _mm_storeu_ps(got.as_mut_ptr(), dot_heads(ptrs, key.as_ptr(), hd)) };
+            for h in 0..4 {
+                // SAFETY: as above.
+                let want = unsafe { lone_dot(qs[h].as_ptr(), key.as_ptr(), hd) };
+                assert_eq!(got[h].to_bits(), want.to_bits(), "hd={hd} head {h}: {} vs {want}", got[h]);
+            }
             let keys: Vec<Vec<f16>> = (0..8).map(|_| (0..hd).map(|_| f16::from_f32(f())).collect()).collect();
-            let ptrs: [*const f16; 8] = std::array::from_fn(|j| keys[j].as_ptr());
+            let kptrs: [*const f16; 8] = std::array::from_fn(|j| keys[j].as_ptr());
             let mut got = [0f32; 8];
-            // SAFETY: AVX2/FMA checked above; every row holds hd floats.
-            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), dot8(q.as_ptr(), &ptrs, hd)) };
+            // SAFETY: as above.
+            unsafe { _mm256_storeu_ps(got.as_mut_ptr(), dot8(qs[0].as_ptr(), &kptrs, hd)) };
             for j in 0..8 {
                 // SAFETY: as above.
-                let want = unsafe { lone_dot(q.as_ptr(), keys[j].as_ptr(), hd) };
+                let want = unsafe { lone_dot(qs[0].as_ptr(), keys[j].as_ptr(), hd) };
                 assert_eq!(got[j].to_bits(), want.to_bits(), "hd={hd} key {j}: {} vs {want}", got[j]);
             }
         }
