@@ -6,18 +6,19 @@ use super::pretokenize::PreTokenizer;
 use super::{TokenType, TokenizerError};
 use crate::gguf::Value;
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use super::FastMap;
+use std::collections::BinaryHeap;
 
 #[derive(Debug)]
 pub struct Bpe {
     pre: PreTokenizer,
     /// Interned symbol texts: ids below the vocabulary size are tokens; the rest are merge
     /// results that are not tokens themselves.
-    interned: HashMap<String, u32>,
+    interned: FastMap<String, u32>,
     extra: Vec<String>,
     n_vocab: u32,
     /// (left, right) → (rank, merged).
-    merges: HashMap<(u32, u32), (u32, u32)>,
+    merges: FastMap<(u32, u32), (u32, u32)>,
     /// Token for each raw byte (its byte-level character), for the fallback.
     byte_tokens: [Option<u32>; 256],
     /// Byte-level character for each byte.
@@ -75,11 +76,11 @@ struct Symbol {
 }
 
 impl Bpe {
-    pub fn new(texts: &[String], by_text: &HashMap<String, u32>, merges: &[Value], pre: PreTokenizer) -> Result<Bpe, TokenizerError> {
+    pub fn new(texts: &[String], by_text: &FastMap<String, u32>, merges: &[Value], pre: PreTokenizer) -> Result<Bpe, TokenizerError> {
         let n_vocab = texts.len() as u32;
-        let mut interned: HashMap<String, u32> = by_text.clone();
+        let mut interned: FastMap<String, u32> = by_text.clone();
         let mut extra: Vec<String> = Vec::new();
-        let mut intern = |s: &str, interned: &mut HashMap<String, u32>| -> u32 {
+        let mut intern = |s: &str, interned: &mut FastMap<String, u32>| -> u32 {
             if let Some(&id) = interned.get(s) {
                 return id;
             }
@@ -88,7 +89,7 @@ impl Bpe {
             interned.insert(s.to_string(), id);
             id
         };
-        let mut table = HashMap::with_capacity(merges.len());
+        let mut table = FastMap::with_capacity_and_hasher(merges.len(), Default::default());
         for (rank, m) in merges.iter().enumerate() {
             let m = m.as_str().ok_or_else(|| TokenizerError::Invalid(format!("merge {rank} is not a string")))?;
             // "left right", split at the first space after the first character (as llama.cpp).
@@ -127,7 +128,7 @@ impl Bpe {
     }
 
     /// Tokenize one text fragment (special tokens already split out).
-    pub fn encode(&self, fragment: &str, by_text: &HashMap<String, u32>, out: &mut Vec<u32>) {
+    pub fn encode(&self, fragment: &str, by_text: &FastMap<String, u32>, out: &mut Vec<u32>) {
         for word in self.pre.split(fragment) {
             let encoded: String = word.bytes().map(|b| self.byte_chars[b as usize]).collect();
             if self.ignore_merges {

@@ -4,7 +4,8 @@
 
 use super::{TokenType, TokenizerError};
 use std::cmp::Ordering;
-use std::collections::{BinaryHeap, HashMap};
+use super::FastMap;
+use std::collections::BinaryHeap;
 
 pub const SPACE: &str = "\u{2581}";
 
@@ -68,7 +69,7 @@ pub fn piece(text: &str, ty: TokenType) -> Vec<u8> {
 }
 
 impl Spm {
-    pub fn new(by_text: &HashMap<String, u32>, scores: Vec<f32>, add_space_prefix: bool) -> Result<Spm, TokenizerError> {
+    pub fn new(by_text: &FastMap<String, u32>, scores: Vec<f32>, add_space_prefix: bool) -> Result<Spm, TokenizerError> {
         // Byte fallback: the `<0xXX>` token, else a token whose text is that single (ASCII) byte.
         let byte_tokens = std::array::from_fn(|b| {
             by_text.get(&format!("<0x{b:02X}>")).copied().or_else(|| {
@@ -80,7 +81,7 @@ impl Spm {
     }
 
     /// Tokenize one text fragment (special tokens already split out).
-    pub fn encode(&self, fragment: &str, after_special: bool, by_text: &HashMap<String, u32>, out: &mut Vec<u32>) {
+    pub fn encode(&self, fragment: &str, after_special: bool, by_text: &FastMap<String, u32>, out: &mut Vec<u32>) {
         let mut text = String::with_capacity(fragment.len() + 3);
         if self.add_space_prefix && after_special {
             text.push(' ');
