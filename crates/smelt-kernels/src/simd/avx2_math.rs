@@ -228,21 +228,21 @@ unsafe fn dot4(q: *const f32, k: [*const f16; 4], hd: usize) -> __m128 {
     _mm_add_ps(_mm_add_ps(c0, c2), _mm_add_ps(c1, c3))
 }
 
-/// Dot products of four query rows with one key row, each summed exactly as a lone dot product
+/// Dot products of H ≤ 4 query rows with one key row, each summed exactly as a lone dot product
 /// would be — two accumulators over alternate 8-float chunks, added, then the halves, pairs
-/// and lanes in a fixed order — with the four final reductions sharing one 4×4 transpose, and
-/// the key widened once for all four. The score of a (key, head) pair is therefore the same
-/// whichever heads share the pass.
+/// and lanes in a fixed order — with the final reductions sharing one 4×4 transpose (lanes of
+/// missing heads are zero), and the key widened once for all. The score of a (key, head) pair
+/// is therefore the same whichever heads share the pass.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_heads(q: [*const f32; 4], k: *const f16, hd: usize) -> __m128 {
-    let (mut s0, mut s1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+unsafe fn dot_heads<const H: usize>(q: [*const f32; H], k: *const f16, hd: usize) -> __m128 {
+    let (mut s0, mut s1) = ([_mm256_setzero_ps(); H], [_mm256_setzero_ps(); H]);
     let mut d = 0;
     // SAFETY (loads): the caller guarantees hd readable values at k and at each q[h].
     while d + 16 <= hd {
         unsafe {
             let (k0, k1) = (load_f16(k.add(d)), load_f16(k.add(d + 8)));
-            for h in 0..4 {
+            for h in 0..H {
                 s0[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h].add(d)), k0, s0[h]);
                 s1[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h].add(d + 8)), k1, s1[h]);
             }
@@ -252,14 +252,18 @@ unsafe fn dot_heads(q: [*const f32; 4], k: *const f16, hd: usize) -> __m128 {
     if d < hd {
         unsafe {
             let k0 = load_f16(k.add(d));
-            for h in 0..4 {
+            for h in 0..H {
                 s0[h] = _mm256_fmadd_ps(_mm256_loadu_ps(q[h].add(d)), k0, s0[h]);
             }
         }
     }
     let w: [__m128; 4] = std::array::from_fn(|h| {
-        let v = _mm256_add_ps(s0[h], s1[h]);
-        _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))
+        if h < H {
+            let v = _mm256_add_ps(s0[h], s1[h]);
+            _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1))
+        } else {
+            _mm_setzero_ps()
+        }
     });
     let (t0, t1) = (_mm_unpacklo_ps(w[0], w[1]), _mm_unpacklo_ps(w[2], w[3]));
     let (t2, t3) = (_mm_unpackhi_ps(w[0], w[1]), _mm_unpackhi_ps(w[2], w[3]));
@@ -378,12 +382,17 @@ unsafe fn scores_by_key(qp: *const f32, heads: usize, hd: usize, kp: *const f16,
             let mut h0 = 0;
             while h0 < heads {
                 let hp = (heads - h0).min(4);
-                // Missing heads of a last partial pass repeat the first (computed, not stored).
-                let qs: [*const f32; 4] = std::array::from_fn(|x| qp.wrapping_add((h0 + if x < hp { x } else { 0 }) * hd));
+                let qh = |x: usize| qp.wrapping_add((h0 + x) * hd);
                 // SAFETY: the caller's guarantees; i < n, so every stored index is below heads * n.
                 unsafe {
+                    let dots = match hp {
+                        4 => dot_heads([qh(0), qh(1), qh(2), qh(3)], kr, hd),
+                        3 => dot_heads([qh(0), qh(1), qh(2)], kr, hd),
+                        2 => dot_heads([qh(0), qh(1)], kr, hd),
+                        _ => dot_heads([qh(0)], kr, hd),
+                    };
                     let mut lanes = [0f32; 4];
-                    _mm_storeu_ps(lanes.as_mut_ptr(), _mm_mul_ps(dot_heads(qs, kr, hd), vscale));
+                    _mm_storeu_ps(lanes.as_mut_ptr(), _mm_mul_ps(dots, vscale));
                     for (x, &v) in lanes.iter().enumerate().take(hp) {
                         *sp.add((h0 + x) * n + i) = v;
                     }
@@ -589,14 +598,25 @@ mod tests {
         for hd in [8, 16, 24, 64, 72, 256] {
             let qs: Vec<Vec<f32>> = (0..4).map(|_| (0..hd).map(|_| f()).collect()).collect();
             let key: Vec<f16> = (0..hd).map(|_| f16::from_f32(f())).collect();
-            let ptrs: [*const f32; 4] = std::array::from_fn(|h| qs[h].as_ptr());
-            let mut got = [0f32; 4];
-            // SAFETY: AVX2/FMA checked above; every row holds hd values.
-            unsafe { _mm_storeu_ps(got.as_mut_ptr(), dot_heads(ptrs, key.as_ptr(), hd)) };
-            for h in 0..4 {
-                // SAFETY: as above.
-                let want = unsafe { lone_dot(qs[h].as_ptr(), key.as_ptr(), hd) };
-                assert_eq!(got[h].to_bits(), want.to_bits(), "hd={hd} head {h}: {} vs {want}", got[h]);
+            let p: [*const f32; 4] = std::array::from_fn(|h| qs[h].as_ptr());
+            for heads in 1..=4 {
+                let mut got = [0f32; 4];
+                // SAFETY: AVX2/FMA checked above; every row holds hd values.
+                let dots = unsafe {
+                    match heads {
+                        4 => dot_heads(p, key.as_ptr(), hd),
+                        3 => dot_heads([p[0], p[1], p[2]], key.as_ptr(), hd),
+                        2 => dot_heads([p[0], p[1]], key.as_ptr(), hd),
+                        _ => dot_heads([p[0]], key.as_ptr(), hd),
+                    }
+                };
+                // SAFETY: 4 floats of stack space.
+                unsafe { _mm_storeu_ps(got.as_mut_ptr(), dots) };
+                for h in 0..heads {
+                    // SAFETY: as above.
+                    let want = unsafe { lone_dot(qs[h].as_ptr(), key.as_ptr(), hd) };
+                    assert_eq!(got[h].to_bits(), want.to_bits(), "hd={hd} head {h} of {heads}: {} vs {want}", got[h]);
+                }
             }
             let keys: Vec<Vec<f16>> = (0..8).map(|_| (0..hd).map(|_| f16::from_f32(f())).collect()).collect();
             let kptrs: [*const f16; 8] = std::array::from_fn(|j| keys[j].as_ptr());
