@@ -321,3 +321,44 @@ fn tiled_products_match_the_scalar_reference() {
         }
     }
 }
+
+#[test]
+fn extreme_weights_and_activations_stay_exact_in_the_fast_products() {
+    // The group kernels add products as 16-bit integers where their bounds allow it; quants at
+    // the ends of every format's range, against activations at ±127, reach those bounds.
+    for isa in Kernels::available_isas() {
+        let k = Kernels::for_isa(isa);
+        for dtype in [DType::Q4_0, DType::Q5_0, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K] {
+            let n = 512;
+            let (nr, wrb) = (3, dtype.row_bytes(n).unwrap());
+            // Largest unsigned quants everywhere (Q8_0: -128, the largest magnitude).
+            let fill = if dtype == DType::Q8_0 { 0x80 } else { 0xFF };
+            let mut w = vec![fill; nr * wrb];
+            for blk in w.chunks_exact_mut(dtype.block_bytes()) {
+                for &off in smelt_kernels::formats::scale_offsets(dtype) {
+                    blk[off..off + 2].copy_from_slice(&f16(0.01));
+                }
+            }
+            let vt = k.activation_type(dtype, n);
+            let arb = vt.row_bytes(n).unwrap();
+            let patterns: [fn(usize) -> f32; 3] = [|_| 1.0, |_| -1.0, |i| if i % 2 == 0 { 1.0 } else { -1.0 }];
+            for nc in [1, 5, 20] {
+                let mut a = vec![0u8; nc * arb];
+                for c in 0..nc {
+                    let x: Vec<f32> = (0..n).map(patterns[c % 3]).collect();
+                    k.quantize(vt)(&x, &mut a[c * arb..(c + 1) * arb]);
+                }
+                let mut got = vec![0f32; nr * nc];
+                k.gemm(dtype, n, &w, wrb, nr, &a, arb, nc, &mut got);
+                for i in 0..nr * nc {
+                    let (r, c) = (i % nr, i / nr);
+                    let wd = decode(dtype, &w[r * wrb..(r + 1) * wrb]);
+                    let ad = decode(vt, &a[c * arb..(c + 1) * arb]);
+                    let exact: f64 = wd.iter().zip(&ad).map(|(&p, &q)| p as f64 * q as f64).sum();
+                    let mag: f64 = wd.iter().zip(&ad).map(|(&p, &q)| (p as f64 * q as f64).abs()).sum();
+                    assert!((got[i] as f64 - exact).abs() <= 1e-5 * mag.max(1e-6), "{isa:?} {dtype} nc={nc} at ({r},{c}): {} vs {exact}", got[i]);
+                }
+            }
+        }
+    }
+}
