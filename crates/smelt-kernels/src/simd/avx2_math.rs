@@ -404,6 +404,30 @@ unsafe fn scores_by_key(qp: *const f32, heads: usize, hd: usize, kp: *const f16,
     }
 }
 
+/// Calls `f(rows, i0)` for consecutive blocks of at most `cap` (≤ CAP) rows of the slots in
+/// `ranges`, in order (row of slot j: `base + j * stride + offset`); `i0` is the index of the
+/// block's first slot among all of them.
+#[inline(always)]
+fn slot_blocks<const CAP: usize>(base: *const f16, stride: usize, offset: usize, ranges: &[Range<usize>], cap: usize, mut f: impl FnMut(&[*const f16], usize)) {
+    let cap = cap.clamp(1, CAP);
+    let mut rows = [base; CAP];
+    let (mut filled, mut i0) = (0, 0);
+    for r in ranges {
+        for j in r.clone() {
+            rows[filled] = base.wrapping_add(j * stride + offset);
+            filled += 1;
+            if filled == cap {
+                f(&rows[..filled], i0);
+                i0 += filled;
+                filled = 0;
+            }
+        }
+    }
+    if filled > 0 {
+        f(&rows[..filled], i0);
+    }
+}
+
 /// [`scores_by_key`] eight keys at a time per head (see `dot8`). A last partial block repeats
 /// its first key and keeps only the real entries.
 #[inline]
@@ -411,36 +435,19 @@ unsafe fn scores_by_key(qp: *const f32, heads: usize, hd: usize, kp: *const f16,
 #[allow(clippy::too_many_arguments)]
 unsafe fn scores_by_head(qp: *const f32, heads: usize, hd: usize, kp: *const f16, stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, sp: *mut f32, n: usize) {
     let vscale = _mm256_set1_ps(scale);
-    let flush = |block: &mut [*const f16; 8], count: usize, i0: usize| {
-        for b in count..8 {
-            block[b] = block[0];
-        }
+    slot_blocks::<8>(kp, stride, offset, ranges, 8, |rows, i0| {
+        let count = rows.len();
+        let block: [*const f16; 8] = std::array::from_fn(|b| rows[if b < count { b } else { 0 }]);
         for h in 0..heads {
             // SAFETY: the caller's guarantees; i0 + count <= n.
             unsafe {
-                let s = _mm256_mul_ps(dot8(qp.add(h * hd), block, hd), vscale);
+                let s = _mm256_mul_ps(dot8(qp.add(h * hd), &block, hd), vscale);
                 let mut tmp = [0f32; 8];
                 _mm256_storeu_ps(tmp.as_mut_ptr(), s);
                 std::ptr::copy_nonoverlapping(tmp.as_ptr(), sp.add(h * n + i0), count);
             }
         }
-    };
-    let mut block = [kp; 8];
-    let (mut filled, mut i0) = (0, 0);
-    for r in ranges {
-        for j in r.clone() {
-            block[filled] = kp.wrapping_add(j * stride + offset);
-            filled += 1;
-            if filled == 8 {
-                flush(&mut block, 8, i0);
-                i0 += 8;
-                filled = 0;
-            }
-        }
-    }
-    if filled > 0 {
-        flush(&mut block, filled, i0);
-    }
+    });
 }
 
 /// Keys whose value rows are weighed together: their rows (`hd` f16 each) stay in L1 while the
@@ -456,27 +463,11 @@ const VALUE_BLOCK_BYTES: usize = 16 * 1024;
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn weigh_values<const HB: usize>(vp: *const f16, stride: usize, offset: usize, ranges: &[Range<usize>], hd: usize, scores: &[f32], n: usize, h0: usize, out: &mut [f32]) {
-    const MAX_BLOCK: usize = 256;
-    let kb = (VALUE_BLOCK_BYTES / (2 * hd)).clamp(8, MAX_BLOCK);
     out[h0 * hd..(h0 + HB) * hd].fill(0.0);
-    let mut rows = [vp; MAX_BLOCK];
-    let (mut filled, mut i0) = (0, 0);
-    for r in ranges {
-        for j in r.clone() {
-            rows[filled] = vp.wrapping_add(j * stride + offset);
-            filled += 1;
-            if filled == kb {
-                // SAFETY: the caller checked every slot's row against `values`; i0 + filled <= n.
-                unsafe { weigh_block::<HB>(&rows[..filled], hd, scores.as_ptr().add(i0), n, h0, out) };
-                i0 += filled;
-                filled = 0;
-            }
-        }
-    }
-    if filled > 0 {
-        // SAFETY: as above.
-        unsafe { weigh_block::<HB>(&rows[..filled], hd, scores.as_ptr().add(i0), n, h0, out) };
-    }
+    slot_blocks::<256>(vp, stride, offset, ranges, (VALUE_BLOCK_BYTES / (2 * hd)).max(8), |rows, i0| {
+        // SAFETY: the caller checked every slot's row against `values`; i0 + rows.len() <= n.
+        unsafe { weigh_block::<HB>(rows, hd, scores.as_ptr().add(i0), n, h0, out) };
+    });
 }
 
 /// out rows h0..h0 + HB += Σ_b p_h(b) v_b over one block of value rows; the weights of head h

@@ -3,10 +3,9 @@
 //! merged by merge rank, lowest first.
 
 use super::pretokenize::PreTokenizer;
-use super::{TokenType, TokenizerError};
+use super::{FastMap, TokenType, TokenizerError};
 use crate::gguf::Value;
 use std::cmp::Ordering;
-use super::FastMap;
 use std::collections::BinaryHeap;
 
 #[derive(Debug)]

@@ -2,9 +2,8 @@
 //! symbols are merged greedily, highest-scoring resulting token first; characters left without a
 //! token fall back to `<0xXX>` byte tokens.
 
-use super::{TokenType, TokenizerError};
+use super::{FastMap, TokenType, TokenizerError};
 use std::cmp::Ordering;
-use super::FastMap;
 use std::collections::BinaryHeap;
 
 pub const SPACE: &str = "\u{2581}";
