@@ -94,7 +94,10 @@ pub fn matmul_fused<const N: usize>(pool: &ThreadPool, ws: [&Matrix; N], x: &[f3
     PREP.with(|prep| {
         let prep = prep.borrow();
         let prep: &[f32] = &prep;
-        let chunk = if n == 1 { (total / (pool.n_threads() * 8)).clamp(16, 256) / 4 * 4 } else { ROW_CHUNK };
+        // Decoding (one to eight sequences) streams every weight once per step: long contiguous
+        // row ranges per task keep the prefetchers streaming (eight sequences: the output
+        // projection of Gemma 3 went from ~30 to ~25 ms per step with 256 rather than 32 rows).
+        let chunk = if n <= 8 { (total / (pool.n_threads() * 8)).clamp(16, 256) / 4 * 4 } else { ROW_CHUNK };
         pool.for_chunks(total, chunk, &|rows| {
             for i in 0..N {
                 let (w, s, optr) = (ws[i], starts[i], optrs[i]);
