@@ -3,7 +3,8 @@
 //! merged by merge rank, lowest first.
 
 use super::pretokenize::PreTokenizer;
-use super::{FastMap, TokenType, TokenizerError};
+use super::word_cache::WordCache;
+use super::{FastMap, TextIndex, TokenType, TokenizerError};
 use crate::gguf::Value;
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
@@ -22,6 +23,8 @@ pub struct Bpe {
     byte_tokens: [Option<u32>; 256],
     /// Byte-level character for each byte.
     byte_chars: [char; 256],
+    /// Pre-tokenized words never merge across their edges, so each is cached as a whole.
+    words: WordCache,
     ignore_merges: bool,
 }
 
@@ -75,9 +78,12 @@ struct Symbol {
 }
 
 impl Bpe {
-    pub fn new(texts: &[String], by_text: &FastMap<String, u32>, merges: &[Value], pre: PreTokenizer) -> Result<Bpe, TokenizerError> {
+    pub fn new(texts: &[String], by_text: &TextIndex, merges: &[Value], pre: PreTokenizer) -> Result<Bpe, TokenizerError> {
         let n_vocab = texts.len() as u32;
-        let mut interned: FastMap<String, u32> = by_text.clone();
+        let mut interned: FastMap<String, u32> = FastMap::with_capacity_and_hasher(texts.len(), Default::default());
+        for (i, t) in texts.iter().enumerate() {
+            interned.insert(t.clone(), i as u32);
+        }
         let mut extra: Vec<String> = Vec::new();
         let mut intern = |s: &str, interned: &mut FastMap<String, u32>| -> u32 {
             if let Some(&id) = interned.get(s) {
@@ -103,8 +109,8 @@ impl Bpe {
             table.entry((li, ri)).or_insert((rank as u32, merged));
         }
         let byte_chars = byte_to_char_table();
-        let byte_tokens = std::array::from_fn(|b| by_text.get(&byte_chars[b].to_string()).copied());
-        Ok(Bpe { ignore_merges: pre.ignores_merges(), pre, interned, extra, n_vocab, merges: table, byte_tokens, byte_chars })
+        let byte_tokens = std::array::from_fn(|b| by_text.get(&byte_chars[b].to_string()));
+        Ok(Bpe { ignore_merges: pre.ignores_merges(), pre, interned, extra, n_vocab, merges: table, byte_tokens, byte_chars, words: WordCache::default() })
     }
 
     /// What a token decodes to (without special-token text).
@@ -127,16 +133,16 @@ impl Bpe {
     }
 
     /// Tokenize one text fragment (special tokens already split out).
-    pub fn encode(&self, fragment: &str, by_text: &FastMap<String, u32>, out: &mut Vec<u32>) {
+    pub fn encode(&self, fragment: &str, by_text: &TextIndex, out: &mut Vec<u32>) {
         for word in self.pre.split(fragment) {
             let encoded: String = word.bytes().map(|b| self.byte_chars[b as usize]).collect();
             if self.ignore_merges {
-                if let Some(&id) = by_text.get(&encoded) {
+                if let Some(id) = by_text.get(&encoded) {
                     out.push(id);
                     continue;
                 }
             }
-            self.merge_word(&encoded, out);
+            self.words.tokens(&encoded, out, |w, out| self.merge_word(w, out));
         }
     }
 

@@ -10,9 +10,12 @@ mod bpe;
 mod pretokenize;
 mod spm;
 mod stream;
+mod text_index;
+mod word_cache;
 
 pub use pretokenize::PreTokenizer;
 pub use stream::StreamDecoder;
+use text_index::TextIndex;
 
 use crate::gguf::{GgufError, Header};
 use std::collections::HashMap;
@@ -85,7 +88,7 @@ pub struct Tokenizer {
     model: Model,
     texts: Vec<String>,
     types: Vec<TokenType>,
-    by_text: FastMap<String, u32>,
+    by_text: TextIndex,
     /// Tokens split out of text before tokenizing, longest text first.
     specials: Vec<u32>,
     /// What each token decodes to, for normal (non-special) decoding.
@@ -132,16 +135,13 @@ impl Tokenizer {
             Some(a) if a.len() >= n => a.iter().take(n).map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
             Some(a) => return Err(TokenizerError::Invalid(format!("scores has {} entries for {n} tokens", a.len()))),
         };
-        let mut by_text = FastMap::with_capacity_and_hasher(n, Default::default());
-        for (i, t) in texts.iter().enumerate() {
-            // Later duplicates win, as in llama.cpp.
-            by_text.insert(t.clone(), i as u32);
-        }
+        // Later duplicates win, as in llama.cpp.
+        let by_text = TextIndex::new(&texts);
 
         let (model, mut bos, mut eos, mut add_bos, add_eos_default) = match kind.as_str() {
             "llama" => {
                 let add_space_prefix = h.get_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
-                (Model::Spm(spm::Spm::new(&by_text, scores, add_space_prefix)?), Some(1), Some(2), true, false)
+                (Model::Spm(spm::Spm::new(&texts, &by_text, scores, add_space_prefix)?), Some(1), Some(2), true, false)
             }
             "gpt2" => {
                 let pre_name = h.get_str("tokenizer.ggml.pre")?.unwrap_or("default");
@@ -171,8 +171,8 @@ impl Tokenizer {
 
         let mut types = types;
         let mut end_of_generation = Vec::new();
-        for (text, &id) in &by_text {
-            if END_OF_GENERATION_TEXTS.contains(&text.as_str()) {
+        for id in END_OF_GENERATION_TEXTS.iter().filter_map(|t| by_text.get(t)) {
+            if !end_of_generation.contains(&id) {
                 end_of_generation.push(id);
                 // llama.cpp treats these as control tokens even when the file says otherwise.
                 if types[id as usize] != TokenType::Control {
@@ -182,7 +182,7 @@ impl Tokenizer {
         }
         if eot.is_none() {
             // The first end-of-turn text the vocabulary has, in order of preference.
-            eot = END_OF_TURN_TEXTS.iter().find_map(|t| by_text.get(*t).copied());
+            eot = END_OF_TURN_TEXTS.iter().find_map(|t| by_text.get(t));
         }
         for id in [eos, eot, eom].into_iter().flatten() {
             if !end_of_generation.contains(&id) {
@@ -218,7 +218,7 @@ impl Tokenizer {
     }
 
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.by_text.get(text).copied()
+        self.by_text.get(text)
     }
 
     /// Whether generating this token ends the sequence (EOS, end of turn, ...).

@@ -2,7 +2,8 @@
 //! symbols are merged greedily, highest-scoring resulting token first; characters left without a
 //! token fall back to `<0xXX>` byte tokens.
 
-use super::{FastMap, TokenType, TokenizerError};
+use super::word_cache::WordCache;
+use super::{TextIndex, TokenType, TokenizerError};
 use std::cmp::Ordering;
 use std::collections::BinaryHeap;
 
@@ -13,6 +14,9 @@ pub struct Spm {
     scores: Vec<f32>,
     byte_tokens: [Option<u32>; 256],
     add_space_prefix: bool,
+    /// Characters that some vocabulary text has right before a "▁" (sorted).
+    joins_space: Vec<char>,
+    words: WordCache,
 }
 
 /// A candidate merge of two adjacent symbols.
@@ -68,26 +72,61 @@ pub fn piece(text: &str, ty: TokenType) -> Vec<u8> {
 }
 
 impl Spm {
-    pub fn new(by_text: &FastMap<String, u32>, scores: Vec<f32>, add_space_prefix: bool) -> Result<Spm, TokenizerError> {
+    pub fn new(texts: &[String], by_text: &TextIndex, scores: Vec<f32>, add_space_prefix: bool) -> Result<Spm, TokenizerError> {
         // Byte fallback: the `<0xXX>` token, else a token whose text is that single (ASCII) byte.
         let byte_tokens = std::array::from_fn(|b| {
-            by_text.get(&format!("<0x{b:02X}>")).copied().or_else(|| {
+            by_text.get(&format!("<0x{b:02X}>")).or_else(|| {
                 let ch = b as u8;
-                ch.is_ascii().then(|| by_text.get(&(ch as char).to_string()).copied()).flatten()
+                ch.is_ascii().then(|| by_text.get(&(ch as char).to_string())).flatten()
             })
         });
-        Ok(Spm { scores, byte_tokens, add_space_prefix })
+        let mut joins_space: Vec<char> = Vec::new();
+        for t in texts {
+            let mut prev = None;
+            for c in t.chars() {
+                if let (Some(p), '\u{2581}') = (prev, c) {
+                    if !joins_space.contains(&p) {
+                        joins_space.push(p);
+                    }
+                }
+                prev = Some(c);
+            }
+        }
+        joins_space.sort_unstable();
+        Ok(Spm { scores, byte_tokens, add_space_prefix, joins_space, words: WordCache::default() })
     }
 
     /// Tokenize one text fragment (special tokens already split out).
-    pub fn encode(&self, fragment: &str, after_special: bool, by_text: &FastMap<String, u32>, out: &mut Vec<u32>) {
+    ///
+    /// A merge joins two adjacent symbols into a vocabulary text, so no symbol can ever span two
+    /// adjacent characters that appear next to each other in no vocabulary text. The text is
+    /// cut before each "▁" whose preceding character never precedes "▁" in the vocabulary
+    /// (for Gemma 3, every space but one after ">"): the words then merge independently, with
+    /// exactly the result of merging the whole text at once, and a word seen before (in any
+    /// call) comes from the word cache.
+    pub fn encode(&self, fragment: &str, after_special: bool, by_text: &TextIndex, out: &mut Vec<u32>) {
         let mut text = String::with_capacity(fragment.len() + 3);
         if self.add_space_prefix && after_special {
             text.push(' ');
         }
         text.push_str(fragment);
         let text = text.replace(' ', SPACE);
+        let (mut start, mut prev) = (0, None);
+        let merge = |w: &str, out: &mut Vec<u32>| self.merge(w, by_text, out);
+        for (i, c) in text.char_indices() {
+            if c == '\u{2581}' && i > start && prev.is_some_and(|p| self.joins_space.binary_search(&p).is_err()) {
+                self.words.tokens(&text[start..i], out, merge);
+                start = i;
+            }
+            prev = Some(c);
+        }
+        if start < text.len() {
+            self.words.tokens(&text[start..], out, merge);
+        }
+    }
 
+    /// Merge adjacent symbols of `text`, highest-scoring resulting token first.
+    fn merge(&self, text: &str, by_text: &TextIndex, out: &mut Vec<u32>) {
         let mut symbols: Vec<Symbol> = Vec::new();
         for (start, ch) in text.char_indices() {
             let i = symbols.len();
@@ -100,7 +139,7 @@ impl Spm {
         let try_add = |heap: &mut BinaryHeap<Bigram>, symbols: &[Symbol], l: Option<usize>, r: Option<usize>| {
             let (Some(l), Some(r)) = (l, r) else { return };
             let s = &text[symbols[l].start..symbols[r].start + symbols[r].len];
-            if let Some(&id) = by_text.get(s) {
+            if let Some(id) = by_text.get(s) {
                 heap.push(Bigram { score: self.scores[id as usize], left: l, right: r, len: s.len() });
             }
         };
@@ -127,7 +166,7 @@ impl Spm {
         while let Some(k) = i {
             let s = &text[symbols[k].start..symbols[k].start + symbols[k].len];
             match by_text.get(s) {
-                Some(&id) => out.push(id),
+                Some(id) => out.push(id),
                 None => {
                     for b in s.bytes() {
                         if let Some(id) = self.byte_tokens[b as usize] {
@@ -137,6 +176,44 @@ impl Spm {
                 }
             }
             i = symbols[k].next;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cutting at spaces and caching words must give exactly what merging the whole text gives,
+    /// including with tokens that hold a "▁" after another character (which forbid a cut).
+    #[test]
+    fn words_merge_as_the_whole_text_does() {
+        let mut seed = 7u64;
+        let mut next = move || {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) as usize
+        };
+        let chars = ["a", "b", "c", ">", "\u{2581}", "é"];
+        let mut texts: Vec<String> = chars.iter().map(|c| c.to_string()).collect();
+        for _ in 0..400 {
+            let n = 2 + next() % 5;
+            texts.push((0..n).map(|_| chars[next() % chars.len()]).collect());
+        }
+        texts.push("b>\u{2581}a".into());
+        let scores: Vec<f32> = (0..texts.len()).map(|_| (next() % 1000) as f32).collect();
+        let index = TextIndex::new(&texts);
+        let spm = Spm::new(&texts, &index, scores, false).unwrap();
+        assert!(!spm.joins_space.is_empty(), "the vocabulary has texts that forbid some cuts");
+        for round in 0..2 {
+            for _ in 0..300 {
+                let n = next() % 40;
+                let text: String = (0..n).map(|_| ["a", "b", "c", ">", " ", " ", "é"][next() % 7]).collect();
+                let mut cut = Vec::new();
+                spm.encode(&text, false, &index, &mut cut);
+                let mut whole = Vec::new();
+                spm.merge(&text.replace(' ', SPACE), &index, &mut whole);
+                assert_eq!(cut, whole, "round {round}: {text:?}");
+            }
         }
     }
 }
