@@ -279,8 +279,7 @@ impl Runner {
         let mut i = 0;
         while i < self.running.len() {
             if self.running[i].req.sink.closed() {
-                let mut s = self.running.swap_remove(i);
-                self.release(&mut s.blocks);
+                self.retire(i);
             } else {
                 i += 1;
             }
@@ -382,12 +381,19 @@ impl Runner {
         true
     }
 
-    /// Retire a sequence: free its blocks and update the counters before telling the client,
-    /// so whoever reads the metrics after the response sees them settled.
-    fn finish(&mut self, i: usize, finish: FinishReason) {
+    /// Take sequence `i` out of the running set, its last partly filled block kept findable in
+    /// the prefix cache and its blocks freed (a request that is done or whose client has gone).
+    fn retire(&mut self, i: usize) -> Seq {
         let mut s = self.running.swap_remove(i);
         self.keep_partial(&s);
         self.release(&mut s.blocks);
+        s
+    }
+
+    /// Retire a sequence: free its blocks and update the counters before telling the client,
+    /// so whoever reads the metrics after the response sees them settled.
+    fn finish(&mut self, i: usize, finish: FinishReason) {
+        let mut s = self.retire(i);
         self.publish_stats();
         let summary = Summary { finish, prompt_tokens: s.n_prompt, completion_tokens: s.dec.generated, cached_tokens: s.cached_tokens };
         s.req.sink.send(Event::Done(summary));
@@ -532,9 +538,7 @@ impl Runner {
         finished.sort_by(|a, b| b.0.cmp(&a.0));
         for (i, reason) in finished {
             if reason == FinishReason::Cancelled {
-                let mut s = self.running.swap_remove(i);
-                self.keep_partial(&s);
-                self.release(&mut s.blocks);
+                self.retire(i);
             } else {
                 self.finish(i, reason);
             }

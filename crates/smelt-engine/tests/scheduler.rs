@@ -183,9 +183,14 @@ fn a_cancelled_request_frees_its_memory_at_once() {
     let m = model("llama");
     let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(1)), config(64));
     let (sk, rx, closed) = sink();
-    engine.submit(Job::Generate(GenRequest { prompt: prompt(30, 1), params: params(200, None), prompt_logprobs: None, sink: sk })).unwrap();
+    let p = prompt(20, 1);
+    engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: params(200, None), prompt_logprobs: None, sink: sk })).unwrap();
+    let mut got = Vec::new();
     for _ in 0..3 {
-        assert!(matches!(rx.recv().unwrap(), Event::Token(_)));
+        match rx.recv().unwrap() {
+            Event::Token(t) => got.push(t.id),
+            other => panic!("expected a token, got {other:?}"),
+        }
     }
     closed.store(true, Ordering::SeqCst);
     drop(rx);
@@ -194,6 +199,18 @@ fn a_cancelled_request_frees_its_memory_at_once() {
         assert!(t.elapsed().as_secs() < 10, "sequence not released");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
+    // What it computed stays in the prefix cache, its partly filled last block included: the
+    // prompt and the first two generated tokens (positions 0..22; the third token was sampled
+    // but may not have been computed before the cancel was noticed).
+    let mut q = p.clone();
+    q.extend(&got);
+    q.extend(prompt(3, 7));
+    let gp = params(4, None);
+    let (sk, rx, _) = sink();
+    engine.submit(Job::Generate(GenRequest { prompt: q.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+    let (ids, s) = collect(&rx);
+    assert!(s.cached_tokens >= 22, "cached {} of the cancelled request's 22 computed positions", s.cached_tokens);
+    assert_eq!(ids, alone(&m, &q, &gp));
 }
 
 #[test]
