@@ -13,7 +13,11 @@ fn main() {
     let k: usize = std::env::var("K").ok().and_then(|s| s.parse().ok()).unwrap_or(if dtype.block_len() == 256 { 1024 } else { 896 });
     let kt = kernels();
     let wrb = dtype.row_bytes(k).unwrap();
-    let mut w = vec![0u8; wrb * rows];
+    // HUGE=1: the matrix in transparent huge pages (2 MiB) rather than 4 KiB pages.
+    let mut w = memmap2::MmapMut::map_anon(wrb * rows).expect("allocating the matrix");
+    if std::env::var("HUGE").is_ok_and(|v| v == "1") {
+        w.advise(memmap2::Advice::HugePage).expect("madvise(MADV_HUGEPAGE)");
+    }
     for (i, b) in w.iter_mut().enumerate() { *b = (i.wrapping_mul(2654435761) >> 9) as u8; }
     for blk in w.chunks_mut(dtype.block_bytes()) { blk[0] = 0; blk[1] = 0x20; }
     let vt = kt.activation_type(dtype, k);
@@ -35,6 +39,9 @@ fn main() {
         }
         let dt = t.elapsed().as_secs_f64() / 3.0;
         println!("{} {} MB, {threads} threads, chunk {chunk}: {:.2} GB/s", dtype.name(), w.len() >> 20, w.len() as f64 / dt / 1e9);
+    }
+    if let Ok(r) = std::fs::read_to_string("/proc/self/smaps_rollup") {
+        println!("{}", r.lines().find(|l| l.starts_with("AnonHugePages")).unwrap_or("AnonHugePages: ?"));
     }
     // The same bytes read as plainly as possible (what `smelt bench` calls the bandwidth).
     for chunk in [256 * wrb, 32 << 20] {
