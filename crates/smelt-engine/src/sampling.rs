@@ -220,19 +220,51 @@ impl Sampler {
         let floor = if p.min_p > 0.0 { max + p.min_p.ln() } else { f32::NEG_INFINITY };
         self.weights.resize(logits.len(), 0.0);
         let total = smelt_kernels::ops::exp_weights(logits, max, 1.0 / p.temperature, floor, &mut self.weights);
-        let mut r = self.rng.uniform() * total;
-        let mut last = None;
-        for (i, &w) in self.weights.iter().enumerate() {
-            if w > 0.0 {
-                if r < w as f64 {
-                    return i as u32;
-                }
-                r -= w as f64;
-                last = Some(i);
+        let r = self.rng.uniform() * total;
+        draw(&self.weights, r).map_or_else(|| argmax(logits), |i| i as u32)
+    }
+}
+
+/// Tokens per block of the draw's first pass.
+const DRAW_BLOCK: usize = 1024;
+
+/// The token where the running sum of `weights` first exceeds `r` (the last token with weight,
+/// if rounding leaves `r` past the end); None when no token has weight.
+///
+/// Walking a 262,144-token vocabulary one subtraction at a time is a chain of dependent
+/// floating-point operations (~0.3 ms); this skips whole blocks by their sums (added in four
+/// independent lanes) and walks only inside the block where the draw lands.
+fn draw(weights: &[f32], mut r: f64) -> Option<usize> {
+    let mut last = None;
+    for (b, block) in weights.chunks(DRAW_BLOCK).enumerate() {
+        let mut lanes = [0f64; 4];
+        let mut quads = block.chunks_exact(4);
+        for q in &mut quads {
+            for (l, &w) in lanes.iter_mut().zip(q) {
+                *l += w as f64;
             }
         }
-        last.map_or_else(|| argmax(logits), |i| i as u32)
+        let sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]) + quads.remainder().iter().map(|&w| w as f64).sum::<f64>();
+        if sum <= 0.0 {
+            continue;
+        }
+        if r >= sum {
+            r -= sum;
+            last = block.iter().rposition(|&w| w > 0.0).map(|i| b * DRAW_BLOCK + i);
+            continue;
+        }
+        // Inside this block (or, if rounding says otherwise, carry the rest to the next).
+        for (i, &w) in block.iter().enumerate() {
+            if w > 0.0 {
+                if r < w as f64 {
+                    return Some(b * DRAW_BLOCK + i);
+                }
+                r -= w as f64;
+                last = Some(b * DRAW_BLOCK + i);
+            }
+        }
     }
+    last
 }
 
 /// Sort candidates by descending logit, far enough that a top-p cut lies inside the sorted part.
@@ -415,6 +447,43 @@ mod tests {
                 assert!((f[i] - w[i] / total).abs() < 0.015, "token {i}: {} vs {}", f[i], w[i] / total);
             }
         }
+    }
+
+    #[test]
+    fn the_blocked_draw_picks_where_the_running_sum_crosses() {
+        // Against the plain definition on a Gemma-sized vocabulary: zero weights (min-p), odd
+        // lengths, draws at the very start, inside and at the very end.
+        let mut rng = Rng::new(5);
+        for n in [1usize, 3, 1023, 1024, 1025, 5000, 262_144] {
+            let w: Vec<f32> = (0..n).map(|_| if rng.uniform() < 0.3 { 0.0 } else { (rng.uniform() * 3.0) as f32 }).collect();
+            let total: f64 = w.iter().map(|&x| x as f64).sum();
+            let plain = |mut r: f64| {
+                let mut last = None;
+                for (i, &x) in w.iter().enumerate() {
+                    if x > 0.0 {
+                        if r < x as f64 {
+                            return Some(i);
+                        }
+                        r -= x as f64;
+                        last = Some(i);
+                    }
+                }
+                last
+            };
+            let mut rs: Vec<f64> = (0..200).map(|_| rng.uniform() * total).collect();
+            rs.extend([0.0, total, total * 2.0]);
+            for r in rs {
+                let (got, want) = (draw(&w, r), plain(r));
+                // The two sum in different orders; they may differ only where the draw is
+                // within rounding of a boundary between two tokens.
+                if got != want {
+                    let before: f64 = w[..got.unwrap().min(want.unwrap())].iter().map(|&x| x as f64).sum();
+                    let boundary = before + w[got.unwrap().min(want.unwrap())] as f64;
+                    assert!((r - boundary).abs() < 1e-9 * total.max(1.0), "n {n}: r {r}: {got:?} vs {want:?}");
+                }
+            }
+        }
+        assert_eq!(draw(&[0.0, 0.0], 0.5), None);
     }
 
     #[test]
