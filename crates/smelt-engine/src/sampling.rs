@@ -235,7 +235,6 @@ const DRAW_BLOCK: usize = 1024;
 /// floating-point operations (~0.3 ms); this skips whole blocks by their sums (added in four
 /// independent lanes) and walks only inside the block where the draw lands.
 fn draw(weights: &[f32], mut r: f64) -> Option<usize> {
-    let mut last = None;
     for (b, block) in weights.chunks(DRAW_BLOCK).enumerate() {
         let mut lanes = [0f64; 4];
         let mut quads = block.chunks_exact(4);
@@ -250,7 +249,6 @@ fn draw(weights: &[f32], mut r: f64) -> Option<usize> {
         }
         if r >= sum {
             r -= sum;
-            last = block.iter().rposition(|&w| w > 0.0).map(|i| b * DRAW_BLOCK + i);
             continue;
         }
         // Inside this block (or, if rounding says otherwise, carry the rest to the next).
@@ -260,11 +258,10 @@ fn draw(weights: &[f32], mut r: f64) -> Option<usize> {
                     return Some(b * DRAW_BLOCK + i);
                 }
                 r -= w as f64;
-                last = Some(b * DRAW_BLOCK + i);
             }
         }
     }
-    last
+    weights.iter().rposition(|&w| w > 0.0)
 }
 
 /// Sort candidates by descending logit, far enough that a top-p cut lies inside the sorted part.

@@ -390,7 +390,7 @@ impl Runner {
         s
     }
 
-    /// Retire a sequence: free its blocks and update the counters before telling the client,
+    /// Retire a finished sequence and update the counters before telling the client,
     /// so whoever reads the metrics after the response sees them settled.
     fn finish(&mut self, i: usize, finish: FinishReason) {
         let mut s = self.retire(i);
