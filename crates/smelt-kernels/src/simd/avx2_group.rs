@@ -303,29 +303,6 @@ pub fn prepare_row(k: usize, row: &[u8], dst: &mut [f32]) {
     }
 }
 
-/// RM weight rows × 1 activation row, unpacking as the weights stream in (decoding).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn stream_tile<const T: u32, const RM: usize>(groups: usize, w: *const u8, ws: usize, prep: *const f32, out: *mut f32) {
-    let dtype = dtype_of::<T>();
-    let off = !signed(dtype);
-    let mut acc = [_mm256_setzero_ps(); RM];
-    for g in 0..groups {
-        let q = prep.wrapping_add(g * PREP + PREP_Q) as *const u8;
-        for r in 0..RM {
-            // SAFETY: row r and group g are within the caller-checked ranges.
-            unsafe {
-                let grp = unpack::<T>(w.add(r * ws), g);
-                let s = sums::<T>(&grp.u, q);
-                acc[r] = accumulate(acc[r], s, grp.sw, grp.cw, prep.add(g * PREP), off);
-            }
-        }
-    }
-    for r in 0..RM {
-        // SAFETY: the caller's output has RM entries.
-        unsafe { *out.add(r) = hsum_f32(acc[r]) };
-    }
-}
-
 /// 1 weight row × RN activation rows, unpacking each group once in registers (small batches:
 /// several sequences decoding together).
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -447,33 +424,12 @@ unsafe fn run<const T: u32>(groups: usize, w: &[u8], w_stride: usize, nr: usize,
     for off in (0..span).step_by(64) {
         prefetch_block(w.as_ptr().wrapping_add(off).wrapping_sub(PREFETCH), 1);
     }
-    if nc < 4 {
-        for c in 0..nc {
-            let pc = &prep[c * groups * PREP..];
-            let mut r = 0;
-            while r < nr {
-                let rm = (nr - r).min(4);
-                let mut tile = [0f32; 4];
-                // SAFETY: rows r..r+rm and this activation row are within the ranges asserted by
-                // `gemm`; AVX2/FMA/F16C are present (this module is installed only after checking).
-                unsafe {
-                    let wp = w.as_ptr().add(r * w_stride);
-                    match rm {
-                        4 => stream_tile::<T, 4>(groups, wp, w_stride, pc.as_ptr(), tile.as_mut_ptr()),
-                        3 => stream_tile::<T, 3>(groups, wp, w_stride, pc.as_ptr(), tile.as_mut_ptr()),
-                        2 => stream_tile::<T, 2>(groups, wp, w_stride, pc.as_ptr(), tile.as_mut_ptr()),
-                        _ => stream_tile::<T, 1>(groups, wp, w_stride, pc.as_ptr(), tile.as_mut_ptr()),
-                    }
-                }
-                // SAFETY: entries (r..r+rm, c) are the caller's to write.
-                unsafe { std::ptr::copy_nonoverlapping(tile.as_ptr(), out.add(c * ldo + r), rm) };
-                r += rm;
-            }
-        }
-        return;
-    }
     if nc <= 8 {
-        // A few sequences decoding together: unpack in registers, four columns at a time.
+        // Decoding (one to eight sequences): one weight row at a time, unpacked in registers
+        // and used for up to four activation rows at once. Streaming several weight rows side
+        // by side instead (the rows of a 4-row tile are only a row's length apart) defeats the
+        // hardware prefetchers: Gemma 3's output projection read 10-12 GB/s that way, and
+        // 16-19 GB/s one row at a time, on two threads (`kbench_dram`; PERF.md).
         for r in 0..nr {
             let mut c = 0;
             while c < nc {
