@@ -1,6 +1,6 @@
 // Kernel micro-benchmark (development aid): GB/s and ns per block for each format.
 use smelt_kernels::dispatch::{Isa, Kernels};
-use smelt_kernels::formats::WEIGHT_DTYPES;
+use smelt_kernels::formats::{grouped, WEIGHT_DTYPES};
 use std::time::Instant;
 
 fn main() {
@@ -9,7 +9,9 @@ fn main() {
     let nc: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(1);
     for isa in [Isa::Avx2] {
         let kt = Kernels::for_isa(isa);
-        for dtype in WEIGHT_DTYPES {
+        // Each format, followed by its grouped layout where it has one.
+        let dtypes = WEIGHT_DTYPES.iter().flat_map(|&t| std::iter::once(t).chain(grouped::grouped(t)));
+        for dtype in dtypes {
             if k % dtype.block_len() != 0 { continue; }
             // DTYPES=Q5_0,Q4_K limits the run to those formats.
             if std::env::var("DTYPES").is_ok_and(|only| !only.split(',').any(|t| t.eq_ignore_ascii_case(dtype.name()))) { continue; }
@@ -19,6 +21,10 @@ fn main() {
             for (i, b) in w.iter_mut().enumerate() { *b = (i * 2654435761usize >> 7) as u8; }
             // sane f16 scales: overwrite with small values every block start
             for blk in w.chunks_mut(dtype.block_bytes()) { if dtype.block_len() > 1 { blk[0] = 0; blk[1] = 0x20; } }
+            if let Some(file) = grouped::ungrouped(dtype) {
+                let blocks = w.clone();
+                grouped::group_blocks(file, &blocks, &mut w);
+            }
             let vt = kt.activation_type(dtype, k);
             let arb = vt.row_bytes(k).unwrap();
             let x: Vec<f32> = (0..k * nc).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
@@ -40,7 +46,8 @@ fn main() {
                 }
             }
             let dt = t.elapsed().as_secs_f64() / reps as f64;
-            let blocks = (rows * k / dtype.block_len()) as f64;
+            // Per 32-element block for the grouped layouts, as for the formats they come from.
+            let blocks = (rows * k / grouped::ungrouped(dtype).map_or(dtype.block_len(), |t| t.block_len())) as f64;
             // The per-row dot product takes the format's own activation type, which the group
             // kernels replace; time it only where the two agree.
             let dt2 = if vt == dtype.vec_dot_type() {

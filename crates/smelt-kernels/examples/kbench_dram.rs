@@ -8,7 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 fn main() {
-    let dtype = match std::env::args().nth(1).as_deref() { Some("q5_0") => DType::Q5_0, Some("q4_k") => DType::Q4_K, _ => DType::Q8_0 };
+    let file_dtype = match std::env::args().nth(1).as_deref() { Some("q5_0") => DType::Q5_0, Some("q4_k") => DType::Q4_K, _ => DType::Q8_0 };
+    // GROUPED=1: the matrix in the format's grouped layout, as the model loads it.
+    let grouped = std::env::var("GROUPED").is_ok_and(|v| v == "1");
+    let dtype = if grouped { smelt_kernels::formats::grouped::grouped(file_dtype).expect("no grouped layout") } else { file_dtype };
     let rows: usize = std::env::args().nth(2).and_then(|s| s.parse().ok()).unwrap_or(151936);
     let k: usize = std::env::var("K").ok().and_then(|s| s.parse().ok()).unwrap_or(if dtype.block_len() == 256 { 1024 } else { 896 });
     let kt = kernels();
@@ -19,7 +22,11 @@ fn main() {
         w.advise(memmap2::Advice::HugePage).expect("madvise(MADV_HUGEPAGE)");
     }
     for (i, b) in w.iter_mut().enumerate() { *b = (i.wrapping_mul(2654435761) >> 9) as u8; }
-    for blk in w.chunks_mut(dtype.block_bytes()) { blk[0] = 0; blk[1] = 0x20; }
+    for blk in w.chunks_mut(file_dtype.block_bytes()) { blk[0] = 0; blk[1] = 0x20; }
+    if grouped {
+        let blocks = w.to_vec();
+        smelt_kernels::formats::grouped::group_blocks(file_dtype, &blocks, &mut w);
+    }
     let vt = kt.activation_type(dtype, k);
     let arb = vt.row_bytes(k).unwrap();
     let x: Vec<f32> = (0..k).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();

@@ -32,8 +32,8 @@ pub type AttendFn = fn(&[f32], usize, &[half::f16], &[half::f16], usize, usize, 
 
 pub struct Kernels {
     pub isa: Isa,
-    vec_dot: [VecDotFn; 31],
-    quantize: [QuantizeFn; 31],
+    vec_dot: [VecDotFn; formats::DTYPE_IDS],
+    quantize: [QuantizeFn; formats::DTYPE_IDS],
     pub silu_mul: GatedFn,
     pub gelu_mul: GatedFn,
     /// log Σ e^x of a row.
@@ -54,6 +54,7 @@ scalar_dot!(
     sdot_q5_1 => DType::Q5_1, sdot_q8_0 => DType::Q8_0, sdot_q2_k => DType::Q2_K,
     sdot_q3_k => DType::Q3_K, sdot_q4_k => DType::Q4_K, sdot_q5_k => DType::Q5_K,
     sdot_q6_k => DType::Q6_K, sdot_q8_k => DType::Q8_K,
+    sdot_q4_0g => DType::Q4_0G, sdot_q5_0g => DType::Q5_0G, sdot_q8_0g => DType::Q8_0G,
 );
 
 fn squant_f32(x: &[f32], out: &mut [u8]) {
@@ -81,15 +82,15 @@ impl Kernels {
     pub fn scalar() -> Kernels {
         let mut k = Kernels {
             isa: Isa::Scalar,
-            vec_dot: [no_dot; 31],
-            quantize: [no_quant; 31],
+            vec_dot: [no_dot; formats::DTYPE_IDS],
+            quantize: [no_quant; formats::DTYPE_IDS],
             silu_mul: crate::ops::silu_mul_scalar,
             gelu_mul: crate::ops::gelu_mul_scalar,
             log_sum_exp: crate::ops::log_sum_exp_scalar,
             exp_weights: crate::ops::exp_weights_scalar,
             attend: crate::ops::attend_scalar,
         };
-        let dots: [(DType, VecDotFn); 14] = [
+        let dots: [(DType, VecDotFn); 17] = [
             (DType::F32, sdot_f32),
             (DType::F16, sdot_f16),
             (DType::BF16, sdot_bf16),
@@ -104,6 +105,9 @@ impl Kernels {
             (DType::Q5_K, sdot_q5_k),
             (DType::Q6_K, sdot_q6_k),
             (DType::Q8_K, sdot_q8_k),
+            (DType::Q4_0G, sdot_q4_0g),
+            (DType::Q5_0G, sdot_q5_0g),
+            (DType::Q8_0G, sdot_q8_0g),
         ];
         for (t, f) in dots {
             k.vec_dot[t as usize] = f;

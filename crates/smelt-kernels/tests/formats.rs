@@ -3,7 +3,7 @@
 //! decoded values, and every SIMD kernel against the scalar reference.
 
 use smelt_kernels::dispatch::Kernels;
-use smelt_kernels::formats::{dequantize_row, quantize_row, vec_dot, DType, WEIGHT_DTYPES};
+use smelt_kernels::formats::{dequantize_row, grouped, quantize_row, vec_dot, DType, GROUPED_DTYPES, WEIGHT_DTYPES};
 
 fn f16(v: f32) -> [u8; 2] {
     half::f16::from_f32(v).to_bits().to_le_bytes()
@@ -284,7 +284,7 @@ fn tiled_products_match_the_scalar_reference() {
     let mut rng = Rng(99);
     for isa in Kernels::available_isas() {
         let k = Kernels::for_isa(isa);
-        for dtype in WEIGHT_DTYPES {
+        for dtype in WEIGHT_DTYPES.into_iter().chain(GROUPED_DTYPES) {
             let n = 3 * dtype.block_len().max(256);
             let wrb = dtype.row_bytes(n).unwrap();
             let (vs, vf) = (scalar.activation_type(dtype, n), k.activation_type(dtype, n));
@@ -328,11 +328,11 @@ fn extreme_weights_and_activations_stay_exact_in_the_fast_products() {
     // the ends of every format's range, against activations at ±127, reach those bounds.
     for isa in Kernels::available_isas() {
         let k = Kernels::for_isa(isa);
-        for dtype in [DType::Q4_0, DType::Q5_0, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K] {
+        for dtype in [DType::Q4_0, DType::Q5_0, DType::Q8_0, DType::Q4_K, DType::Q5_K, DType::Q6_K].into_iter().chain(GROUPED_DTYPES) {
             let n = 512;
             let (nr, wrb) = (3, dtype.row_bytes(n).unwrap());
             // Largest unsigned quants everywhere (Q8_0: -128, the largest magnitude).
-            let fill = if dtype == DType::Q8_0 { 0x80 } else { 0xFF };
+            let fill = if matches!(dtype, DType::Q8_0 | DType::Q8_0G) { 0x80 } else { 0xFF };
             let mut w = vec![fill; nr * wrb];
             for blk in w.chunks_exact_mut(dtype.block_bytes()) {
                 for &off in smelt_kernels::formats::scale_offsets(dtype) {
@@ -357,6 +357,51 @@ fn extreme_weights_and_activations_stay_exact_in_the_fast_products() {
                     let exact: f64 = wd.iter().zip(&ad).map(|(&p, &q)| p as f64 * q as f64).sum();
                     let mag: f64 = wd.iter().zip(&ad).map(|(&p, &q)| (p as f64 * q as f64).abs()).sum();
                     assert!((got[i] as f64 - exact).abs() <= 1e-5 * mag.max(1e-6), "{isa:?} {dtype} nc={nc} at ({r},{c}): {} vs {exact}", got[i]);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn grouped_layouts_give_bitwise_the_products_of_the_file_layout() {
+    // Models regroup Q4_0/Q5_0/Q8_0 matrices at load; every product, whatever the number of
+    // activation rows (each kernel path), must be exactly what the file's blocks give.
+    let mut rng = Rng(5);
+    for isa in Kernels::available_isas() {
+        let k = Kernels::for_isa(isa);
+        for file in [DType::Q4_0, DType::Q5_0, DType::Q8_0] {
+            let to = grouped::grouped(file).unwrap();
+            for n in [128, 640, 896] {
+                let wrb = file.row_bytes(n).unwrap();
+                for (nr, nc) in [(1, 1), (5, 1), (3, 2), (7, 3), (4, 8), (5, 20)] {
+                    let w: Vec<u8> = (0..nr).flat_map(|_| random_row(&mut rng, file, n)).collect();
+                    let mut wg = vec![0u8; w.len()];
+                    grouped::group_blocks(file, &w, &mut wg);
+                    let vt = k.activation_type(file, n);
+                    assert_eq!(vt, k.activation_type(to, n));
+                    let arb = vt.row_bytes(n).unwrap();
+                    let mut a = vec![0u8; nc * arb];
+                    for c in 0..nc {
+                        let x: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+                        k.quantize(vt)(&x, &mut a[c * arb..(c + 1) * arb]);
+                    }
+                    let (mut want, mut got) = (vec![0f32; nr * nc], vec![0f32; nr * nc]);
+                    k.gemm(file, n, &w, wrb, nr, &a, arb, nc, &mut want);
+                    k.gemm(to, n, &wg, wrb, nr, &a, arb, nc, &mut got);
+                    if k.group_usable(file, n) {
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        assert_eq!(bits(&want), bits(&got), "{isa:?} {to} n={n} {nr}x{nc}");
+                    } else {
+                        for (x, y) in want.iter().zip(&got) {
+                            assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{isa:?} {to} n={n} {nr}x{nc}: {x} vs {y}");
+                        }
+                    }
+                    // Decoding a grouped row gives the file row's values.
+                    let (mut dw, mut dg) = (vec![0f32; n], vec![0f32; n]);
+                    dequantize_row(file, &w[..wrb], &mut dw);
+                    dequantize_row(to, &wg[..wrb], &mut dg);
+                    assert_eq!(dw, dg, "{to} n={n}");
                 }
             }
         }

@@ -6,6 +6,7 @@
 //! inner loop is an integer dot product.
 
 mod float;
+pub mod grouped;
 mod kquants;
 mod legacy;
 
@@ -15,7 +16,8 @@ pub use legacy::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1};
 /// Elements per block of the k-quant formats ("super-block").
 pub const QK_K: usize = 256;
 
-/// An element format. Discriminants are GGML's type ids, as written in GGUF tensor headers.
+/// An element format. Discriminants are GGML's type ids, as written in GGUF tensor headers,
+/// except for the grouped layouts (ids from 240), which smelt makes in memory (see [`grouped`]).
 #[allow(non_camel_case_types)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u32)]
@@ -35,7 +37,13 @@ pub enum DType {
     Q6_K = 14,
     Q8_K = 15,
     BF16 = 30,
+    Q4_0G = 242,
+    Q5_0G = 246,
+    Q8_0G = 248,
 }
+
+/// One past the largest discriminant (the size of tables indexed by format).
+pub const DTYPE_IDS: usize = 256;
 
 pub const ALL_DTYPES: [DType; 15] = [
     DType::F32,
@@ -72,6 +80,9 @@ pub const WEIGHT_DTYPES: [DType; 13] = [
     DType::Q6_K,
 ];
 
+/// smelt's in-memory grouped layouts (see [`grouped`]); never read from files.
+pub const GROUPED_DTYPES: [DType; 3] = [DType::Q4_0G, DType::Q5_0G, DType::Q8_0G];
+
 impl DType {
     /// The format for a GGML type id, or the id's name (if known) for an error message.
     pub fn from_ggml_id(id: u32) -> Result<DType, String> {
@@ -99,6 +110,9 @@ impl DType {
             DType::Q5_K => "Q5_K",
             DType::Q6_K => "Q6_K",
             DType::Q8_K => "Q8_K",
+            DType::Q4_0G => "Q4_0g",
+            DType::Q5_0G => "Q5_0g",
+            DType::Q8_0G => "Q8_0g",
         }
     }
 
@@ -107,6 +121,7 @@ impl DType {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => 1,
             DType::Q4_0 | DType::Q4_1 | DType::Q5_0 | DType::Q5_1 | DType::Q8_0 | DType::Q8_1 => 32,
+            DType::Q4_0G | DType::Q5_0G | DType::Q8_0G => grouped::GROUP,
             _ => QK_K,
         }
     }
@@ -128,6 +143,9 @@ impl DType {
             DType::Q5_K => Q5K::BYTES,
             DType::Q6_K => Q6K::BYTES,
             DType::Q8_K => Q8K::BYTES,
+            DType::Q4_0G => 4 * Q4_0::BYTES,
+            DType::Q5_0G => 4 * Q5_0::BYTES,
+            DType::Q8_0G => 4 * Q8_0::BYTES,
         }
     }
 
@@ -144,6 +162,7 @@ impl DType {
         match self {
             DType::F32 | DType::F16 | DType::BF16 => DType::F32,
             DType::Q4_0 | DType::Q5_0 | DType::Q8_0 => DType::Q8_0,
+            DType::Q4_0G | DType::Q5_0G | DType::Q8_0G => DType::Q8_0,
             DType::Q4_1 | DType::Q5_1 => DType::Q8_1,
             DType::Q8_1 => DType::Q8_1,
             DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::Q8_K => {
@@ -206,6 +225,7 @@ pub fn ggml_type_name(id: u32) -> String {
 pub fn scale_offsets(dtype: DType) -> &'static [usize] {
     match dtype {
         DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q8_1 => &[0],
+        DType::Q4_0G | DType::Q5_0G | DType::Q8_0G => &[0, 2, 4, 6],
         DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
         DType::Q2_K => &[80, 82],
         DType::Q3_K => &[108],
@@ -252,6 +272,12 @@ pub fn dequantize_row(dtype: DType, src: &[u8], out: &mut [f32]) {
             DType::Q5_K => Q5K::dequantize(block, dst),
             DType::Q6_K => Q6K::dequantize(block, dst),
             DType::Q8_K => Q8K::dequantize(block, dst),
+            DType::Q4_0G | DType::Q5_0G | DType::Q8_0G => {
+                let file = grouped::ungrouped(dtype).unwrap_or(dtype);
+                let mut blocks = [0u8; 4 * Q8_0::BYTES];
+                grouped::ungroup_blocks(file, block, &mut blocks[..bb]);
+                dequantize_row(file, &blocks[..bb], dst);
+            }
         }
     }
 }
@@ -295,5 +321,13 @@ pub fn vec_dot(dtype: DType, n: usize, w: &[u8], a: &[u8]) -> f32 {
         DType::Q5_K => w.chunks_exact(wb).zip(a.chunks_exact(ab)).map(|(w, a)| Q5K::dot(w, a)).sum(),
         DType::Q6_K => w.chunks_exact(wb).zip(a.chunks_exact(ab)).map(|(w, a)| Q6K::dot(w, a)).sum(),
         DType::Q8_K => w.chunks_exact(wb).zip(a.chunks_exact(ab)).map(|(w, a)| Q8K::dot(w, a)).sum(),
+        DType::Q4_0G | DType::Q5_0G | DType::Q8_0G => {
+            let file = grouped::ungrouped(dtype).unwrap_or(dtype);
+            let mut blocks = [0u8; 4 * Q8_0::BYTES];
+            w.chunks_exact(wb).zip(a.chunks_exact(ab)).map(|(w, a)| {
+                grouped::ungroup_blocks(file, w, &mut blocks[..wb]);
+                vec_dot(file, grouped::GROUP, &blocks[..wb], a)
+            }).sum()
+        }
     }
 }

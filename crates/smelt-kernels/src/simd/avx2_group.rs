@@ -52,13 +52,19 @@ const fn dtype_of<const T: u32>() -> DType {
         8 => DType::Q8_0,
         12 => DType::Q4_K,
         13 => DType::Q5_K,
+        242 => DType::Q4_0G,
+        246 => DType::Q5_0G,
+        248 => DType::Q8_0G,
         _ => DType::Q6_K,
     }
 }
 
 /// Formats with group kernels.
 pub fn supported(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q4_K | DType::Q5_K | DType::Q6_K)
+    matches!(
+        dtype,
+        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::Q4_0G | DType::Q5_0G | DType::Q8_0G
+    )
 }
 
 /// Whether a product of rows of `k` elements can use the group kernels.
@@ -68,7 +74,7 @@ pub fn usable(dtype: DType, k: usize) -> bool {
 
 /// Q8_0 weights are signed bytes; everything else unpacks to unsigned values plus an offset.
 fn signed(dtype: DType) -> bool {
-    dtype == DType::Q8_0
+    matches!(dtype, DType::Q8_0 | DType::Q8_0G)
 }
 
 #[inline]
@@ -81,9 +87,60 @@ fn lanes(v: [f32; 4], w: [f32; 4]) -> __m256 {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn unpack<const T: u32>(row: *const u8, g: usize) -> Group {
+    if matches!(dtype_of::<T>(), DType::Q4_0G | DType::Q5_0G | DType::Q8_0G) {
+        // SAFETY: as `unpack_grouped`, whose contract the caller keeps.
+        return unsafe { unpack_grouped::<T>(row, g) };
+    }
     // SAFETY: as `unpack_units`, whose contract the caller keeps.
     let grp = unsafe { unpack_units::<T>(row, g) };
     Group { u: interleave(grp.u), ..grp }
+}
+
+/// Unpack group `g` of a row in a grouped layout (`formats::grouped`), which stores a group
+/// already interleaved: the same `Group` as [`unpack`] gives for the file's blocks, bit for bit.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_grouped<const T: u32>(row: *const u8, g: usize) -> Group {
+    let dtype = dtype_of::<T>();
+    let gb = dtype.block_bytes();
+    // SAFETY (whole function): the caller guarantees `row` holds the row's groups; group g's
+    // bytes are base..base + gb, and AVX2/FMA/F16C are enabled in every caller.
+    unsafe {
+        let base = row.add(gb * g);
+        prefetch_block(base, gb);
+        // The four f16 scales twice over, converted together: [d0, d1, d2, d3] in both halves.
+        let d = (base as *const u64).read_unaligned();
+        let sw = _mm256_cvtph_ps(_mm_set1_epi64x(d as i64));
+        if dtype == DType::Q8_0G {
+            let u = std::array::from_fn(|m| load(base.add(8 + 32 * m)));
+            return Group { u, sw, cw: _mm256_setzero_ps() };
+        }
+        let five = dtype == DType::Q5_0G;
+        let lows = base.add(if five { 24 } else { 8 });
+        let m4 = _mm256_set1_epi8(0x0f);
+        let (v0, v1) = (load(lows), load(lows.add(32)));
+        let mut u = [
+            _mm256_and_si256(v0, m4),
+            _mm256_and_si256(_mm256_srli_epi16(v0, 4), m4),
+            _mm256_and_si256(v1, m4),
+            _mm256_and_si256(_mm256_srli_epi16(v1, 4), m4),
+        ];
+        if five {
+            // Byte p holds vector m's fifth bit for position p at bit m and for p + 16 at bit
+            // 4 + m: shifting the low half up by 4 puts both at bit 4 + m, and a shift down by
+            // m then at 0x10. (16-bit shifts move bits between bytes, but the bits kept never
+            // cross one.)
+            let x = _mm256_broadcastsi128_si256(_mm_loadu_si128(base.add(8) as *const __m128i));
+            let z = _mm256_blend_epi32::<0xF0>(_mm256_slli_epi16(x, 4), x);
+            let b = _mm256_set1_epi8(0x10);
+            u[0] = _mm256_or_si256(u[0], _mm256_and_si256(z, b));
+            u[1] = _mm256_or_si256(u[1], _mm256_and_si256(_mm256_srli_epi16(z, 1), b));
+            u[2] = _mm256_or_si256(u[2], _mm256_and_si256(_mm256_srli_epi16(z, 2), b));
+            u[3] = _mm256_or_si256(u[3], _mm256_and_si256(_mm256_srli_epi16(z, 3), b));
+        }
+        let cw = _mm256_mul_ps(sw, _mm256_set1_ps(if five { -16.0 } else { -8.0 }));
+        Group { u, sw, cw }
+    }
 }
 
 /// Interleave a group's four units so that every 4-byte lane holds elements of one per-16 sum:
@@ -231,7 +288,7 @@ unsafe fn sums<const T: u32>(u: &[__m256i; 4], q: *const u8) -> __m256i {
     let y: [__m256i; 4] = unsafe { std::array::from_fn(|i| load(q.add(32 * i))) };
     let ones = _mm256_set1_epi16(1);
     match dtype_of::<T>() {
-        DType::Q8_0 => {
+        DType::Q8_0 | DType::Q8_0G => {
             let m: [__m256i; 4] = std::array::from_fn(|i| {
                 _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(u[i], u[i]), _mm256_sign_epi8(y[i], u[i])), ones)
             });
@@ -408,6 +465,9 @@ pub unsafe fn gemm_strided(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr
             DType::Q8_0 => run::<8>(groups, w, w_stride, nr, nc, prep, out, ldo),
             DType::Q4_K => run::<12>(groups, w, w_stride, nr, nc, prep, out, ldo),
             DType::Q5_K => run::<13>(groups, w, w_stride, nr, nc, prep, out, ldo),
+            DType::Q4_0G => run::<242>(groups, w, w_stride, nr, nc, prep, out, ldo),
+            DType::Q5_0G => run::<246>(groups, w, w_stride, nr, nc, prep, out, ldo),
+            DType::Q8_0G => run::<248>(groups, w, w_stride, nr, nc, prep, out, ldo),
             _ => run::<14>(groups, w, w_stride, nr, nc, prep, out, ldo),
         }
     }

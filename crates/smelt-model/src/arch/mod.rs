@@ -217,10 +217,12 @@ impl Model {
                 token_embd.rows, hp.n_vocab
             )));
         }
-        let output = match h.tensor("output.weight") {
-            Some(_) => Linear::load(&file, "output.weight", hp.n_embd, Some(hp.n_vocab))?,
-            None => token_embd.clone(),
-        };
+        let tied = h.tensor("output.weight").is_none();
+        let mut output = if tied { token_embd.clone() } else { Linear::load(&file, "output.weight", hp.n_embd, Some(hp.n_vocab))? };
+        output.regroup();
+        // A tied embedding shares the output projection's (possibly regrouped) bytes; an untied
+        // one is only read a row at a time and stays in the file.
+        let token_embd = if tied { output.clone() } else { token_embd };
         let output_norm = weights::vector(&file, "output_norm.weight", hp.n_embd)?;
         if let Some(t) = h.tensor("rope_freqs.weight") {
             let half = hp.rope[0].n_rot / 2;
@@ -229,7 +231,10 @@ impl Model {
                 r.freq_factors = Some(f.clone());
             }
         }
-        let layers = (0..hp.n_layer).map(|il| LayerWeights::load(&file, il, &hp, spec)).collect::<Result<Vec<_>, _>>()?;
+        let mut layers = (0..hp.n_layer).map(|il| LayerWeights::load(&file, il, &hp, spec)).collect::<Result<Vec<_>, _>>()?;
+        for l in &mut layers {
+            l.regroup();
+        }
         let chat_template = h.get_str("tokenizer.chat_template")?.map(String::from);
         let name = h.get_str("general.name")?.unwrap_or(arch_name).to_string();
         Ok(Model { arch, name, hp, tokenizer, chat_template, file, token_embd, output_norm, output, layers })

@@ -156,6 +156,11 @@ impl GgufFile {
         &self.map.bytes()[offset..offset + len]
     }
 
+    /// Release the resident pages of `offset..offset + len` (bytes copied elsewhere).
+    pub fn release(&self, offset: usize, len: usize) {
+        self.map.release(offset, len)
+    }
+
     pub fn file_len(&self) -> u64 {
         self.map.bytes().len() as u64
     }
