@@ -49,8 +49,9 @@ fn main() {
             // Per 32-element block for the grouped layouts, as for the formats they come from.
             let blocks = (rows * k / grouped::ungrouped(dtype).map_or(dtype.block_len(), |t| t.block_len())) as f64;
             // The per-row dot product takes the format's own activation type, which the group
-            // kernels replace; time it only where the two agree.
-            let dt2 = if vt == dtype.vec_dot_type() {
+            // kernels replace; time it only where the two agree (and not for the grouped
+            // layouts, whose per-row dot product is only the scalar reference).
+            let dt2 = if vt == dtype.vec_dot_type() && grouped::ungrouped(dtype).is_none() {
                 let t2 = Instant::now();
                 let dot = kt.vec_dot(dtype);
                 for _ in 0..reps {

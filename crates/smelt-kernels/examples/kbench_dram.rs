@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 fn main() {
-    let file_dtype = match std::env::args().nth(1).as_deref() { Some("q5_0") => DType::Q5_0, Some("q4_k") => DType::Q4_K, _ => DType::Q8_0 };
+    let file_dtype = match std::env::args().nth(1).as_deref() { Some("q5_0") => DType::Q5_0, Some("q4_k") => DType::Q4_K, Some("q6_k") => DType::Q6_K, _ => DType::Q8_0 };
     // GROUPED=1: the matrix in the format's grouped layout, as the model loads it.
     let grouped = std::env::var("GROUPED").is_ok_and(|v| v == "1");
     let dtype = if grouped { smelt_kernels::formats::grouped::grouped(file_dtype).expect("no grouped layout") } else { file_dtype };
@@ -46,6 +46,26 @@ fn main() {
         }
         let dt = t.elapsed().as_secs_f64() / 3.0;
         println!("{} {} MB, {threads} threads, chunk {chunk}: {:.2} GB/s", dtype.name(), w.len() >> 20, w.len() as f64 / dt / 1e9);
+    }
+    // JOBS=R: the rows as a sequence of products of R rows each (a model's layers: one pool
+    // job per product, rows shared out as the model does), to see what a product costs beyond
+    // its bytes.
+    if let Some(per) = std::env::var("JOBS").ok().and_then(|s| s.parse::<usize>().ok()) {
+        let chunk = (per / (threads * 8)).clamp(16, 256) / 4 * 4;
+        let t = Instant::now();
+        for _ in 0..3 {
+            for j0 in (0..rows).step_by(per) {
+                let n = per.min(rows - j0);
+                pool.for_chunks(n, chunk, &|r| {
+                    let mut out = vec![0f32; r.len()];
+                    kt.gemm(dtype, k, &w[(j0 + r.start) * wrb..], wrb, r.len(), &a, arb, 1, &mut out);
+                    std::hint::black_box(&out);
+                });
+            }
+        }
+        let dt = t.elapsed().as_secs_f64() / 3.0;
+        let jobs = rows.div_ceil(per);
+        println!("{} products of {per} rows (chunks of {chunk}): {:.2} GB/s, {:.1} us per product", jobs, w.len() as f64 / dt / 1e9, dt * 1e6 / jobs as f64);
     }
     if let Ok(r) = std::fs::read_to_string("/proc/self/smaps_rollup") {
         println!("{}", r.lines().find(|l| l.starts_with("AnonHugePages")).unwrap_or("AnonHugePages: ?"));
