@@ -190,27 +190,24 @@ pub struct Model {
     layers: Vec<LayerWeights>,
 }
 
-impl Model {
-    pub fn load(path: &Path) -> Result<Model, ModelError> {
-        Self::from_file(GgufFile::open(path)?)
-    }
+/// Everything of a model that comes from its tensors (and the hyperparameters that shape them).
+struct Weights {
+    arch: Arch,
+    hp: Hparams,
+    token_embd: Linear,
+    output_norm: Vec<f32>,
+    output: Linear,
+    layers: Vec<LayerWeights>,
+}
 
-    pub fn from_file(mut file: GgufFile) -> Result<Model, ModelError> {
-        let tokenizer = Tokenizer::from_gguf(&file.header)?;
-        // The tokenizer now holds the vocabulary; drop the parsed copies (tens of MB for
-        // 262k-token vocabularies).
-        for (k, v) in file.header.metadata.iter_mut() {
-            if matches!(k.as_str(), "tokenizer.ggml.tokens" | "tokenizer.ggml.scores" | "tokenizer.ggml.token_type" | "tokenizer.ggml.merges") {
-                *v = crate::gguf::Value::Array(crate::gguf::ValueType::U8, Vec::new());
-            }
-        }
-        let file = Arc::new(file);
+impl Weights {
+    fn load(file: &Arc<GgufFile>, n_vocab: usize) -> Result<Weights, ModelError> {
         let h = &file.header;
         let arch_name = h.require("general.architecture", h.get_str("general.architecture"))?;
         let arch = Arch::from_name(arch_name)?;
-        let mut hp = Hparams::read(h, arch, tokenizer.n_vocab())?;
+        let mut hp = Hparams::read(h, arch, n_vocab)?;
         let spec = arch.spec();
-        let token_embd = Linear::load(&file, "token_embd.weight", hp.n_embd, None)?;
+        let token_embd = Linear::load(file, "token_embd.weight", hp.n_embd, None)?;
         if token_embd.rows != hp.n_vocab {
             return Err(ModelError::Invalid(format!(
                 "token_embd.weight has {} rows but the vocabulary has {} tokens",
@@ -218,25 +215,83 @@ impl Model {
             )));
         }
         let tied = h.tensor("output.weight").is_none();
-        let mut output = if tied { token_embd.clone() } else { Linear::load(&file, "output.weight", hp.n_embd, Some(hp.n_vocab))? };
+        let mut output = if tied { token_embd.clone() } else { Linear::load(file, "output.weight", hp.n_embd, Some(hp.n_vocab))? };
         output.regroup();
         // A tied embedding shares the output projection's (possibly regrouped) bytes; an untied
         // one is only read a row at a time and stays in the file.
         let token_embd = if tied { output.clone() } else { token_embd };
-        let output_norm = weights::vector(&file, "output_norm.weight", hp.n_embd)?;
+        let output_norm = weights::vector(file, "output_norm.weight", hp.n_embd)?;
         if let Some(t) = h.tensor("rope_freqs.weight") {
             let half = hp.rope[0].n_rot / 2;
-            let f = weights::vector(&file, &t.name, half)?;
+            let f = weights::vector(file, &t.name, half)?;
             for r in &mut hp.rope {
                 r.freq_factors = Some(f.clone());
             }
         }
-        let mut layers = (0..hp.n_layer).map(|il| LayerWeights::load(&file, il, &hp, spec)).collect::<Result<Vec<_>, _>>()?;
-        for l in &mut layers {
-            l.regroup();
-        }
+        let mut layers = (0..hp.n_layer).map(|il| LayerWeights::load(file, il, &hp, spec)).collect::<Result<Vec<_>, _>>()?;
+        // Layers are regrouped on all cores at once (most of their matrices are too small to
+        // be worth splitting themselves).
+        let next = std::sync::Mutex::new(layers.iter_mut());
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| loop {
+                    let layer = next.lock().unwrap_or_else(|e| e.into_inner()).next();
+                    match layer {
+                        Some(l) => l.regroup(),
+                        None => break,
+                    }
+                });
+            }
+        });
+        Ok(Weights { arch, hp, token_embd, output_norm, output, layers })
+    }
+}
+
+/// Move the `tokenizer.ggml.*` entries out of a header's metadata (the small ones are copied:
+/// they stay readable in the header).
+fn take_tokenizer_entries(metadata: &mut Vec<(String, crate::gguf::Value)>) -> Vec<(String, crate::gguf::Value)> {
+    let big = |k: &str| matches!(k, "tokenizer.ggml.tokens" | "tokenizer.ggml.scores" | "tokenizer.ggml.token_type" | "tokenizer.ggml.merges");
+    let mut out: Vec<_> = metadata.iter().filter(|(k, _)| k.starts_with("tokenizer.ggml.") && !big(k)).cloned().collect();
+    let (moved, kept): (Vec<_>, Vec<_>) = std::mem::take(metadata).into_iter().partition(|(k, _)| big(k));
+    *metadata = kept;
+    out.extend(moved);
+    out
+}
+
+impl Model {
+    pub fn load(path: &Path) -> Result<Model, ModelError> {
+        Self::from_file(GgufFile::open(path)?)
+    }
+
+    pub fn from_file(mut file: GgufFile) -> Result<Model, ModelError> {
+        // The tokenizer is built on another thread while the weights load and are regrouped
+        // (each takes a few hundred ms for a 150k-token vocabulary). Its vocabulary entries move
+        // out of the header for that, and are dropped once it is built (tens of MB for
+        // 262k-token vocabularies).
+        let vocab = Header {
+            version: file.header.version,
+            alignment: file.header.alignment,
+            metadata: take_tokenizer_entries(&mut file.header.metadata),
+            tensors: Vec::new(),
+            data_offset: file.header.data_offset,
+        };
+        let n_vocab = vocab.get_array("tokenizer.ggml.tokens").ok().flatten().map_or(0, |a| a.len());
+        let file = Arc::new(file);
+        let (tokenizer, weights) = std::thread::scope(|s| {
+            let tokenizer = s.spawn(|| Tokenizer::from_gguf(&vocab));
+            let weights = Weights::load(&file, n_vocab);
+            (tokenizer.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), weights)
+        });
+        // The tokenizer's errors first, as when it was built before the weights.
+        let tokenizer = tokenizer?;
+        let Weights { arch, hp, token_embd, output_norm, output, layers } = weights?;
+        let h = &file.header;
         let chat_template = h.get_str("tokenizer.chat_template")?.map(String::from);
-        let name = h.get_str("general.name")?.unwrap_or(arch_name).to_string();
+        let name = match h.get_str("general.name")? {
+            Some(n) => n.to_string(),
+            None => h.get_str("general.architecture")?.unwrap_or_default().to_string(),
+        };
         Ok(Model { arch, name, hp, tokenizer, chat_template, file, token_embd, output_norm, output, layers })
     }
 
