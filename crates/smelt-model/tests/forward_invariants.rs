@@ -8,12 +8,16 @@ use smelt_model::synthetic::{tiny_model, TinySpec};
 use std::sync::Arc;
 
 fn load(spec: &TinySpec) -> Model {
+    load_with(spec, Model::load)
+}
+
+fn load_with(spec: &TinySpec, how: fn(&std::path::Path) -> Result<Model, smelt_model::arch::ModelError>) -> Model {
     // Tests run in parallel: give every model file its own name.
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let k = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let path = std::env::temp_dir().join(format!("smelt-tiny-{}-{}-{k}.gguf", spec.arch, std::process::id()));
     std::fs::write(&path, tiny_model(spec).to_bytes()).unwrap();
-    let m = Model::load(&path).unwrap();
+    let m = how(&path).unwrap();
     let _ = std::fs::remove_file(&path);
     m
 }
@@ -50,6 +54,25 @@ fn batching_does_not_change_logits() {
             assert_eq!(one, other, "{arch}: chunk {chunk} differs from token-by-token");
         }
         assert!(one.iter().flatten().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn regrouped_weights_give_bitwise_the_logits_of_the_files_layout() {
+    // Q4_0, Q5_0 and Q8_0 matrices are rewritten at load in the group kernels' layout where
+    // this CPU has them; a model left in the file's layout must compute exactly the same.
+    let grouped_kernels = smelt_kernels::dispatch::kernels().group_usable(smelt_kernels::DType::Q8_0G, 128);
+    for (arch, width) in [("llama", 128), ("qwen2", 128), ("gemma3", 256)] {
+        let mut spec = TinySpec::new(arch);
+        spec.n_embd = width;
+        let (regrouped, file_layout) = (load(&spec), load_with(&spec, Model::load_in_file_layout));
+        assert_eq!(file_layout.regrouped_bytes(), 0);
+        assert_eq!(regrouped.regrouped_bytes() > 0, grouped_kernels, "{arch}: {} bytes regrouped", regrouped.regrouped_bytes());
+        let mut ws = Workspace::new(Arc::new(ThreadPool::new(2)));
+        let toks = tokens(24, 3);
+        for chunk in [1, 24] {
+            assert_eq!(run(&regrouped, &mut ws, &toks, chunk), run(&file_layout, &mut ws, &toks, chunk), "{arch}: chunk {chunk}");
+        }
     }
 }
 

@@ -201,7 +201,7 @@ struct Weights {
 }
 
 impl Weights {
-    fn load(file: &Arc<GgufFile>, n_vocab: usize) -> Result<Weights, ModelError> {
+    fn load(file: &Arc<GgufFile>, n_vocab: usize, regroup: bool) -> Result<Weights, ModelError> {
         let h = &file.header;
         let arch_name = h.require("general.architecture", h.get_str("general.architecture"))?;
         let arch = Arch::from_name(arch_name)?;
@@ -216,7 +216,9 @@ impl Weights {
         }
         let tied = h.tensor("output.weight").is_none();
         let mut output = if tied { token_embd.clone() } else { Linear::load(file, "output.weight", hp.n_embd, Some(hp.n_vocab))? };
-        output.regroup();
+        if regroup {
+            output.regroup();
+        }
         // A tied embedding shares the output projection's (possibly regrouped) bytes; an untied
         // one is only read a row at a time and stays in the file.
         let token_embd = if tied { output.clone() } else { token_embd };
@@ -232,7 +234,7 @@ impl Weights {
         // Layers are regrouped on all cores at once (most of their matrices are too small to
         // be worth splitting themselves).
         let next = std::sync::Mutex::new(layers.iter_mut());
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        let threads = if regroup { std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) } else { 0 };
         std::thread::scope(|s| {
             for _ in 0..threads {
                 s.spawn(|| loop {
@@ -264,7 +266,17 @@ impl Model {
         Self::from_file(GgufFile::open(path)?)
     }
 
-    pub fn from_file(mut file: GgufFile) -> Result<Model, ModelError> {
+    /// [`Model::load`] leaving every matrix in the file's layout (no grouped copies: products
+    /// give bitwise the same results, decoding is slower). For comparisons.
+    pub fn load_in_file_layout(path: &Path) -> Result<Model, ModelError> {
+        Self::from_file_with(GgufFile::open(path)?, false)
+    }
+
+    pub fn from_file(file: GgufFile) -> Result<Model, ModelError> {
+        Self::from_file_with(file, true)
+    }
+
+    fn from_file_with(mut file: GgufFile, regroup: bool) -> Result<Model, ModelError> {
         // The tokenizer is built on another thread while the weights load and are regrouped
         // (each takes a few hundred ms for a 150k-token vocabulary). Its vocabulary entries move
         // out of the header for that, and are dropped once it is built (tens of MB for
@@ -280,7 +292,7 @@ impl Model {
         let file = Arc::new(file);
         let (tokenizer, weights) = std::thread::scope(|s| {
             let tokenizer = s.spawn(|| Tokenizer::from_gguf(&vocab));
-            let weights = Weights::load(&file, n_vocab);
+            let weights = Weights::load(&file, n_vocab, regroup);
             (tokenizer.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), weights)
         });
         // The tokenizer's errors first, as when it was built before the weights.
@@ -314,6 +326,12 @@ impl Model {
             (None, _) => crate::chat::CHATML,
         };
         crate::chat::ChatTemplate::new(source, &text(self.tokenizer.bos), &text(self.tokenizer.eos))
+    }
+
+    /// Bytes of the matrices held in a grouped layout (see [`Linear::regroup`]).
+    pub fn regrouped_bytes(&self) -> usize {
+        let layers = self.layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]);
+        layers.chain([&self.output]).filter(|m| m.is_regrouped()).map(|m| m.bytes()).sum()
     }
 
     /// Bytes of weights read per generated token (every matrix once, plus one embedding row).

@@ -92,6 +92,11 @@ impl Linear {
         self.dtype = to;
     }
 
+    /// Whether [`Linear::regroup`] rewrote this matrix.
+    pub fn is_regrouped(&self) -> bool {
+        self.regrouped.is_some()
+    }
+
     pub fn bytes(&self) -> usize {
         self.dtype.row_bytes(self.cols).unwrap_or(0) * self.rows
     }
