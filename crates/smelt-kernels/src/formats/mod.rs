@@ -273,7 +273,7 @@ pub fn dequantize_row(dtype: DType, src: &[u8], out: &mut [f32]) {
             DType::Q6_K => Q6K::dequantize(block, dst),
             DType::Q8_K => Q8K::dequantize(block, dst),
             DType::Q4_0G | DType::Q5_0G | DType::Q8_0G => {
-                let file = grouped::ungrouped(dtype).unwrap_or(dtype);
+                let file = grouped::ungrouped(dtype).expect("a grouped layout's file format");
                 let mut blocks = [0u8; 4 * Q8_0::BYTES];
                 grouped::ungroup_blocks(file, block, &mut blocks[..bb]);
                 dequantize_row(file, &blocks[..bb], dst);
@@ -322,7 +322,7 @@ pub fn vec_dot(dtype: DType, n: usize, w: &[u8], a: &[u8]) -> f32 {
         DType::Q6_K => w.chunks_exact(wb).zip(a.chunks_exact(ab)).map(|(w, a)| Q6K::dot(w, a)).sum(),
         DType::Q8_K => w.chunks_exact(wb).zip(a.chunks_exact(ab)).map(|(w, a)| Q8K::dot(w, a)).sum(),
         DType::Q4_0G | DType::Q5_0G | DType::Q8_0G => {
-            let file = grouped::ungrouped(dtype).unwrap_or(dtype);
+            let file = grouped::ungrouped(dtype).expect("a grouped layout's file format");
             let mut blocks = [0u8; 4 * Q8_0::BYTES];
             w.chunks_exact(wb).zip(a.chunks_exact(ab)).map(|(w, a)| {
                 grouped::ungroup_blocks(file, w, &mut blocks[..wb]);

@@ -231,21 +231,16 @@ impl Weights {
             }
         }
         let mut layers = (0..hp.n_layer).map(|il| LayerWeights::load(file, il, &hp, spec)).collect::<Result<Vec<_>, _>>()?;
-        // Layers are regrouped on all cores at once (most of their matrices are too small to
-        // be worth splitting themselves).
-        let next = std::sync::Mutex::new(layers.iter_mut());
-        let threads = if regroup { std::thread::available_parallelism().map_or(1, |n| n.get()).min(8) } else { 0 };
-        std::thread::scope(|s| {
-            for _ in 0..threads {
-                s.spawn(|| loop {
-                    let layer = next.lock().unwrap_or_else(|e| e.into_inner()).next();
-                    match layer {
-                        Some(l) => l.regroup(),
-                        None => break,
-                    }
-                });
-            }
-        });
+        if regroup {
+            // The layers on all cores at once (most of their matrices are too small to be
+            // worth splitting themselves).
+            let per = layers.len().div_ceil(weights::load_threads()).max(1);
+            std::thread::scope(|s| {
+                for part in layers.chunks_mut(per) {
+                    s.spawn(|| part.iter_mut().for_each(LayerWeights::regroup));
+                }
+            });
+        }
         Ok(Weights { arch, hp, token_embd, output_norm, output, layers })
     }
 }
@@ -330,7 +325,7 @@ impl Model {
 
     /// Bytes of the matrices held in a grouped layout (see [`Linear::regroup`]).
     pub fn regrouped_bytes(&self) -> usize {
-        let layers = self.layers.iter().flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.gate, &l.up, &l.down]);
+        let layers = self.layers.iter().flat_map(|l| l.matrices());
         layers.chain([&self.output]).filter(|m| m.is_regrouped()).map(|m| m.bytes()).sum()
     }
 

@@ -69,7 +69,7 @@ impl Linear {
         // slices of ~4 MB whose file pages are released as soon as they are copied, so the
         // resident set never holds both copies of a large matrix.
         let rb = self.dtype.row_bytes(self.cols).unwrap_or(0).max(1);
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        let threads = load_threads();
         let per = self.rows.div_ceil(threads).max(1) * rb;
         let slice = ((4 << 20) / rb).max(1) * rb;
         let (from, file, base) = (self.dtype, &self.file, self.offset);
@@ -106,6 +106,11 @@ impl Linear {
         let m = self.matrix();
         dequantize_row(self.dtype, m.row(r), &mut out[..self.cols]);
     }
+}
+
+/// Threads for rewriting weights at load (all cores, up to 8).
+pub(crate) fn load_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
 }
 
 /// A 1-D F32/F16 tensor of `n` elements, decoded to f32.
@@ -194,7 +199,12 @@ impl LayerWeights {
         }
     }
 
+    /// The layer's weight matrices.
+    pub fn matrices(&self) -> [&Linear; 7] {
+        [&self.wq, &self.wk, &self.wv, &self.wo, &self.gate, &self.up, &self.down]
+    }
+
     pub fn matrix_bytes(&self) -> usize {
-        [&self.wq, &self.wk, &self.wv, &self.wo, &self.gate, &self.up, &self.down].iter().map(|l| l.bytes()).sum()
+        self.matrices().iter().map(|l| l.bytes()).sum()
     }
 }
