@@ -31,7 +31,7 @@ fn main() {
             let mut a = vec![0u8; arb * nc];
             for c in 0..nc { kt.quantize(vt)(&x[c * k..(c + 1) * k], &mut a[c * arb..(c + 1) * arb]); }
             let mut out = vec![0f32; rows * nc];
-            let reps = 20;
+            let reps: usize = std::env::var("REPS").ok().and_then(|s| s.parse().ok()).unwrap_or(20);
             let mut prep = Vec::new();
             let grouped = kt.group_usable(dtype, k);
             if grouped { kt.group_prepare(k, &a, arb, nc, &mut prep); }

@@ -35,7 +35,9 @@ fn main() {
     // THREADS=N shares the rows out as the model's decode products do (chunks from one queue).
     let threads: usize = std::env::var("THREADS").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
     let pool = ThreadPool::new(threads);
-    for chunk in [16usize, 64, 256, 1024] {
+    // CHUNKS=a,b,…: the chunk sizes (rows per task) to time.
+    let chunks: Vec<usize> = std::env::var("CHUNKS").ok().map(|v| v.split(',').filter_map(|c| c.parse().ok()).collect()).unwrap_or(vec![16, 64, 256, 1024]);
+    for chunk in chunks {
         let t = Instant::now();
         for _ in 0..3 {
             pool.for_chunks(rows, chunk, &|r| {

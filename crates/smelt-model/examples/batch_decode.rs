@@ -26,8 +26,9 @@ fn main() {
     }
     let dt = t.elapsed().as_secs_f64();
     if std::env::var_os("SMELT_PROFILE").is_some() {
-        for (k, secs) in smelt_model::arch::blocks::profile::take() {
-            println!("  {k:12} {:8.2} ms/step", secs * 1e3 / steps as f64);
+        for (k, secs, bytes) in smelt_model::arch::blocks::profile::take() {
+            let rate = if bytes > 0 { format!("  {:6.1} GB/s", bytes as f64 / secs / 1e9) } else { String::new() };
+            println!("  {k:12} {:8.2} ms/step{rate}", secs * 1e3 / steps as f64);
         }
     }
     println!("{n} sequences: {:.1} ms/step, {:.1} tokens/s", dt * 1e3 / steps as f64, (n * steps) as f64 / dt);

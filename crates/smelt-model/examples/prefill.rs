@@ -25,12 +25,14 @@ fn main() {
         let t = Instant::now();
         model.forward(&tail, &mut caches, &mut ws).unwrap();
         println!("{k} more tokens after {n}: {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
-        for (kind, secs) in smelt_model::arch::blocks::profile::take() {
+        for (kind, secs, _) in smelt_model::arch::blocks::profile::take() {
             println!("  {kind:12} {:8.2} ms", secs * 1e3);
         }
         caches[0].truncate(n).unwrap();
     }
-    // The profile below covers the decode steps only.
+    // The profile below covers the decode steps only, with a plain read of memory just before
+    // and after them for the products' GB/s to be set against.
+    let bw_before = plain_read(&ws);
     let _ = smelt_model::arch::blocks::profile::take();
     let t = Instant::now();
     let steps: usize = std::env::var("STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
@@ -39,10 +41,38 @@ fn main() {
         model.forward(&b, &mut caches, &mut ws).unwrap();
     }
     let tg = t.elapsed().as_secs_f64();
+    let profile = smelt_model::arch::blocks::profile::take();
+    let bw = (bw_before + plain_read(&ws)) / 2.0;
     if std::env::var_os("SMELT_PROFILE").is_some() {
-        for (k, secs) in smelt_model::arch::blocks::profile::take() {
-            println!("  {k:12} {:8.2} ms/token", secs * 1e3 / steps as f64);
+        println!("plain read of memory around the decode steps: {bw:.1} GB/s");
+        for (k, secs, bytes) in profile {
+            let rate = if bytes > 0 {
+                let gbs = bytes as f64 / secs / 1e9;
+                format!("  {:6.1} MB/token {gbs:6.1} GB/s ({:.0}%)", bytes as f64 / steps as f64 / 1e6, 100.0 * gbs / bw)
+            } else {
+                String::new()
+            };
+            println!("  {k:12} {:8.2} ms/token{rate}", secs * 1e3 / steps as f64);
         }
     }
     println!("pp{n}: {:.1} t/s   tg{steps}: {:.1} t/s", n as f64 / pp, steps as f64 / tg);
+}
+
+/// GB/s of a parallel read of 512 MiB on the workspace's pool (one pass).
+fn plain_read(ws: &Workspace) -> f64 {
+    let words = (512usize << 20) / 8;
+    let buf: Vec<u64> = (0..words as u64).collect();
+    let total = std::sync::atomic::AtomicU64::new(0);
+    let t = Instant::now();
+    ws.pool.for_chunks(words, words / (ws.pool.n_threads() * 16), &|r| {
+        let mut acc = [0u64; 8];
+        for c in buf[r].chunks_exact(8) {
+            for k in 0..8 {
+                acc[k] = acc[k].wrapping_add(c[k]);
+            }
+        }
+        total.fetch_add(acc.iter().fold(0, |a, &b| a.wrapping_add(b)), std::sync::atomic::Ordering::Relaxed);
+    });
+    std::hint::black_box(total.into_inner());
+    (words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
 }

@@ -96,8 +96,10 @@ thread_local! {
 pub mod profile {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
-    pub const KINDS: [&str; 6] = ["matmul", "attention", "norm+rope", "activation", "embed", "logits"];
-    static NANOS: [AtomicU64; 6] = [const { AtomicU64::new(0) }; 6];
+    pub const KINDS: [&str; 9] = ["q/k/v", "attention", "norm+rope", "activation", "embed", "logits", "attn out", "gate/up", "down"];
+    static NANOS: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
+    /// Weight bytes the products of each kind read.
+    static BYTES: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
     pub fn enabled() -> bool {
         static E: OnceLock<bool> = OnceLock::new();
         *E.get_or_init(|| std::env::var_os("SMELT_PROFILE").is_some())
@@ -105,9 +107,14 @@ pub mod profile {
     pub fn add(kind: usize, t: std::time::Instant) {
         NANOS[kind].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
     }
-    /// (kind, seconds) so far, and reset.
-    pub fn take() -> Vec<(&'static str, f64)> {
-        KINDS.iter().zip(&NANOS).map(|(k, n)| (*k, n.swap(0, Ordering::Relaxed) as f64 * 1e-9)).collect()
+    /// A matrix product of `kind` that read `bytes` of weights.
+    pub fn add_product(kind: usize, t: std::time::Instant, bytes: usize) {
+        add(kind, t);
+        BYTES[kind].fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+    /// (kind, seconds, weight bytes) so far, and reset.
+    pub fn take() -> Vec<(&'static str, f64, u64)> {
+        (0..KINDS.len()).map(|i| (KINDS[i], NANOS[i].swap(0, Ordering::Relaxed) as f64 * 1e-9, BYTES[i].swap(0, Ordering::Relaxed))).collect()
     }
 }
 
@@ -124,10 +131,26 @@ macro_rules! timed {
     }};
 }
 
-/// out[n, w.rows] = x[n, w.cols] · wᵀ — the single place weights are multiplied (adapters hook here).
-fn linear(pool: &ThreadPool, w: &Linear, x: &[f32], n: usize, out: &mut Vec<f32>, scratch: &mut Vec<u8>) {
+/// A product timed under profile kind `kind`, with the weight bytes it read.
+macro_rules! timed_product {
+    ($kind:expr, [$($w:expr),+], $body:expr) => {{
+        if profile::enabled() {
+            let t = std::time::Instant::now();
+            let r = $body;
+            profile::add_product($kind, t, 0 $(+ $w.data.len())+);
+            r
+        } else {
+            $body
+        }
+    }};
+}
+
+/// out[n, w.rows] = x[n, w.cols] · wᵀ — the single place weights are multiplied (adapters hook
+/// here); `kind` is the profile's name for it.
+fn linear(pool: &ThreadPool, w: &Linear, x: &[f32], n: usize, out: &mut Vec<f32>, scratch: &mut Vec<u8>, kind: usize) {
     fit(out, n * w.rows);
-    timed!(0, ops::matmul(pool, &w.matrix(), x, n, out, scratch));
+    let m = w.matrix();
+    timed_product!(kind, [m], ops::matmul(pool, &m, x, n, out, scratch));
 }
 
 /// `f(t, row)` for each token's row of `row` floats: through the pool when there are enough
@@ -186,7 +209,7 @@ impl Block<'_> {
         fit(&mut ws.k, n * w.wk.rows);
         fit(&mut ws.v, n * w.wv.rows);
         let (mq, mk, mv) = (w.wq.matrix(), w.wk.matrix(), w.wv.matrix());
-        timed!(0, ops::matmul_fused(&pool, [&mq, &mk, &mv], &ws.h, n, [&mut ws.q, &mut ws.k, &mut ws.v], &mut ws.matmul));
+        timed_product!(0, [mq, mk, mv], ops::matmul_fused(&pool, [&mq, &mk, &mv], &ws.h, n, [&mut ws.q, &mut ws.k, &mut ws.v], &mut ws.matmul));
         add_bias(&mut ws.q, &w.bq);
         add_bias(&mut ws.k, &w.bk);
         add_bias(&mut ws.v, &w.bv);
@@ -251,7 +274,7 @@ impl Block<'_> {
         if profile::enabled() {
             profile::add(1, t_att);
         }
-        linear(&pool, &w.wo, &ws.att, n, &mut ws.a, &mut ws.matmul);
+        linear(&pool, &w.wo, &ws.att, n, &mut ws.a, &mut ws.matmul, 6);
     }
 
     /// The pre-norm layer Llama, Qwen2 and Qwen3 share: x += attn(norm(x)); x += ffn(norm(x)).
@@ -272,14 +295,14 @@ impl Block<'_> {
         fit(&mut ws.gate, n * w.gate.rows);
         fit(&mut ws.up, n * w.up.rows);
         let (mg, mu) = (w.gate.matrix(), w.up.matrix());
-        timed!(0, ops::matmul_fused(&pool, [&mg, &mu], &ws.h, n, [&mut ws.gate, &mut ws.up], &mut ws.matmul));
+        timed_product!(7, [mg, mu], ops::matmul_fused(&pool, [&mg, &mu], &ws.h, n, [&mut ws.gate, &mut ws.up], &mut ws.matmul));
         let f = match act {
             Activation::Silu => ops::silu_mul,
             Activation::GeluTanh => ops::gelu_mul,
         };
         let (ff, up) = (w.gate.rows, &ws.up);
         timed!(3, per_token(&pool, &mut ws.gate, ff, &|t, row| f(row, &up[t * ff..(t + 1) * ff])));
-        linear(&pool, &w.down, &ws.gate, n, &mut ws.a, &mut ws.matmul);
+        linear(&pool, &w.down, &ws.gate, n, &mut ws.a, &mut ws.matmul, 8);
     }
 }
 
@@ -365,12 +388,9 @@ impl Model {
             return Ok(&[]);
         }
         let pool = ws.pool.clone();
-        let t = std::time::Instant::now();
         fit(&mut ws.logits, rows.len() * self.output.rows);
-        ops::matmul(&pool, &self.output.matrix(), &ws.hidden, rows.len(), &mut ws.logits, &mut ws.matmul);
-        if profile::enabled() {
-            profile::add(5, t);
-        }
+        let m = self.output.matrix();
+        timed_product!(5, [m], ops::matmul(&pool, &m, &ws.hidden, rows.len(), &mut ws.logits, &mut ws.matmul));
         Ok(&ws.logits)
     }
 }
