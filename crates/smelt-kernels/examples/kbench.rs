@@ -15,7 +15,8 @@ fn main() {
             if k % dtype.block_len() != 0 { continue; }
             // DTYPES=Q5_0,Q4_K limits the run to those formats.
             if std::env::var("DTYPES").is_ok_and(|only| !only.split(',').any(|t| t.eq_ignore_ascii_case(dtype.name()))) { continue; }
-            let k = if dtype.block_len() == 256 { 1024 } else { k };
+            // K=n sets the row length (default 1792, or 1024 for the 256-element k-quant blocks).
+            let k = std::env::var("K").ok().and_then(|s| s.parse().ok()).unwrap_or(if dtype.block_len() == 256 { 1024 } else { k });
             let wrb = dtype.row_bytes(k).unwrap();
             let mut w = vec![0u8; wrb * rows];
             for (i, b) in w.iter_mut().enumerate() { *b = (i * 2654435761usize >> 7) as u8; }
