@@ -265,3 +265,26 @@ fn pull_list_run_and_remove_a_hugging_face_model() {
     let e = one_line_error(&with_env(&["rm", "acme/tiny-llama/tiny.gguf"]));
     assert!(e.contains("not in the store"), "{e}");
 }
+
+#[test]
+fn bench_json_has_llama_bench_keys_and_the_bandwidth_share() {
+    let o = run(&["bench", "-m", GEMMA, "-t", "2", "-p", "8", "-n", "4", "-r", "2", "--json", "--no-grammar"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let tests = v.as_array().unwrap();
+    assert_eq!(tests.len(), 2, "one object per test: {v}");
+    for (t, (np, ng)) in tests.iter().zip([(8, 0), (0, 4)]) {
+        assert_eq!((t["n_prompt"].as_u64(), t["n_gen"].as_u64(), t["n_threads"].as_u64()), (Some(np), Some(ng), Some(2)), "{t}");
+        assert_eq!(t["samples_ts"].as_array().unwrap().len(), 2, "{t}");
+        assert!(t["avg_ts"].as_f64().unwrap() > 0.0 && t["stddev_ts"].as_f64().unwrap() >= 0.0, "{t}");
+    }
+    // Generation: the weights read per token, and the bandwidth sampled around the repetitions
+    // (one pass before each and one after), the fraction being of the mean pass.
+    let g = &tests[1];
+    let (bytes, avg) = (g["weight_bytes_per_token"].as_f64().unwrap(), g["avg_ts"].as_f64().unwrap());
+    let (mean, best) = (g["memory_bandwidth_gbs"].as_f64().unwrap(), g["memory_bandwidth_best_gbs"].as_f64().unwrap());
+    assert!(bytes > 100e6 && mean > 0.0 && best >= mean, "{g}");
+    let frac = g["bandwidth_fraction"].as_f64().unwrap();
+    assert!((frac - bytes * avg / 1e9 / mean).abs() < 1e-9 * frac.max(1.0), "{g}");
+    assert!(g["bandwidth_fraction_of_best"].as_f64().unwrap() <= frac, "{g}");
+}
