@@ -32,7 +32,8 @@ fn main() {
     }
     // The profile below covers the decode steps only, with a plain read of memory just before
     // and after them for the products' GB/s to be set against.
-    let bw_before = plain_read(&ws);
+    let probe: Vec<u64> = (0..(1u64 << 27)).collect();
+    let bw_before = plain_read(&ws, &probe);
     let _ = smelt_model::arch::blocks::profile::take();
     let t = Instant::now();
     let steps: usize = std::env::var("STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
@@ -42,7 +43,7 @@ fn main() {
     }
     let tg = t.elapsed().as_secs_f64();
     let profile = smelt_model::arch::blocks::profile::take();
-    let bw = (bw_before + plain_read(&ws)) / 2.0;
+    let bw = (bw_before + plain_read(&ws, &probe)) / 2.0;
     if std::env::var_os("SMELT_PROFILE").is_some() {
         println!("plain read of memory around the decode steps: {bw:.1} GB/s");
         for (k, secs, bytes) in profile {
@@ -56,12 +57,25 @@ fn main() {
         }
     }
     println!("pp{n}: {:.1} t/s   tg{steps}: {:.1} t/s", n as f64 / pp, steps as f64 / tg);
+    // HEAD=N: the output projection alone, N times back to back, against the same plain read.
+    if let Some(reps) = std::env::var("HEAD").ok().and_then(|s| s.parse::<usize>().ok()) {
+        let m = model.output().matrix();
+        let x: Vec<f32> = (0..m.cols).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
+        let (mut out, mut scratch) = (vec![0f32; m.rows], Vec::new());
+        let before = plain_read(&ws, &probe);
+        let t = Instant::now();
+        for _ in 0..reps {
+            smelt_kernels::ops::matmul(&ws.pool, &m, &x, 1, &mut out, &mut scratch);
+        }
+        let gbs = (m.data.len() * reps) as f64 / t.elapsed().as_secs_f64() / 1e9;
+        let bw = (before + plain_read(&ws, &probe)) / 2.0;
+        println!("output projection alone ({}, {} MB): {gbs:.1} GB/s, {:.0}% of a {bw:.1} GB/s plain read", m.dtype.name(), m.data.len() >> 20, 100.0 * gbs / bw);
+    }
 }
 
-/// GB/s of a parallel read of 512 MiB on the workspace's pool (one pass).
-fn plain_read(ws: &Workspace) -> f64 {
-    let words = (512usize << 20) / 8;
-    let buf: Vec<u64> = (0..words as u64).collect();
+/// GB/s of one parallel read of `buf` (1 GiB, made once: as `smelt bench` measures it).
+fn plain_read(ws: &Workspace, buf: &[u64]) -> f64 {
+    let words = buf.len();
     let total = std::sync::atomic::AtomicU64::new(0);
     let t = Instant::now();
     ws.pool.for_chunks(words, words / (ws.pool.n_threads() * 16), &|r| {

@@ -323,6 +323,11 @@ impl Model {
         crate::chat::ChatTemplate::new(source, &text(self.tokenizer.bos), &text(self.tokenizer.eos))
     }
 
+    /// The output projection (for measurements of its product alone).
+    pub fn output(&self) -> &Linear {
+        &self.output
+    }
+
     /// Bytes of the matrices held in a grouped layout (see [`Linear::regroup`]).
     pub fn regrouped_bytes(&self) -> usize {
         let layers = self.layers.iter().flat_map(|l| l.matrices());
