@@ -55,6 +55,7 @@ scalar_dot!(
     sdot_q3_k => DType::Q3_K, sdot_q4_k => DType::Q4_K, sdot_q5_k => DType::Q5_K,
     sdot_q6_k => DType::Q6_K, sdot_q8_k => DType::Q8_K,
     sdot_q4_0g => DType::Q4_0G, sdot_q5_0g => DType::Q5_0G, sdot_q8_0g => DType::Q8_0G,
+    sdot_q4_kg => DType::Q4_KG, sdot_q6_kg => DType::Q6_KG,
 );
 
 fn squant_f32(x: &[f32], out: &mut [u8]) {
@@ -90,7 +91,7 @@ impl Kernels {
             exp_weights: crate::ops::exp_weights_scalar,
             attend: crate::ops::attend_scalar,
         };
-        let dots: [(DType, VecDotFn); 17] = [
+        let dots: [(DType, VecDotFn); 19] = [
             (DType::F32, sdot_f32),
             (DType::F16, sdot_f16),
             (DType::BF16, sdot_bf16),
@@ -108,6 +109,8 @@ impl Kernels {
             (DType::Q4_0G, sdot_q4_0g),
             (DType::Q5_0G, sdot_q5_0g),
             (DType::Q8_0G, sdot_q8_0g),
+            (DType::Q4_KG, sdot_q4_kg),
+            (DType::Q6_KG, sdot_q6_kg),
         ];
         for (t, f) in dots {
             k.vec_dot[t as usize] = f;

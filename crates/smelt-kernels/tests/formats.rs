@@ -365,14 +365,15 @@ fn extreme_weights_and_activations_stay_exact_in_the_fast_products() {
 
 #[test]
 fn grouped_layouts_give_bitwise_the_products_of_the_file_layout() {
-    // Models regroup Q4_0/Q5_0/Q8_0 matrices at load; every product, whatever the number of
-    // activation rows (each kernel path), must be exactly what the file's blocks give.
+    // Models regroup Q4_0/Q5_0/Q8_0/Q4_K/Q6_K matrices at load; every product, whatever the
+    // number of activation rows (each kernel path), must be exactly what the file's blocks give.
     let mut rng = Rng(5);
     for isa in Kernels::available_isas() {
         let k = Kernels::for_isa(isa);
-        for file in [DType::Q4_0, DType::Q5_0, DType::Q8_0] {
+        for file in [DType::Q4_0, DType::Q5_0, DType::Q8_0, DType::Q4_K, DType::Q6_K] {
             let to = grouped::grouped(file).unwrap();
-            for n in [128, 640, 896] {
+            let widths: &[usize] = if file.block_len() == 256 { &[256, 512, 2048] } else { &[128, 640, 896] };
+            for &n in widths {
                 let wrb = file.row_bytes(n).unwrap();
                 for (nr, nc) in [(1, 1), (5, 1), (3, 2), (7, 3), (4, 8), (5, 20)] {
                     let w: Vec<u8> = (0..nr).flat_map(|_| random_row(&mut rng, file, n)).collect();

@@ -59,8 +59,8 @@ fn batching_does_not_change_logits() {
 
 #[test]
 fn regrouped_weights_give_bitwise_the_logits_of_the_files_layout() {
-    // Q4_0, Q5_0 and Q8_0 matrices are rewritten at load in the group kernels' layout where
-    // this CPU has them; a model left in the file's layout must compute exactly the same.
+    // Q4_0, Q5_0, Q8_0, Q4_K and Q6_K matrices are rewritten at load in the group kernels'
+    // layout where this CPU has them; a model left in the file's layout must compute exactly the same.
     let grouped_kernels = smelt_kernels::dispatch::kernels().group_usable(smelt_kernels::DType::Q8_0G, 128);
     for (arch, width) in [("llama", 128), ("qwen2", 128), ("gemma3", 256)] {
         let mut spec = TinySpec::new(arch);

@@ -14,6 +14,15 @@
 //!   4-bit value at position p in its low nibble and vector 2h+1's in its high nibble.
 //! - Q5_0g (88 B): d0..d3; 16 bytes of fifth bits: bit m of byte p is the fifth bit of vector
 //!   m at position p, bit 4 + m that at position p + 16; then the low four bits as in Q4_0g.
+//!
+//! The k-quants get the same treatment per 256-element block (two 128-element halves, each
+//! four 32-element sub-blocks standing in for the four blocks above). Only the quants move;
+//! scales stay where the file has them, and a block keeps its size:
+//! - Q4_Kg (144 B): bytes 0..16 as Q4_K (d, dmin, packed scales and mins); then per half h, 64
+//!   bytes laid out as Q4_0g's low bits.
+//! - Q6_Kg (210 B): per half h, 64 bytes of low four bits as Q4_0g's (bytes 64h..64h+64); then
+//!   per half, 32 bytes of high two bits: bits 2m, 2m+1 of byte p are vector m's at position p
+//!   (bytes 128 + 32h..); then Q6_K's 16 scales and d, in place.
 
 use super::DType;
 
@@ -26,6 +35,8 @@ pub fn grouped(dtype: DType) -> Option<DType> {
         DType::Q4_0 => Some(DType::Q4_0G),
         DType::Q5_0 => Some(DType::Q5_0G),
         DType::Q8_0 => Some(DType::Q8_0G),
+        DType::Q4_K => Some(DType::Q4_KG),
+        DType::Q6_K => Some(DType::Q6_KG),
         _ => None,
     }
 }
@@ -36,7 +47,97 @@ pub fn ungrouped(dtype: DType) -> Option<DType> {
         DType::Q4_0G => Some(DType::Q4_0),
         DType::Q5_0G => Some(DType::Q5_0),
         DType::Q8_0G => Some(DType::Q8_0),
+        DType::Q4_KG => Some(DType::Q4_K),
+        DType::Q6_KG => Some(DType::Q6_K),
         _ => None,
+    }
+}
+
+/// Whether a format's groups are the halves of 256-element k-quant blocks.
+fn k_quant(dtype: DType) -> bool {
+    matches!(dtype, DType::Q4_K | DType::Q6_K)
+}
+
+/// The quants of one Q4_K or Q6_K block as 256 small unsigned values in element order.
+fn k_values(dtype: DType, b: &[u8]) -> [u8; 256] {
+    let mut v = [0u8; 256];
+    for (e, out) in v.iter_mut().enumerate() {
+        let (h, l, j) = (e / 128, e % 128 / 32, e % 32);
+        *out = if dtype == DType::Q4_K {
+            // Sub-block 4h + l: chunk 2h + l/2 of 32 bytes, low nibbles for even l.
+            (b[16 + 32 * (2 * h + l / 2) + j] >> (4 * (l % 2))) & 0x0f
+        } else {
+            let low = (b[64 * h + 32 * (l % 2) + j] >> (4 * (l / 2))) & 0x0f;
+            let high = (b[128 + 32 * h + j] >> (2 * l)) & 0x03;
+            low | high << 4
+        };
+    }
+    v
+}
+
+/// Write 256 values in element order into a Q4_K or Q6_K block's quant bytes (the inverse of
+/// [`k_values`]; scales untouched).
+fn set_k_values(dtype: DType, v: &[u8; 256], b: &mut [u8]) {
+    let (lows, highs) = if dtype == DType::Q4_K { (16..144, 0..0) } else { (0..128, 128..192) };
+    b[lows].fill(0);
+    b[highs].fill(0);
+    for (e, &x) in v.iter().enumerate() {
+        let (h, l, j) = (e / 128, e % 128 / 32, e % 32);
+        if dtype == DType::Q4_K {
+            b[16 + 32 * (2 * h + l / 2) + j] |= (x & 0x0f) << (4 * (l % 2));
+        } else {
+            b[64 * h + 32 * (l % 2) + j] |= (x & 0x0f) << (4 * (l / 2));
+            b[128 + 32 * h + j] |= ((x >> 4) & 0x03) << (2 * l);
+        }
+    }
+}
+
+/// Element (within its block) of position `p` of vector `m` of half `h` of a k-quant block.
+#[inline]
+fn k_source(h: usize, m: usize, p: usize) -> usize {
+    let (l, j) = source(m, p);
+    128 * h + 32 * l + j
+}
+
+/// [`group_blocks`] for Q4_K and Q6_K: one block at a time.
+fn group_k_blocks(dtype: DType, src: &[u8], dst: &mut [u8]) {
+    let bb = dtype.block_bytes();
+    assert!(src.len() % bb == 0 && dst.len() == src.len(), "whole blocks");
+    let lows = if dtype == DType::Q4_K { 16 } else { 0 };
+    for (s, d) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(bb)) {
+        let v = k_values(dtype, s);
+        d.copy_from_slice(s);
+        for h in 0..2 {
+            for p in 0..32 {
+                let x = |m: usize| v[k_source(h, m, p)];
+                d[lows + 64 * h + p] = (x(0) & 0x0f) | (x(1) << 4);
+                d[lows + 64 * h + 32 + p] = (x(2) & 0x0f) | (x(3) << 4);
+                if dtype == DType::Q6_K {
+                    d[128 + 32 * h + p] = (0..4).fold(0u8, |acc, m| acc | ((x(m) >> 4) & 0x03) << (2 * m));
+                }
+            }
+        }
+    }
+}
+
+/// [`ungroup_blocks`] for Q4_K and Q6_K.
+fn ungroup_k_blocks(dtype: DType, src: &[u8], dst: &mut [u8]) {
+    let bb = dtype.block_bytes();
+    assert!(src.len() % bb == 0 && dst.len() == src.len(), "whole blocks");
+    let lows = if dtype == DType::Q4_K { 16 } else { 0 };
+    for (s, d) in src.chunks_exact(bb).zip(dst.chunks_exact_mut(bb)) {
+        let mut v = [0u8; 256];
+        for h in 0..2 {
+            for m in 0..4 {
+                for p in 0..32 {
+                    let low = (s[lows + 64 * h + 32 * (m / 2) + p] >> (4 * (m % 2))) & 0x0f;
+                    let high = if dtype == DType::Q6_K { (s[128 + 32 * h + p] >> (2 * m)) & 0x03 } else { 0 };
+                    v[k_source(h, m, p)] = low | high << 4;
+                }
+            }
+        }
+        d.copy_from_slice(s);
+        set_k_values(dtype, &v, d);
     }
 }
 
@@ -50,9 +151,13 @@ fn source(m: usize, p: usize) -> (usize, usize) {
     }
 }
 
-/// Rewrite whole groups of `dtype` blocks (`src`) in the grouped layout (`dst`, the same size).
+/// Rewrite whole groups of `dtype` blocks (`src`) in the grouped layout (`dst`, the same size);
+/// for the k-quants, whole blocks.
 /// (Written out per format rather than through [`source`]: models regroup hundreds of MB at load.)
 pub fn group_blocks(dtype: DType, src: &[u8], dst: &mut [u8]) {
+    if k_quant(dtype) {
+        return group_k_blocks(dtype, src, dst);
+    }
     let bb = dtype.block_bytes();
     let gb = 4 * bb;
     assert!(grouped(dtype).is_some(), "{dtype} has no grouped layout");
@@ -108,6 +213,9 @@ pub fn group_blocks(dtype: DType, src: &[u8], dst: &mut [u8]) {
 /// The inverse of [`group_blocks`]: whole groups (`src`, layout `grouped(dtype)`) back to
 /// `dtype` blocks.
 pub fn ungroup_blocks(dtype: DType, src: &[u8], dst: &mut [u8]) {
+    if k_quant(dtype) {
+        return ungroup_k_blocks(dtype, src, dst);
+    }
     let bb = dtype.block_bytes();
     let gb = 4 * bb;
     assert!(grouped(dtype).is_some(), "{dtype} has no grouped layout");
@@ -208,6 +316,64 @@ mod tests {
                 // Every bit moves somewhere: the same number of set bits.
                 let ones = |v: &[u8]| v.iter().map(|b| b.count_ones()).sum::<u32>();
                 assert_eq!(ones(&src), ones(&g), "{dtype} x{groups}");
+            }
+        }
+    }
+
+    #[test]
+    fn k_quant_grouping_is_a_permutation_that_ungrouping_reverses() {
+        let mut state = 0x2545F4914F6CDD1Du64;
+        for dtype in [DType::Q4_K, DType::Q6_K] {
+            let bb = dtype.block_bytes();
+            for blocks in [1, 3] {
+                let src: Vec<u8> = (0..blocks * bb)
+                    .map(|_| {
+                        state ^= state << 13;
+                        state ^= state >> 7;
+                        state ^= state << 17;
+                        state as u8
+                    })
+                    .collect();
+                let mut src = src;
+                if dtype == DType::Q6_K {
+                    // A finite d, for the check against the format's decoding below.
+                    for b in src.chunks_exact_mut(bb) {
+                        b[208..210].copy_from_slice(&half::f16::from_f32(0.01).to_bits().to_le_bytes());
+                    }
+                }
+                let mut g = vec![0u8; src.len()];
+                let mut back = vec![0u8; src.len()];
+                group_blocks(dtype, &src, &mut g);
+                ungroup_blocks(dtype, &g, &mut back);
+                assert_eq!(src, back, "{dtype} x{blocks}");
+                for (sb, gb) in src.chunks_exact(bb).zip(g.chunks_exact(bb)) {
+                    // Scales in place; every element where the layout's definition puts it.
+                    let scales = if dtype == DType::Q4_K { 0..16 } else { 192..210 };
+                    assert_eq!(sb[scales.clone()], gb[scales], "{dtype}");
+                    let v = k_values(dtype, sb);
+                    let lows = if dtype == DType::Q4_K { 16 } else { 0 };
+                    for h in 0..2 {
+                        for m in 0..4 {
+                            for p in 0..32 {
+                                let (l, j) = source(m, p);
+                                let want = v[128 * h + 32 * l + j];
+                                let low = (gb[lows + 64 * h + 32 * (m / 2) + p] >> (4 * (m % 2))) & 0x0f;
+                                let high = if dtype == DType::Q6_K { (gb[128 + 32 * h + p] >> (2 * m)) & 0x03 } else { 0 };
+                                assert_eq!(want, low | high << 4, "{dtype} half {h} vector {m} position {p}");
+                            }
+                        }
+                    }
+                    // k_values reads the file's layout as the format's definition does.
+                    let mut dq = [0f32; 256];
+                    crate::formats::dequantize_row(dtype, sb, &mut dq);
+                    if dtype == DType::Q6_K {
+                        let d = crate::formats::f16_at(sb, 208);
+                        for e in 0..256 {
+                            let want = d * (sb[192 + e / 16] as i8 as i32 * (v[e] as i32 - 32)) as f32;
+                            assert!((dq[e] - want).abs() <= 1e-6 * want.abs(), "{dtype} element {e}: {} vs {want}", dq[e]);
+                        }
+                    }
+                }
             }
         }
     }

@@ -40,6 +40,8 @@ pub enum DType {
     Q4_0G = 242,
     Q5_0G = 246,
     Q8_0G = 248,
+    Q4_KG = 252,
+    Q6_KG = 254,
 }
 
 /// One past the largest discriminant (the size of tables indexed by format).
@@ -81,7 +83,7 @@ pub const WEIGHT_DTYPES: [DType; 13] = [
 ];
 
 /// smelt's in-memory grouped layouts (see [`grouped`]); never read from files.
-pub const GROUPED_DTYPES: [DType; 3] = [DType::Q4_0G, DType::Q5_0G, DType::Q8_0G];
+pub const GROUPED_DTYPES: [DType; 5] = [DType::Q4_0G, DType::Q5_0G, DType::Q8_0G, DType::Q4_KG, DType::Q6_KG];
 
 impl DType {
     /// The format for a GGML type id, or the id's name (if known) for an error message.
@@ -113,6 +115,8 @@ impl DType {
             DType::Q4_0G => "Q4_0g",
             DType::Q5_0G => "Q5_0g",
             DType::Q8_0G => "Q8_0g",
+            DType::Q4_KG => "Q4_Kg",
+            DType::Q6_KG => "Q6_Kg",
         }
     }
 
@@ -146,6 +150,8 @@ impl DType {
             DType::Q4_0G => 4 * Q4_0::BYTES,
             DType::Q5_0G => 4 * Q5_0::BYTES,
             DType::Q8_0G => 4 * Q8_0::BYTES,
+            DType::Q4_KG => Q4K::BYTES,
+            DType::Q6_KG => Q6K::BYTES,
         }
     }
 
@@ -168,6 +174,7 @@ impl DType {
             DType::Q2_K | DType::Q3_K | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::Q8_K => {
                 DType::Q8_K
             }
+            DType::Q4_KG | DType::Q6_KG => DType::Q8_K,
         }
     }
 }
@@ -226,10 +233,10 @@ pub fn scale_offsets(dtype: DType) -> &'static [usize] {
     match dtype {
         DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q8_1 => &[0],
         DType::Q4_0G | DType::Q5_0G | DType::Q8_0G => &[0, 2, 4, 6],
-        DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K => &[0, 2],
+        DType::Q4_1 | DType::Q5_1 | DType::Q4_K | DType::Q5_K | DType::Q4_KG => &[0, 2],
         DType::Q2_K => &[80, 82],
         DType::Q3_K => &[108],
-        DType::Q6_K => &[208],
+        DType::Q6_K | DType::Q6_KG => &[208],
         _ => &[],
     }
 }
@@ -272,9 +279,9 @@ pub fn dequantize_row(dtype: DType, src: &[u8], out: &mut [f32]) {
             DType::Q5_K => Q5K::dequantize(block, dst),
             DType::Q6_K => Q6K::dequantize(block, dst),
             DType::Q8_K => Q8K::dequantize(block, dst),
-            DType::Q4_0G | DType::Q5_0G | DType::Q8_0G => {
+            DType::Q4_0G | DType::Q5_0G | DType::Q8_0G | DType::Q4_KG | DType::Q6_KG => {
                 let file = grouped::ungrouped(dtype).expect("a grouped layout's file format");
-                let mut blocks = [0u8; 4 * Q8_0::BYTES];
+                let mut blocks = [0u8; Q6K::BYTES];
                 grouped::ungroup_blocks(file, block, &mut blocks[..bb]);
                 dequantize_row(file, &blocks[..bb], dst);
             }
@@ -321,12 +328,12 @@ pub fn vec_dot(dtype: DType, n: usize, w: &[u8], a: &[u8]) -> f32 {
         DType::Q5_K => w.chunks_exact(wb).zip(a.chunks_exact(ab)).map(|(w, a)| Q5K::dot(w, a)).sum(),
         DType::Q6_K => w.chunks_exact(wb).zip(a.chunks_exact(ab)).map(|(w, a)| Q6K::dot(w, a)).sum(),
         DType::Q8_K => w.chunks_exact(wb).zip(a.chunks_exact(ab)).map(|(w, a)| Q8K::dot(w, a)).sum(),
-        DType::Q4_0G | DType::Q5_0G | DType::Q8_0G => {
+        DType::Q4_0G | DType::Q5_0G | DType::Q8_0G | DType::Q4_KG | DType::Q6_KG => {
             let file = grouped::ungrouped(dtype).expect("a grouped layout's file format");
-            let mut blocks = [0u8; 4 * Q8_0::BYTES];
+            let mut blocks = [0u8; Q6K::BYTES];
             w.chunks_exact(wb).zip(a.chunks_exact(ab)).map(|(w, a)| {
                 grouped::ungroup_blocks(file, w, &mut blocks[..wb]);
-                vec_dot(file, grouped::GROUP, &blocks[..wb], a)
+                vec_dot(file, dtype.block_len(), &blocks[..wb], a)
             }).sum()
         }
     }

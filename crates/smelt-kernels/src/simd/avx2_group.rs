@@ -62,6 +62,8 @@ const fn dtype_of<const T: u32>() -> DType {
         242 => DType::Q4_0G,
         246 => DType::Q5_0G,
         248 => DType::Q8_0G,
+        252 => DType::Q4_KG,
+        254 => DType::Q6_KG,
         _ => DType::Q6_K,
     }
 }
@@ -70,7 +72,17 @@ const fn dtype_of<const T: u32>() -> DType {
 pub fn supported(dtype: DType) -> bool {
     matches!(
         dtype,
-        DType::Q4_0 | DType::Q5_0 | DType::Q8_0 | DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::Q4_0G | DType::Q5_0G | DType::Q8_0G
+        DType::Q4_0
+            | DType::Q5_0
+            | DType::Q8_0
+            | DType::Q4_K
+            | DType::Q5_K
+            | DType::Q6_K
+            | DType::Q4_0G
+            | DType::Q5_0G
+            | DType::Q8_0G
+            | DType::Q4_KG
+            | DType::Q6_KG
     )
 }
 
@@ -92,6 +104,10 @@ unsafe fn unpack<const T: u32>(row: *const u8, g: usize) -> Group {
     if matches!(dtype_of::<T>(), DType::Q4_0G | DType::Q5_0G | DType::Q8_0G) {
         // SAFETY: as `unpack_grouped`, whose contract the caller keeps.
         return unsafe { unpack_grouped::<T>(row, g) };
+    }
+    if dtype_of::<T>() == DType::Q6_KG {
+        // SAFETY: as `unpack_q6k_grouped`, whose contract the caller keeps.
+        return unsafe { unpack_q6k_grouped(row, g) };
     }
     // SAFETY: as `unpack_units`, whose contract the caller keeps.
     let grp = unsafe { unpack_units::<T>(row, g) };
@@ -273,13 +289,69 @@ unsafe fn unpack_units<const T: u32>(row: *const u8, g: usize) -> Group {
     }
 }
 
-/// Both groups of Q4_K block `blk` of a row (its two 128-element halves), exactly as two calls of
-/// [`unpack`] give them, with the per-block work done once: the f16 scales, the six-bit scales
-/// and mins (all eight of each in one conversion), and one prefetch. Decoding walks a row block
-/// by block with this; per half, that work was a third of the kernel's instructions.
+/// Unpack group `g` of a Q6_Kg row (half g % 2 of block g / 2): the same `Group` as [`unpack`]
+/// gives for the Q6_K block, bit for bit, with the quants read already interleaved.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn unpack_q4k_block(row: *const u8, blk: usize) -> [Group; 2] {
+unsafe fn unpack_q6k_grouped(row: *const u8, g: usize) -> Group {
+    // SAFETY (whole function): the caller guarantees `row` holds the row's blocks; block g / 2's
+    // 210 bytes are b..b + 210, and AVX2/FMA/F16C are enabled in every caller.
+    unsafe {
+        let b = row.add(210 * (g / 2));
+        let half = g % 2;
+        if half == 0 {
+            prefetch_block(b, 210);
+        }
+        let d = f16(b.add(208));
+        let (m4, m30) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
+        let (v0, v1) = (load(b.add(64 * half)), load(b.add(64 * half + 32)));
+        // Bits 2m, 2m+1 of each high-bits byte are vector m's: moved to bits 4-5 by a 16-bit
+        // shift of 4 - 2m (the bits kept never cross a byte).
+        let qh = load(b.add(128 + 32 * half));
+        let u = [
+            _mm256_or_si256(_mm256_and_si256(v0, m4), _mm256_and_si256(_mm256_slli_epi16(qh, 4), m30)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v0, 4), m4), _mm256_and_si256(_mm256_slli_epi16(qh, 2), m30)),
+            _mm256_or_si256(_mm256_and_si256(v1, m4), _mm256_and_si256(qh, m30)),
+            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)),
+        ];
+        let sc = b.add(192 + 8 * half) as *const i8;
+        // Unit i's low 16 elements use scale 2i, its high 16 use 2i+1 (as for Q6_K).
+        let lo: [f32; 4] = std::array::from_fn(|i| d * *sc.add(2 * i) as f32);
+        let hi: [f32; 4] = std::array::from_fn(|i| d * *sc.add(2 * i + 1) as f32);
+        let sw = lanes(lo, hi);
+        Group { u, sw, cw: _mm256_mul_ps(sw, _mm256_set1_ps(-32.0)) }
+    }
+}
+
+/// Every group of a row in order, to `f(g, group)`: Q4_K and Q4_Kg block by block (see
+/// [`unpack_q4k_block`]), the rest group by group.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn for_each_group<const T: u32>(row: *const u8, groups: usize, mut f: impl FnMut(usize, &Group)) {
+    let dtype = dtype_of::<T>();
+    if matches!(dtype, DType::Q4_K | DType::Q4_KG) {
+        for blk in 0..groups / 2 {
+            // SAFETY: the caller guarantees the row holds `groups` groups (groups / 2 blocks).
+            let [g0, g1] = unsafe { unpack_q4k_block(row, blk, dtype == DType::Q4_KG) };
+            f(2 * blk, &g0);
+            f(2 * blk + 1, &g1);
+        }
+    } else {
+        for g in 0..groups {
+            // SAFETY: as above.
+            let grp = unsafe { unpack::<T>(row, g) };
+            f(g, &grp);
+        }
+    }
+}
+
+/// Both groups of Q4_K block `blk` of a row (its two 128-element halves; `grouped`: of a Q4_Kg
+/// row, whose quants are stored already interleaved), with the per-block work done once: the
+/// f16 scales, the six-bit scales and mins (all eight of each in one conversion), and one
+/// prefetch. Per half, that work was a third of the kernel's instructions.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn unpack_q4k_block(row: *const u8, blk: usize, grouped: bool) -> [Group; 2] {
     // SAFETY (whole function): the caller guarantees `row` holds the row's blocks; block blk's
     // 144 bytes are b..b + 144, and AVX2/FMA/F16C are enabled in every caller.
     unsafe {
@@ -296,7 +368,8 @@ unsafe fn unpack_q4k_block(row: *const u8, blk: usize) -> [Group; 2] {
         let off = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)), _mm256_set1_ps(-f16(b.add(2))));
         let mask = _mm256_set1_epi8(0x0f);
         let half = |h: usize, sw: __m256, cw: __m256| {
-            // Chunks 2h and 2h+1 (64 elements each): low nibbles, then high nibbles, per chunk.
+            // Q4_K: chunks 2h and 2h+1 (64 elements each), low nibbles then high nibbles per
+            // chunk. Q4_Kg: the same bytes, already in interleaved order (as Q4_0g's).
             let (q0, q1) = (load(b.add(16 + 64 * h)), load(b.add(16 + 64 * h + 32)));
             let u = [
                 _mm256_and_si256(q0, mask),
@@ -304,7 +377,7 @@ unsafe fn unpack_q4k_block(row: *const u8, blk: usize) -> [Group; 2] {
                 _mm256_and_si256(q1, mask),
                 _mm256_and_si256(_mm256_srli_epi16(q1, 4), mask),
             ];
-            Group { u: interleave(u), sw, cw }
+            Group { u: if grouped { u } else { interleave(u) }, sw, cw }
         };
         [
             half(0, _mm256_permute2f128_ps::<0x00>(scale, scale), _mm256_permute2f128_ps::<0x00>(off, off)),
@@ -336,7 +409,7 @@ unsafe fn sums<const T: u32>(u: &[__m256i; 4], q: *const u8) -> __m256i {
             });
             _mm256_add_epi32(_mm256_add_epi32(m[0], m[1]), _mm256_add_epi32(m[2], m[3]))
         }
-        DType::Q6_K => {
+        DType::Q6_K | DType::Q6_KG => {
             let p: [__m256i; 4] = std::array::from_fn(|i| _mm256_maddubs_epi16(u[i], y[i]));
             let lo = _mm256_madd_epi16(_mm256_add_epi16(p[0], p[1]), ones);
             _mm256_add_epi32(lo, _mm256_madd_epi16(_mm256_add_epi16(p[2], p[3]), ones))
@@ -379,7 +452,7 @@ impl Acc {
 /// Formats whose per-16 offsets are not a constant times the scale (the k-quants' mins), so
 /// they need their own accumulation chain.
 const fn has_offset_chain(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K)
+    matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::Q4_KG | DType::Q6_KG)
 }
 
 /// The constant that Q4_0 and Q5_0 (and their grouped layouts) subtract from every stored
@@ -472,20 +545,8 @@ unsafe fn stream_cols<const T: u32, const RN: usize>(groups: usize, w: *const u8
             }
         }
     };
-    if dtype_of::<T>() == DType::Q4_K {
-        for blk in 0..groups / 2 {
-            // SAFETY: the row holds groups / 2 blocks.
-            let [g0, g1] = unsafe { unpack_q4k_block(w, blk) };
-            step(&mut acc, &g0, 2 * blk);
-            step(&mut acc, &g1, 2 * blk + 1);
-        }
-    } else {
-        for g in 0..groups {
-            // SAFETY: the row and group g are within the caller-checked ranges.
-            let grp = unsafe { unpack::<T>(w, g) };
-            step(&mut acc, &grp, g);
-        }
-    }
+    // SAFETY: the row holds `groups` groups (caller-checked).
+    unsafe { for_each_group::<T>(w, groups, |g, grp| step(&mut acc, grp, g)) };
     for c in 0..RN {
         // SAFETY: the caller's output has room for RN entries ldo apart.
         unsafe { *out.add(c * ldo) = acc[c].total::<T>() };
@@ -510,12 +571,13 @@ unsafe fn unpack_rows<const T: u32>(groups: usize, w: *const u8, ws: usize, nr: 
     into.u.clear();
     into.s.clear();
     for r in 0..nr {
-        for g in 0..groups {
-            // SAFETY: rows and groups within the caller-checked ranges.
-            let grp = unsafe { unpack::<T>(w.add(r * ws), g) };
-            into.u.extend_from_slice(&grp.u);
-            into.s.push((grp.sw, grp.cw));
-        }
+        // SAFETY: rows and groups within the caller-checked ranges.
+        unsafe {
+            for_each_group::<T>(w.add(r * ws), groups, |_, grp| {
+                into.u.extend_from_slice(&grp.u);
+                into.s.push((grp.sw, grp.cw));
+            })
+        };
     }
 }
 
@@ -574,6 +636,8 @@ pub unsafe fn gemm_strided(dtype: DType, k: usize, w: &[u8], w_stride: usize, nr
             DType::Q4_0G => run::<242>(groups, w, w_stride, nr, nc, prep, out, ldo),
             DType::Q5_0G => run::<246>(groups, w, w_stride, nr, nc, prep, out, ldo),
             DType::Q8_0G => run::<248>(groups, w, w_stride, nr, nc, prep, out, ldo),
+            DType::Q4_KG => run::<252>(groups, w, w_stride, nr, nc, prep, out, ldo),
+            DType::Q6_KG => run::<254>(groups, w, w_stride, nr, nc, prep, out, ldo),
             _ => run::<14>(groups, w, w_stride, nr, nc, prep, out, ldo),
         }
     }
