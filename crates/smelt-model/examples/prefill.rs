@@ -57,6 +57,27 @@ fn main() {
         }
     }
     println!("pp{n}: {:.1} t/s   tg{steps}: {:.1} t/s", n as f64 / pp, steps as f64 / tg);
+    // PAIRS=N: N more decode steps, each right after a plain read of as many bytes as a token's
+    // weights, so that both sample the same moments of a machine whose bandwidth drifts; the
+    // median and the fastest of each are compared.
+    if let Some(pairs) = std::env::var("PAIRS").ok().and_then(|s| s.parse::<usize>().ok()) {
+        let bytes = model.weight_bytes_per_token();
+        let words = (bytes / 8).min(probe.len());
+        let (mut read, mut step) = (Vec::new(), Vec::new());
+        for i in 0..pairs {
+            read.push(plain_read(&ws, &probe[..words]));
+            let b = [BatchToken { token: 300, pos: n + steps + i, seq: 0, logits: true }];
+            let t = Instant::now();
+            model.forward(&b, &mut caches, &mut ws).unwrap();
+            step.push(bytes as f64 / t.elapsed().as_secs_f64() / 1e9);
+        }
+        let stats = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.total_cmp(b));
+            (v[v.len() / 2], v[v.len() - 1])
+        };
+        let ((rm, rb), (sm, sb)) = (stats(&mut read), stats(&mut step));
+        println!("{pairs} decode steps, each after a plain read of {} MB: median {sm:.1} vs {rm:.1} GB/s ({:.0}%), fastest {sb:.1} vs {rb:.1} GB/s ({:.0}%)", bytes >> 20, 100.0 * sm / rm, 100.0 * sb / rb);
+    }
     // HEAD=N: the output projection alone, N times back to back, against the same plain read.
     if let Some(reps) = std::env::var("HEAD").ok().and_then(|s| s.parse::<usize>().ok()) {
         let m = model.output().matrix();
