@@ -10,14 +10,11 @@
 //! (".lo" = the unit's first 16 elements). Activations are Q8_0 (a scale per 32 values) for
 //! every weight format — finer than the per-256 scales (Q8_K) llama.cpp uses with k-quants, so
 //! closer to full precision at no cost here — and are prepared once per matrix product into the
-//! matching per-16 vectors `sa` (scale), `ea` (scale × sum of the 16 quantized values) and the
-//! integer sums themselves, plus a copy of the quantized values in the order of the unpacked
-//! weights. Then per group:
-//!     s = the 8 per-16 integer sums Σ u·q (maddubs, 16-bit adds, madd; see `sums`)
-//!     Q4_0/Q5_0: main += cvt(s − c·Σq)·(sw·sa)   (their offset cw = −c·sw, folded in exactly)
-//!     Q8_0:      main += cvt(s)·(sw·sa)
-//!     k-quants:  main += cvt(s)·(sw·sa);  offsets += cw·ea   (two independent chains)
-//! and the result is the horizontal sum of `main + offsets`. For decoding, groups are unpacked into
+//! matching per-16 vectors `sa` (scale) and `ea` (scale × sum of the 16 quantized values), plus
+//! a copy of the quantized values in the order of the unpacked weights. Then per group:
+//!     s   = the 8 per-16 integer sums Σ u·q (maddubs, 16-bit adds, madd; see `sums`)
+//!     acc = fma(cvt(s), sw·sa, acc);  acc = fma(cw, ea, acc)
+//! and the result is the horizontal sum of `acc`. For decoding, groups are unpacked into
 //! registers as they stream in; for many activation rows, a chunk of weight rows is unpacked
 //! once into a buffer and reused for every activation row. Both call the same `unpack` and the
 //! same `accumulate`.
@@ -30,16 +27,12 @@ use std::cell::RefCell;
 
 pub const GROUP: usize = 128;
 
-/// Floats of activation preparation per group: `sa` (8), `ea` (8), the 8 per-16 sums of the
-/// quantized values as i32 bits (8), then the group's 128 quantized activation bytes in
-/// interleaved order (32 floats' worth; see [`interleave`]).
-const PREP: usize = 56;
-
-/// Where the per-16 integer sums start within a group's preparation.
-const PREP_QSUM: usize = 16;
+/// Floats of activation preparation per group: `sa` (8), `ea` (8), then the group's 128
+/// quantized activation bytes in interleaved order (32 floats' worth; see [`interleave`]).
+const PREP: usize = 48;
 
 /// Where the interleaved activation bytes start within a group's preparation.
-const PREP_Q: usize = 24;
+const PREP_Q: usize = 16;
 
 /// Activation rows per block in the buffered (many-row) product; even, so pairs never straddle.
 const COL_BLOCK: usize = 16;
@@ -421,70 +414,23 @@ unsafe fn sums<const T: u32>(u: &[__m256i; 4], q: *const u8) -> __m256i {
     }
 }
 
-/// The two accumulators of one output: `main` collects the scaled integer sums, `offsets` the
-/// k-quants' per-16 offset terms (kept apart so that each group adds to each chain once: one
-/// chain of two dependent FMAs per group was the decode loop's critical path).
-#[derive(Clone, Copy)]
-struct Acc {
-    main: __m256,
-    offsets: __m256,
+/// Q8_0 weights are signed bytes; everything else unpacks to unsigned values plus an offset.
+const fn has_offset(dtype: DType) -> bool {
+    !matches!(dtype, DType::Q8_0 | DType::Q8_0G)
 }
 
-impl Acc {
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn zero() -> Acc {
-        Acc { main: _mm256_setzero_ps(), offsets: _mm256_setzero_ps() }
-    }
-
-    /// The output: the horizontal sum of both chains.
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn total<const T: u32>(self) -> f32 {
-        if has_offset_chain(dtype_of::<T>()) {
-            hsum_f32(_mm256_add_ps(self.main, self.offsets))
-        } else {
-            hsum_f32(self.main)
-        }
-    }
-}
-
-/// Formats whose per-16 offsets are not a constant times the scale (the k-quants' mins), so
-/// they need their own accumulation chain.
-const fn has_offset_chain(dtype: DType) -> bool {
-    matches!(dtype, DType::Q4_K | DType::Q5_K | DType::Q6_K | DType::Q4_KG | DType::Q6_KG)
-}
-
-/// The constant that Q4_0 and Q5_0 (and their grouped layouts) subtract from every stored
-/// value, as a shift: w = d·(u − 2^shift).
-const fn offset_shift(dtype: DType) -> Option<i32> {
-    match dtype {
-        DType::Q4_0 | DType::Q4_0G => Some(3),
-        DType::Q5_0 | DType::Q5_0G => Some(4),
-        _ => None,
-    }
-}
-
-/// One group's step, the same for both paths. Per lane (16 elements):
-/// - Q4_0/Q5_0: main += cvt(s − 2^shift·Σq)·(sw·sa) — the offset folded into the exact
-///   integer sum, so one FMA per group;
-/// - Q8_0: main += cvt(s)·(sw·sa);
-/// - k-quants: main += cvt(s)·(sw·sa) and offsets += cw·ea.
+/// acc += cvt(s)·(sw·sa) + cw·ea — the one accumulation step both paths share.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn accumulate<const T: u32>(acc: &mut Acc, s: __m256i, sw: __m256, cw: __m256, prep: *const f32) {
-    let dtype = dtype_of::<T>();
-    // SAFETY: the caller guarantees a group's PREP readable floats at prep.
+unsafe fn accumulate<const T: u32>(acc: __m256, s: __m256i, sw: __m256, cw: __m256, prep: *const f32) -> __m256 {
+    // SAFETY: the caller guarantees 16 readable floats at prep.
     unsafe {
         let sa = _mm256_loadu_ps(prep);
-        let s = match offset_shift(dtype) {
-            // |s| ≤ 16·31·128 and 16·|Σq| ≤ 16·16·128: far inside i32.
-            Some(sh) => _mm256_sub_epi32(s, _mm256_sll_epi32(_mm256_loadu_si256(prep.add(PREP_QSUM) as *const __m256i), _mm_cvtsi32_si128(sh))),
-            None => s,
-        };
-        acc.main = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(sw, sa), acc.main);
-        if has_offset_chain(dtype) {
-            acc.offsets = _mm256_fmadd_ps(cw, _mm256_loadu_ps(prep.add(8)), acc.offsets);
+        let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(sw, sa), acc);
+        if has_offset(dtype_of::<T>()) {
+            _mm256_fmadd_ps(cw, _mm256_loadu_ps(prep.add(8)), acc)
+        } else {
+            acc
         }
     }
 }
@@ -515,11 +461,8 @@ pub fn prepare_row(k: usize, row: &[u8], dst: &mut [f32]) {
             let sum = |r: std::ops::Range<usize>| blk[r].iter().map(|&b| b as i8 as i32).sum::<i32>();
             dst[i] = d;
             dst[4 + i] = d;
-            let (lo, hi) = (sum(2..18), sum(18..34));
-            dst[8 + i] = d * lo as f32;
-            dst[12 + i] = d * hi as f32;
-            dst[PREP_QSUM + i] = f32::from_bits(lo as u32);
-            dst[PREP_QSUM + 4 + i] = f32::from_bits(hi as u32);
+            dst[8 + i] = d * sum(2..18) as f32;
+            dst[12 + i] = d * sum(18..34) as f32;
             // The quantized bytes in `interleave` order, four per float slot (copied as bits).
             for m in 0..4 {
                 let four = |o: usize| f32::from_ne_bytes([blk[o], blk[o + 1], blk[o + 2], blk[o + 3]]);
@@ -534,14 +477,14 @@ pub fn prepare_row(k: usize, row: &[u8], dst: &mut [f32]) {
 /// several sequences decoding together).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn stream_cols<const T: u32, const RN: usize>(groups: usize, w: *const u8, prep: *const f32, out: *mut f32, ldo: usize) {
-    let mut acc = [Acc::zero(); RN];
-    let step = |acc: &mut [Acc; RN], grp: &Group, g: usize| {
+    let mut acc = [_mm256_setzero_ps(); RN];
+    let step = |acc: &mut [__m256; RN], grp: &Group, g: usize| {
         for c in 0..RN {
             // SAFETY: activation rows c < RN and group g are within the caller-checked ranges.
             unsafe {
                 let pc = prep.add((c * groups + g) * PREP);
                 let sm = sums::<T>(&grp.u, pc.add(PREP_Q) as *const u8);
-                accumulate::<T>(&mut acc[c], sm, grp.sw, grp.cw, pc);
+                acc[c] = accumulate::<T>(acc[c], sm, grp.sw, grp.cw, pc);
             }
         }
     };
@@ -549,7 +492,7 @@ unsafe fn stream_cols<const T: u32, const RN: usize>(groups: usize, w: *const u8
     unsafe { for_each_group::<T>(w, groups, |g, grp| step(&mut acc, grp, g)) };
     for c in 0..RN {
         // SAFETY: the caller's output has room for RN entries ldo apart.
-        unsafe { *out.add(c * ldo) = acc[c].total::<T>() };
+        unsafe { *out.add(c * ldo) = hsum_f32(acc[c]) };
     }
 }
 
@@ -584,7 +527,7 @@ unsafe fn unpack_rows<const T: u32>(groups: usize, w: *const u8, ws: usize, nr: 
 /// 1 unpacked weight row × RN activation rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn buffered_tile<const T: u32, const RN: usize>(groups: usize, u: *const __m256i, s: *const (__m256, __m256), prep: *const f32, out: *mut f32, ldo: usize) {
-    let mut acc = [Acc::zero(); RN];
+    let mut acc = [_mm256_setzero_ps(); RN];
     for g in 0..groups {
         // SAFETY: the caller passes `groups` unpacked groups at u and s.
         let (gu, (sw, cw)) = unsafe { ([*u.add(4 * g), *u.add(4 * g + 1), *u.add(4 * g + 2), *u.add(4 * g + 3)], *s.add(g)) };
@@ -593,13 +536,13 @@ unsafe fn buffered_tile<const T: u32, const RN: usize>(groups: usize, u: *const 
             unsafe {
                 let pc = prep.add((c * groups + g) * PREP);
                 let sm = sums::<T>(&gu, pc.add(PREP_Q) as *const u8);
-                accumulate::<T>(&mut acc[c], sm, sw, cw, pc);
+                acc[c] = accumulate::<T>(acc[c], sm, sw, cw, pc);
             }
         }
     }
     for c in 0..RN {
         // SAFETY: the caller's output has room for RN entries ldo apart.
-        unsafe { *out.add(c * ldo) = acc[c].total::<T>() };
+        unsafe { *out.add(c * ldo) = hsum_f32(acc[c]) };
     }
 }
 
