@@ -59,18 +59,30 @@ fn k_quant(dtype: DType) -> bool {
 }
 
 /// The quants of one Q4_K or Q6_K block as 256 small unsigned values in element order.
+/// (Byte-wise loops the compiler vectorizes: models regroup tens of MB of these at load.)
 fn k_values(dtype: DType, b: &[u8]) -> [u8; 256] {
     let mut v = [0u8; 256];
-    for (e, out) in v.iter_mut().enumerate() {
-        let (h, l, j) = (e / 128, e % 128 / 32, e % 32);
-        *out = if dtype == DType::Q4_K {
-            // Sub-block 4h + l: chunk 2h + l/2 of 32 bytes, low nibbles for even l.
-            (b[16 + 32 * (2 * h + l / 2) + j] >> (4 * (l % 2))) & 0x0f
-        } else {
-            let low = (b[64 * h + 32 * (l % 2) + j] >> (4 * (l / 2))) & 0x0f;
-            let high = (b[128 + 32 * h + j] >> (2 * l)) & 0x03;
-            low | high << 4
-        };
+    if dtype == DType::Q4_K {
+        // 64-element chunk c: byte j holds element j (low nibble) and 32 + j (high nibble).
+        for c in 0..4 {
+            for j in 0..32 {
+                let x = b[16 + 32 * c + j];
+                v[64 * c + j] = x & 0x0f;
+                v[64 * c + 32 + j] = x >> 4;
+            }
+        }
+    } else {
+        // Per 128-element half: four 32-element units from two 32-byte runs of low bits (low
+        // nibbles for units 0 and 1, high nibbles for 2 and 3) and one of high bit pairs.
+        for h in 0..2 {
+            for j in 0..32 {
+                let (l0, l1, qh) = (b[64 * h + j], b[64 * h + 32 + j], b[128 + 32 * h + j]);
+                v[128 * h + j] = (l0 & 0x0f) | (qh & 0x03) << 4;
+                v[128 * h + 32 + j] = (l1 & 0x0f) | ((qh >> 2) & 0x03) << 4;
+                v[128 * h + 64 + j] = (l0 >> 4) | ((qh >> 4) & 0x03) << 4;
+                v[128 * h + 96 + j] = (l1 >> 4) | ((qh >> 6) & 0x03) << 4;
+            }
+        }
     }
     v
 }
@@ -108,12 +120,24 @@ fn group_k_blocks(dtype: DType, src: &[u8], dst: &mut [u8]) {
         let v = k_values(dtype, s);
         d.copy_from_slice(s);
         for h in 0..2 {
+            // The four interleaved vectors of this half (see `source`): lane l of vector m is
+            // unit l's elements 4m..4m+4 (positions 4l..4l+4) and 16+4m.. (positions 16+4l..).
+            let mut vm = [[0u8; 32]; 4];
+            for (m, vec) in vm.iter_mut().enumerate() {
+                for l in 0..4 {
+                    let unit = &v[128 * h + 32 * l..128 * h + 32 * l + 32];
+                    vec[4 * l..4 * l + 4].copy_from_slice(&unit[4 * m..4 * m + 4]);
+                    vec[16 + 4 * l..16 + 4 * l + 4].copy_from_slice(&unit[16 + 4 * m..16 + 4 * m + 4]);
+                }
+            }
             for p in 0..32 {
-                let x = |m: usize| v[k_source(h, m, p)];
-                d[lows + 64 * h + p] = (x(0) & 0x0f) | (x(1) << 4);
-                d[lows + 64 * h + 32 + p] = (x(2) & 0x0f) | (x(3) << 4);
-                if dtype == DType::Q6_K {
-                    d[128 + 32 * h + p] = (0..4).fold(0u8, |acc, m| acc | ((x(m) >> 4) & 0x03) << (2 * m));
+                d[lows + 64 * h + p] = (vm[0][p] & 0x0f) | vm[1][p] << 4;
+                d[lows + 64 * h + 32 + p] = (vm[2][p] & 0x0f) | vm[3][p] << 4;
+            }
+            if dtype == DType::Q6_K {
+                for p in 0..32 {
+                    let hi = |m: usize| ((vm[m][p] >> 4) & 0x03) << (2 * m);
+                    d[128 + 32 * h + p] = hi(0) | hi(1) | hi(2) | hi(3);
                 }
             }
         }
