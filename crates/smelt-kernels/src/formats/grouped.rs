@@ -293,19 +293,24 @@ fn set_nibble(qs: &mut [u8], e: usize, v: u8) {
 mod tests {
     use super::*;
 
+    /// `n` bytes of xorshift64 from `state`.
+    fn random_bytes(state: &mut u64, n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                *state ^= *state << 13;
+                *state ^= *state >> 7;
+                *state ^= *state << 17;
+                *state as u8
+            })
+            .collect()
+    }
+
     #[test]
     fn grouping_is_a_permutation_that_ungrouping_reverses() {
         let mut state = 0x9E3779B97F4A7C15u64;
         for dtype in [DType::Q4_0, DType::Q5_0, DType::Q8_0] {
             for groups in [1, 2, 5] {
-                let src: Vec<u8> = (0..groups * 4 * dtype.block_bytes())
-                    .map(|_| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        state as u8
-                    })
-                    .collect();
+                let src = random_bytes(&mut state, groups * 4 * dtype.block_bytes());
                 let mut g = vec![0u8; src.len()];
                 let mut back = vec![0u8; src.len()];
                 group_blocks(dtype, &src, &mut g);
@@ -350,15 +355,7 @@ mod tests {
         for dtype in [DType::Q4_K, DType::Q6_K] {
             let bb = dtype.block_bytes();
             for blocks in [1, 3] {
-                let src: Vec<u8> = (0..blocks * bb)
-                    .map(|_| {
-                        state ^= state << 13;
-                        state ^= state >> 7;
-                        state ^= state << 17;
-                        state as u8
-                    })
-                    .collect();
-                let mut src = src;
+                let mut src = random_bytes(&mut state, blocks * bb);
                 if dtype == DType::Q6_K {
                     // A finite d, for the check against the format's decoding below.
                     for b in src.chunks_exact_mut(bb) {

@@ -259,7 +259,6 @@ unsafe fn unpack_units<const T: u32>(row: *const u8, g: usize) -> Group {
                 if half == 0 {
                     prefetch_block(b, 210);
                 }
-                let d = f16(b.add(208));
                 let (m4, m2) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x03));
                 let ql0 = load(b.add(64 * half));
                 let ql1 = load(b.add(64 * half + 32));
@@ -270,13 +269,8 @@ unsafe fn unpack_units<const T: u32>(row: *const u8, g: usize) -> Group {
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m2), 4)),
                     _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m2), 4)),
                 ];
-                let sc = b.add(192 + 8 * half) as *const i8;
-                // Unit i's low 16 elements use scale 2i, its high 16 use 2i+1.
-                let lo: [f32; 4] = std::array::from_fn(|i| d * *sc.add(2 * i) as f32);
-                let hi: [f32; 4] = std::array::from_fn(|i| d * *sc.add(2 * i + 1) as f32);
-                let sw = lanes(lo, hi);
-                // Stored values are q + 32.
-                Group { u, sw, cw: _mm256_mul_ps(sw, _mm256_set1_ps(-32.0)) }
+                let (sw, cw) = q6k_scales(b, half);
+                Group { u, sw, cw }
             }
         }
     }
@@ -295,7 +289,6 @@ unsafe fn unpack_q6k_grouped(row: *const u8, g: usize) -> Group {
         if half == 0 {
             prefetch_block(b, 210);
         }
-        let d = f16(b.add(208));
         let (m4, m30) = (_mm256_set1_epi8(0x0f), _mm256_set1_epi8(0x30));
         let (v0, v1) = (load(b.add(64 * half)), load(b.add(64 * half + 32)));
         // Bits 2m, 2m+1 of each high-bits byte are vector m's: moved to bits 4-5 by a 16-bit
@@ -307,12 +300,25 @@ unsafe fn unpack_q6k_grouped(row: *const u8, g: usize) -> Group {
             _mm256_or_si256(_mm256_and_si256(v1, m4), _mm256_and_si256(qh, m30)),
             _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(v1, 4), m4), _mm256_and_si256(_mm256_srli_epi16(qh, 2), m30)),
         ];
+        let (sw, cw) = q6k_scales(b, half);
+        Group { u, sw, cw }
+    }
+}
+
+/// The per-16 scales and offsets of half `half` of the Q6_K (or Q6_Kg) block at `b`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6k_scales(b: *const u8, half: usize) -> (__m256, __m256) {
+    // SAFETY: the caller guarantees the block's 210 bytes at b.
+    unsafe {
+        let d = f16(b.add(208));
         let sc = b.add(192 + 8 * half) as *const i8;
-        // Unit i's low 16 elements use scale 2i, its high 16 use 2i+1 (as for Q6_K).
+        // Unit i's low 16 elements use scale 2i, its high 16 use 2i+1.
         let lo: [f32; 4] = std::array::from_fn(|i| d * *sc.add(2 * i) as f32);
         let hi: [f32; 4] = std::array::from_fn(|i| d * *sc.add(2 * i + 1) as f32);
         let sw = lanes(lo, hi);
-        Group { u, sw, cw: _mm256_mul_ps(sw, _mm256_set1_ps(-32.0)) }
+        // Stored values are q + 32.
+        (sw, _mm256_mul_ps(sw, _mm256_set1_ps(-32.0)))
     }
 }
 
