@@ -4,7 +4,9 @@
 //! - [`dispatch`]: the kernel table, picking SIMD variants from CPU features at run time.
 //! - [`pool`]: a persistent thread pool for data-parallel kernels.
 //! - [`ops`]: the compute interface the model code uses (matmul, norms, rope, attention helpers).
+//! - [`bandwidth`]: the machine's memory-read bandwidth, for setting decoding against.
 
+pub mod bandwidth;
 pub mod dispatch;
 pub mod formats;
 pub mod mmap;

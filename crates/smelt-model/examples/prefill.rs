@@ -1,4 +1,5 @@
 // Quick timing of a prefill + a few decode steps (development aid; `smelt bench` is the real tool).
+use smelt_kernels::bandwidth::ReadProbe;
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, Workspace};
 use std::sync::Arc;
@@ -32,8 +33,8 @@ fn main() {
     }
     // The profile below covers the decode steps only, with a plain read of memory just before
     // and after them for the products' GB/s to be set against.
-    let probe: Vec<u64> = (0..(1u64 << 27)).collect();
-    let bw_before = plain_read(&ws, &probe);
+    let probe = ReadProbe::new(&ws.pool);
+    let bw_before = probe.pass(&ws.pool);
     let _ = smelt_model::arch::blocks::profile::take();
     let t = Instant::now();
     let steps: usize = std::env::var("STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(16);
@@ -43,7 +44,7 @@ fn main() {
     }
     let tg = t.elapsed().as_secs_f64();
     let profile = smelt_model::arch::blocks::profile::take();
-    let bw = (bw_before + plain_read(&ws, &probe)) / 2.0;
+    let bw = (bw_before + probe.pass(&ws.pool)) / 2.0;
     if std::env::var_os("SMELT_PROFILE").is_some() {
         println!("plain read of memory around the decode steps: {bw:.1} GB/s");
         for (k, secs, bytes) in profile {
@@ -62,10 +63,9 @@ fn main() {
     // median and the fastest of each are compared.
     if let Some(pairs) = std::env::var("PAIRS").ok().and_then(|s| s.parse::<usize>().ok()) {
         let bytes = model.weight_bytes_per_token();
-        let words = (bytes / 8).min(probe.len());
         let (mut read, mut step) = (Vec::new(), Vec::new());
         for i in 0..pairs {
-            read.push(plain_read(&ws, &probe[..words]));
+            read.push(probe.pass_over(&ws.pool, bytes));
             let b = [BatchToken { token: 300, pos: n + steps + i, seq: 0, logits: true }];
             let t = Instant::now();
             model.forward(&b, &mut caches, &mut ws).unwrap();
@@ -83,31 +83,13 @@ fn main() {
         let m = model.output().matrix();
         let x: Vec<f32> = (0..m.cols).map(|i| ((i * 7) % 13) as f32 - 6.0).collect();
         let (mut out, mut scratch) = (vec![0f32; m.rows], Vec::new());
-        let before = plain_read(&ws, &probe);
+        let before = probe.pass(&ws.pool);
         let t = Instant::now();
         for _ in 0..reps {
             smelt_kernels::ops::matmul(&ws.pool, &m, &x, 1, &mut out, &mut scratch);
         }
         let gbs = (m.data.len() * reps) as f64 / t.elapsed().as_secs_f64() / 1e9;
-        let bw = (before + plain_read(&ws, &probe)) / 2.0;
+        let bw = (before + probe.pass(&ws.pool)) / 2.0;
         println!("output projection alone ({}, {} MB): {gbs:.1} GB/s, {:.0}% of a {bw:.1} GB/s plain read", m.dtype.name(), m.data.len() >> 20, 100.0 * gbs / bw);
     }
-}
-
-/// GB/s of one parallel read of `buf` (1 GiB, made once: as `smelt bench` measures it).
-fn plain_read(ws: &Workspace, buf: &[u64]) -> f64 {
-    let words = buf.len();
-    let total = std::sync::atomic::AtomicU64::new(0);
-    let t = Instant::now();
-    ws.pool.for_chunks(words, words / (ws.pool.n_threads() * 16), &|r| {
-        let mut acc = [0u64; 8];
-        for c in buf[r].chunks_exact(8) {
-            for k in 0..8 {
-                acc[k] = acc[k].wrapping_add(c[k]);
-            }
-        }
-        total.fetch_add(acc.iter().fold(0, |a, &b| a.wrapping_add(b)), std::sync::atomic::Ordering::Relaxed);
-    });
-    std::hint::black_box(total.into_inner());
-    (words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9
 }

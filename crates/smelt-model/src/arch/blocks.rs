@@ -96,20 +96,25 @@ thread_local! {
 pub mod profile {
     use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::OnceLock;
-    pub const KINDS: [&str; 9] = ["q/k/v", "attention", "norm+rope", "activation", "embed", "logits", "attn out", "gate/up", "down"];
-    static NANOS: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
+    pub const KINDS: [&str; 8] = ["q/k/v", "attention", "norm+rope", "activation", "logits", "attn out", "gate/up", "down"];
+    pub const QKV: usize = 0;
+    pub const ATTENTION: usize = 1;
+    pub const NORM_ROPE: usize = 2;
+    pub const ACTIVATION: usize = 3;
+    pub const LOGITS: usize = 4;
+    pub const ATTN_OUT: usize = 5;
+    pub const GATE_UP: usize = 6;
+    pub const DOWN: usize = 7;
+    static NANOS: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
     /// Weight bytes the products of each kind read.
-    static BYTES: [AtomicU64; 9] = [const { AtomicU64::new(0) }; 9];
+    static BYTES: [AtomicU64; 8] = [const { AtomicU64::new(0) }; 8];
     pub fn enabled() -> bool {
         static E: OnceLock<bool> = OnceLock::new();
         *E.get_or_init(|| std::env::var_os("SMELT_PROFILE").is_some())
     }
-    pub fn add(kind: usize, t: std::time::Instant) {
+    /// Time since `t` under `kind`, which read `bytes` of weights (0 for work other than products).
+    pub fn add(kind: usize, t: std::time::Instant, bytes: usize) {
         NANOS[kind].fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-    }
-    /// A matrix product of `kind` that read `bytes` of weights.
-    pub fn add_product(kind: usize, t: std::time::Instant, bytes: usize) {
-        add(kind, t);
         BYTES[kind].fetch_add(bytes as u64, Ordering::Relaxed);
     }
     /// (kind, seconds, weight bytes) so far, and reset.
@@ -119,25 +124,15 @@ pub mod profile {
 }
 
 macro_rules! timed {
-    ($kind:expr, $body:expr) => {{
+    ($kind:expr, $body:expr) => {
+        timed!($kind, bytes: [], $body)
+    };
+    // A product: the weight bytes of its matrices are counted too.
+    ($kind:expr, bytes: [$($w:expr),*], $body:expr) => {{
         if profile::enabled() {
             let t = std::time::Instant::now();
             let r = $body;
-            profile::add($kind, t);
-            r
-        } else {
-            $body
-        }
-    }};
-}
-
-/// A product timed under profile kind `kind`, with the weight bytes it read.
-macro_rules! timed_product {
-    ($kind:expr, [$($w:expr),+], $body:expr) => {{
-        if profile::enabled() {
-            let t = std::time::Instant::now();
-            let r = $body;
-            profile::add_product($kind, t, 0 $(+ $w.data.len())+);
+            profile::add($kind, t, 0 $(+ $w.data.len())*);
             r
         } else {
             $body
@@ -150,7 +145,7 @@ macro_rules! timed_product {
 fn linear(pool: &ThreadPool, w: &Linear, x: &[f32], n: usize, out: &mut Vec<f32>, scratch: &mut Vec<u8>, kind: usize) {
     fit(out, n * w.rows);
     let m = w.matrix();
-    timed_product!(kind, [m], ops::matmul(pool, &m, x, n, out, scratch));
+    timed!(kind, bytes: [m], ops::matmul(pool, &m, x, n, out, scratch));
 }
 
 /// `f(t, row)` for each token's row of `row` floats: through the pool when there are enough
@@ -183,13 +178,13 @@ impl Block<'_> {
         let ws = &mut *self.ws;
         fit(&mut ws.h, ws.x.len());
         let (x, eps, e) = (&ws.x, self.model.hp.norm_eps, weight.len());
-        timed!(2, per_token(&ws.pool, &mut ws.h, e, &|t, h| rms_norm(&x[t * e..(t + 1) * e], weight, eps, h)));
+        timed!(profile::NORM_ROPE, per_token(&ws.pool, &mut ws.h, e, &|t, h| rms_norm(&x[t * e..(t + 1) * e], weight, eps, h)));
     }
 
     /// a = rms_norm(a) · weight (Gemma's post-attention and post-FFN norms)
     pub fn norm_output(&mut self, weight: &[f32]) {
         let eps = self.model.hp.norm_eps;
-        timed!(2, per_token(&self.ws.pool, &mut self.ws.a, weight.len(), &|_, a| rms_norm_inplace(a, weight, eps)));
+        timed!(profile::NORM_ROPE, per_token(&self.ws.pool, &mut self.ws.a, weight.len(), &|_, a| rms_norm_inplace(a, weight, eps)));
     }
 
     /// x += a
@@ -209,14 +204,14 @@ impl Block<'_> {
         fit(&mut ws.k, n * w.wk.rows);
         fit(&mut ws.v, n * w.wv.rows);
         let (mq, mk, mv) = (w.wq.matrix(), w.wk.matrix(), w.wv.matrix());
-        timed_product!(0, [mq, mk, mv], ops::matmul_fused(&pool, [&mq, &mk, &mv], &ws.h, n, [&mut ws.q, &mut ws.k, &mut ws.v], &mut ws.matmul));
+        timed!(profile::QKV, bytes: [mq, mk, mv], ops::matmul_fused(&pool, [&mq, &mk, &mv], &ws.h, n, [&mut ws.q, &mut ws.k, &mut ws.v], &mut ws.matmul));
         add_bias(&mut ws.q, &w.bq);
         add_bias(&mut ws.k, &w.bk);
         add_bias(&mut ws.v, &w.bv);
         if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
             let eps = hp.norm_eps;
-            timed!(2, per_token(&pool, &mut ws.q, nh * d, &|_, q| rms_norm_inplace(q, qn, eps)));
-            timed!(2, per_token(&pool, &mut ws.k, nkv * d, &|_, k| rms_norm_inplace(k, kn, eps)));
+            timed!(profile::NORM_ROPE, per_token(&pool, &mut ws.q, nh * d, &|_, q| rms_norm_inplace(q, qn, eps)));
+            timed!(profile::NORM_ROPE, per_token(&pool, &mut ws.k, nkv * d, &|_, k| rms_norm_inplace(k, kn, eps)));
         }
         let rope = &hp.rope[il];
         let t_rope = std::time::Instant::now();
@@ -246,7 +241,7 @@ impl Block<'_> {
             self.kv.write(bt.seq, il, bt.pos, &ws.k[t * row..(t + 1) * row], &ws.v[t * row..(t + 1) * row]);
         }
         if profile::enabled() {
-            profile::add(2, t_rope);
+            profile::add(profile::NORM_ROPE, t_rope, 0);
         }
         fit(&mut ws.att, n * nh * d);
         let (q, kv, batch) = (&ws.q, &*self.kv, self.batch);
@@ -272,9 +267,9 @@ impl Block<'_> {
             });
         });
         if profile::enabled() {
-            profile::add(1, t_att);
+            profile::add(profile::ATTENTION, t_att, 0);
         }
-        linear(&pool, &w.wo, &ws.att, n, &mut ws.a, &mut ws.matmul, 6);
+        linear(&pool, &w.wo, &ws.att, n, &mut ws.a, &mut ws.matmul, profile::ATTN_OUT);
     }
 
     /// The pre-norm layer Llama, Qwen2 and Qwen3 share: x += attn(norm(x)); x += ffn(norm(x)).
@@ -295,14 +290,14 @@ impl Block<'_> {
         fit(&mut ws.gate, n * w.gate.rows);
         fit(&mut ws.up, n * w.up.rows);
         let (mg, mu) = (w.gate.matrix(), w.up.matrix());
-        timed_product!(7, [mg, mu], ops::matmul_fused(&pool, [&mg, &mu], &ws.h, n, [&mut ws.gate, &mut ws.up], &mut ws.matmul));
+        timed!(profile::GATE_UP, bytes: [mg, mu], ops::matmul_fused(&pool, [&mg, &mu], &ws.h, n, [&mut ws.gate, &mut ws.up], &mut ws.matmul));
         let f = match act {
             Activation::Silu => ops::silu_mul,
             Activation::GeluTanh => ops::gelu_mul,
         };
         let (ff, up) = (w.gate.rows, &ws.up);
-        timed!(3, per_token(&pool, &mut ws.gate, ff, &|t, row| f(row, &up[t * ff..(t + 1) * ff])));
-        linear(&pool, &w.down, &ws.gate, n, &mut ws.a, &mut ws.matmul, 8);
+        timed!(profile::ACTIVATION, per_token(&pool, &mut ws.gate, ff, &|t, row| f(row, &up[t * ff..(t + 1) * ff])));
+        linear(&pool, &w.down, &ws.gate, n, &mut ws.a, &mut ws.matmul, profile::DOWN);
     }
 }
 
@@ -390,7 +385,7 @@ impl Model {
         let pool = ws.pool.clone();
         fit(&mut ws.logits, rows.len() * self.output.rows);
         let m = self.output.matrix();
-        timed_product!(5, [m], ops::matmul(&pool, &m, &ws.hidden, rows.len(), &mut ws.logits, &mut ws.matmul));
+        timed!(profile::LOGITS, bytes: [m], ops::matmul(&pool, &m, &ws.hidden, rows.len(), &mut ws.logits, &mut ws.matmul));
         Ok(&ws.logits)
     }
 }

@@ -5,6 +5,7 @@
 
 use crate::common::{model_path, threads};
 use anyhow::Result;
+use smelt_kernels::bandwidth::ReadProbe;
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, Workspace};
 use std::sync::Arc;
@@ -129,42 +130,6 @@ fn gen_rep(model: &Model, ws: &mut Workspace, n: usize) -> Result<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
-/// A plain multi-threaded read of a 1 GiB buffer (larger than any cache): the machine's
-/// memory-read bandwidth. The buffer is made once; each [`ReadProbe::pass`] reads it all.
-pub struct ReadProbe {
-    buf: Vec<u64>,
-}
-
-impl ReadProbe {
-    pub fn new(pool: &ThreadPool) -> ReadProbe {
-        let words = (1usize << 30) / 8;
-        let mut buf = vec![0u64; words];
-        pool.for_rows(&mut buf, 1 << 16, 1, &|i, row| row.iter_mut().enumerate().for_each(|(j, v)| *v = (i ^ j) as u64));
-        ReadProbe { buf }
-    }
-
-    /// GB/s of one pass.
-    pub fn pass(&self, pool: &ThreadPool) -> f64 {
-        let words = self.buf.len();
-        let chunk = words / (pool.n_threads() * 16);
-        let total = std::sync::atomic::AtomicU64::new(0);
-        let t = Instant::now();
-        pool.for_chunks(words, chunk, &|r| {
-            // Eight independent lanes so the sum vectorizes and loads stay in flight.
-            let mut acc = [0u64; 8];
-            for c in self.buf[r].chunks_exact(8) {
-                for k in 0..8 {
-                    acc[k] = acc[k].wrapping_add(c[k]);
-                }
-            }
-            total.fetch_add(acc.iter().fold(0, |a, &b| a.wrapping_add(b)), std::sync::atomic::Ordering::Relaxed);
-        });
-        let gbs = (words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9;
-        std::hint::black_box(total.load(std::sync::atomic::Ordering::Relaxed));
-        gbs
-    }
-}
-
 /// Memory bandwidth sampled over the same period as the generation runs: one pass before each
 /// repetition and one after the last, so that a machine whose bandwidth drifts (shared hosts)
 /// is compared with itself. `mean` is what the fraction is taken of; `best` is the fastest pass.
@@ -200,20 +165,18 @@ pub fn run(a: Args) -> Result<()> {
             continue;
         }
         let mut samples = Vec::new();
-        for rep in 0..a.reps {
-            eprint!("\r{test}{n}: repetition {}/{} ", rep + 1, a.reps);
-            if n_gen > 0 {
-                if let Some(p) = &probe {
-                    passes.push(p.pass(&pool));
-                }
-            }
-            samples.push(if n_prompt > 0 { prompt_rep(&model, &mut ws, n)? } else { gen_rep(&model, &mut ws, n)? });
-        }
-        if n_gen > 0 {
-            if let Some(p) = &probe {
+        // Generation: a bandwidth pass before each repetition and one after the last.
+        let mut sample_bandwidth = || {
+            if let Some(p) = probe.as_ref().filter(|_| n_gen > 0) {
                 passes.push(p.pass(&pool));
             }
+        };
+        for rep in 0..a.reps {
+            eprint!("\r{test}{n}: repetition {}/{} ", rep + 1, a.reps);
+            sample_bandwidth();
+            samples.push(if n_prompt > 0 { prompt_rep(&model, &mut ws, n)? } else { gen_rep(&model, &mut ws, n)? });
         }
+        sample_bandwidth();
         eprintln!();
         let (avg, sd) = stats(&samples);
         results.push((format!("{test}{n}"), n_prompt, n_gen, avg, sd, samples));

@@ -1,0 +1,46 @@
+//! The machine's memory-read bandwidth, measured the plain way: every thread of a pool summing
+//! a buffer far larger than the caches. `smelt bench` sets decoding's weight traffic against
+//! it, and the development tools do the same.
+
+use crate::pool::ThreadPool;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// A 1 GiB buffer, made once, to read in passes.
+pub struct ReadProbe {
+    buf: Vec<u64>,
+}
+
+impl ReadProbe {
+    pub fn new(pool: &ThreadPool) -> ReadProbe {
+        let words = (1usize << 30) / 8;
+        let mut buf = vec![0u64; words];
+        pool.for_rows(&mut buf, 1 << 16, 1, &|i, row| row.iter_mut().enumerate().for_each(|(j, v)| *v = (i ^ j) as u64));
+        ReadProbe { buf }
+    }
+
+    /// GB/s of one pass over the whole buffer.
+    pub fn pass(&self, pool: &ThreadPool) -> f64 {
+        self.pass_over(pool, self.buf.len() * 8)
+    }
+
+    /// GB/s of one pass over the buffer's first `bytes` (at most all of it).
+    pub fn pass_over(&self, pool: &ThreadPool, bytes: usize) -> f64 {
+        let buf = &self.buf[..(bytes / 8).min(self.buf.len())];
+        let total = AtomicU64::new(0);
+        let t = Instant::now();
+        pool.for_chunks(buf.len(), (buf.len() / (pool.n_threads() * 16)).max(1), &|r| {
+            // Eight independent lanes so the sum vectorizes and loads stay in flight.
+            let mut acc = [0u64; 8];
+            for c in buf[r].chunks_exact(8) {
+                for k in 0..8 {
+                    acc[k] = acc[k].wrapping_add(c[k]);
+                }
+            }
+            total.fetch_add(acc.iter().fold(0, |a, &b| a.wrapping_add(b)), Ordering::Relaxed);
+        });
+        let gbs = (buf.len() * 8) as f64 / t.elapsed().as_secs_f64() / 1e9;
+        std::hint::black_box(total.load(Ordering::Relaxed));
+        gbs
+    }
+}
