@@ -49,6 +49,10 @@ unsafe impl Sync for SharedMut {}
 /// Rows of weights each work item covers: enough to amortize scheduling, small enough to balance.
 const ROW_CHUNK: usize = 32;
 
+/// Weight bytes of the shortest piece of a decoding product's part (`ThreadPool::for_parts`):
+/// threads finish within about this much reading of each other.
+const DECODE_PIECE_BYTES: usize = 16 << 10;
+
 /// out[t * w.rows + r] = w.row(r) · x[t], for `n` activation rows `x` of `w.cols` floats.
 /// The activations are quantized once (to Q8_0 for the group kernels, else to the weight's
 /// `vec_dot_type`), so the inner loop is an
@@ -94,11 +98,7 @@ pub fn matmul_fused<const N: usize>(pool: &ThreadPool, ws: [&Matrix; N], x: &[f3
     PREP.with(|prep| {
         let prep = prep.borrow();
         let prep: &[f32] = &prep;
-        // Decoding (one to eight sequences) streams every weight once per step: long contiguous
-        // row ranges per task keep the prefetchers streaming (eight sequences: the output
-        // projection of Gemma 3 went from ~30 to ~25 ms per step with 256 rather than 32 rows).
-        let chunk = if n <= 8 { (total / (pool.n_threads() * 8)).clamp(16, 256) / 4 * 4 } else { ROW_CHUNK };
-        pool.for_chunks(total, chunk, &|rows| {
+        let body = |rows: std::ops::Range<usize>| {
             for i in 0..N {
                 let (w, s, optr) = (ws[i], starts[i], optrs[i]);
                 let (lo, hi) = (rows.start.max(s), rows.end.min(s + w.rows));
@@ -111,7 +111,16 @@ pub fn matmul_fused<const N: usize>(pool: &ThreadPool, ws: [&Matrix; N], x: &[f3
                 // (asserted above).
                 unsafe { kt.group_gemm_strided(w.dtype, k, &w.data[r0 * wrb..], wrb, nr, n, prep, optr.0.add(r0), w.rows) };
             }
-        });
+        };
+        if n <= 8 {
+            // Decoding (one to eight sequences) streams every weight once per step: each thread
+            // reads one long contiguous part, so the prefetchers keep streaming, and the threads
+            // finish together (PERF.md, item 19).
+            let row_bytes = ws.iter().map(|w| w.row_bytes()).max().unwrap_or(1);
+            pool.for_parts(total, (DECODE_PIECE_BYTES / row_bytes).max(1), &body);
+        } else {
+            pool.for_chunks(total, ROW_CHUNK, &body);
+        }
     });
 }
 

@@ -1,39 +1,89 @@
 //! A persistent thread pool for data-parallel kernels.
 //!
-//! A job is a range of work items handed out in chunks from an atomic counter; the calling thread
-//! takes part, and workers join in as they notice the job. The caller never waits for a worker
+//! A job is a range of work items handed out in chunks from an atomic counter, or split into one
+//! contiguous part per thread that idle threads steal from; the calling thread takes part, and
+//! workers join in as they notice the job. The caller never waits for a worker
 //! that has not started — it closes the job once every chunk is taken and waits only for chunks
 //! in progress — so a descheduled or sleeping worker cannot stall the caller (which matters when
 //! the machine is busy). Workers spin briefly for the next job, then sleep on a condition variable.
 
 use std::ops::Range;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 type ChunkFn = dyn Fn(Range<usize>) + Sync;
 
-/// One job: `f` over `0..n` in chunks of `chunk`.
+/// How a job's range is handed out.
+#[derive(Clone, Copy)]
+enum Split {
+    /// Chunks of this many items from a shared counter.
+    Chunks(usize),
+    /// The pool's `parts`, each taken in pieces of a quarter of what is left of it, at least
+    /// this many items: from the front by its own thread, from the back by any other.
+    Parts(usize),
+}
+
+/// One job: `f` over `0..n`.
 struct Job {
     f: *const ChunkFn,
     n: usize,
-    chunk: usize,
+    split: Split,
     next: AtomicUsize,
+    /// The pool's per-thread parts (used by `Split::Parts`).
+    parts: *const [AtomicU64],
+}
+
+/// A part's remaining range, packed as start << 32 | end.
+fn unpack(v: u64) -> (usize, usize) {
+    ((v >> 32) as usize, (v & 0xffff_ffff) as usize)
+}
+
+fn pack(lo: usize, hi: usize) -> u64 {
+    ((lo as u64) << 32) | hi as u64
 }
 
 impl Job {
-    /// Take and run chunks until none are left.
-    fn work(&self, panicked: &AtomicBool) {
-        loop {
-            let start = self.next.fetch_add(self.chunk, Ordering::Relaxed);
-            if start >= self.n {
-                return;
+    /// The next range for thread `me` to run, or None when everything is taken.
+    fn take(&self, me: usize) -> Option<Range<usize>> {
+        match self.split {
+            Split::Chunks(chunk) => {
+                let start = self.next.fetch_add(chunk, Ordering::Relaxed);
+                (start < self.n).then(|| start..(start + chunk).min(self.n))
             }
+            Split::Parts(min) => {
+                // SAFETY: `parts` points into the pool, which outlives every job it runs.
+                let parts = unsafe { &*self.parts };
+                // Own part first, then the others'.
+                for i in 0..parts.len() {
+                    let part = &parts[(me + i) % parts.len()];
+                    let mut cur = part.load(Ordering::Relaxed);
+                    loop {
+                        let (lo, hi) = unpack(cur);
+                        if lo >= hi {
+                            break;
+                        }
+                        let size = ((hi - lo) / 4).max(min).min(hi - lo);
+                        let (next, range) = if i == 0 { (pack(lo + size, hi), lo..lo + size) } else { (pack(lo, hi - size), hi - size..hi) };
+                        match part.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
+                            Ok(_) => return Some(range),
+                            Err(now) => cur = now,
+                        }
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Take and run ranges until none are left; `me` is the thread's index in the pool.
+    fn work(&self, panicked: &AtomicBool, me: usize) {
+        while let Some(range) = self.take(me) {
             // SAFETY: `f` points to the closure passed to `for_chunks`, which does not return
             // (and so keeps the closure alive) until no thread can be running a chunk.
             let f = unsafe { &*self.f };
-            if catch_unwind(AssertUnwindSafe(|| f(start..(start + self.chunk).min(self.n)))).is_err() {
+            if catch_unwind(AssertUnwindSafe(|| f(range))).is_err() {
                 panicked.store(true, Ordering::SeqCst);
             }
         }
@@ -63,6 +113,8 @@ pub struct ThreadPool {
     /// One job at a time.
     run_lock: Mutex<()>,
     epoch: AtomicUsize,
+    /// One remaining range per thread for `for_parts` (reset by each such job).
+    parts: Box<[AtomicU64]>,
 }
 
 /// Iterations a worker spins waiting for a job before it sleeps.
@@ -87,11 +139,12 @@ impl ThreadPool {
                 let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("smelt-worker-{i}"))
-                    .spawn(move || worker_loop(&shared))
+                    .spawn(move || worker_loop(&shared, i))
                     .expect("spawning a worker thread")
             })
             .collect();
-        ThreadPool { shared, workers, n_threads, run_lock: Mutex::new(()), epoch: AtomicUsize::new(0) }
+        let parts = (0..n_threads).map(|_| AtomicU64::new(0)).collect();
+        ThreadPool { shared, workers, n_threads, run_lock: Mutex::new(()), epoch: AtomicUsize::new(0), parts }
     }
 
     pub fn n_threads(&self) -> usize {
@@ -102,9 +155,6 @@ impl ThreadPool {
     /// exactly one chunk; returns when all chunks are done.
     pub fn for_chunks(&self, n: usize, chunk: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
         let chunk = chunk.max(1);
-        if n == 0 {
-            return;
-        }
         if self.n_threads == 1 || n <= chunk {
             let mut i = 0;
             while i < n {
@@ -114,10 +164,37 @@ impl ThreadPool {
             return;
         }
         let _one = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.run_job(n, Split::Chunks(chunk), f);
+    }
+
+    /// Run `f` over `0..n` in parallel, each thread walking its own contiguous part (an equal
+    /// share) from the front in pieces; a thread done with its part takes pieces from the back
+    /// of the others'. Pieces are a quarter of what is left of a part, at least `min` items.
+    /// Each thread streams one long range, and the threads still finish within a short piece of
+    /// each other (equal chunks from a counter leave one idle for up to a chunk at the end).
+    pub fn for_parts(&self, n: usize, min: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
+        assert!(n < 1 << 32, "for_parts takes fewer than 2^32 items");
+        if self.n_threads == 1 || n <= min.max(1) {
+            if n > 0 {
+                f(0..n);
+            }
+            return;
+        }
+        let _one = self.run_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let np = self.parts.len();
+        for (t, part) in self.parts.iter().enumerate() {
+            part.store(pack(n * t / np, n * (t + 1) / np), Ordering::Relaxed);
+        }
+        self.run_job(n, Split::Parts(min.max(1)), f);
+    }
+
+    /// Publish a job, take part in it, and return once it is closed and no worker is inside.
+    /// The caller holds `run_lock`.
+    fn run_job(&self, n: usize, split: Split, f: &(dyn Fn(Range<usize>) + Sync)) {
         // SAFETY: erasing the closure's lifetime is sound because this function returns only
         // after the job is closed and no worker is inside it (see `Job::work`).
         let fptr: *const ChunkFn = unsafe { std::mem::transmute::<*const (dyn Fn(Range<usize>) + Sync + '_), *const ChunkFn>(f) };
-        let job = Job { f: fptr, n, chunk, next: AtomicUsize::new(0) };
+        let job = Job { f: fptr, n, split, next: AtomicUsize::new(0), parts: &*self.parts };
         let s = &self.shared;
         let epoch = self.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         s.job.0.store(&job as *const Job as *mut Job, Ordering::SeqCst);
@@ -126,7 +203,7 @@ impl ThreadPool {
             let _g = s.lock.lock().unwrap_or_else(|e| e.into_inner());
             s.wake.notify_all();
         }
-        job.work(&s.panicked);
+        job.work(&s.panicked, 0);
         s.state.store(epoch * 2, Ordering::SeqCst);
         while s.active.load(Ordering::SeqCst) != 0 {
             std::hint::spin_loop();
@@ -169,7 +246,8 @@ struct SendPtr<T>(*mut T);
 // SAFETY: used only to hand disjoint rows of one slice to the pool's threads (see `for_rows`).
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
-fn worker_loop(s: &Shared) {
+/// The loop of worker `me` (1..n_threads; the calling thread is 0).
+fn worker_loop(s: &Shared, me: usize) {
     let mut last_epoch = 0usize;
     let mut spins = 0usize;
     loop {
@@ -185,7 +263,7 @@ fn worker_loop(s: &Shared) {
                 // SAFETY: the job stays alive while it is open or `active` is non-zero, and we
                 // incremented `active` before confirming it is open.
                 if let Some(job) = unsafe { job.as_ref() } {
-                    job.work(&s.panicked);
+                    job.work(&s.panicked, me);
                 }
             }
             last_epoch = st >> 1;
@@ -258,6 +336,49 @@ mod tests {
             });
             assert!(seen.iter().all(|c| c.load(Ordering::SeqCst) == 1));
         }
+    }
+
+    #[test]
+    fn parts_cover_the_range_exactly_once() {
+        for threads in [2, 3, 4] {
+            let pool = ThreadPool::new(threads);
+            for (n, min) in [(1, 1), (2, 1), (7, 3), (1001, 16), (4864, 6), (10, 100)] {
+                let seen: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+                pool.for_parts(n, min, &|r| {
+                    assert!(!r.is_empty() && r.end <= n);
+                    for i in r {
+                        seen[i].fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+                assert!(seen.iter().all(|c| c.load(Ordering::SeqCst) == 1), "n {n}, min {min}, {threads} threads");
+            }
+        }
+    }
+
+    #[test]
+    fn idle_threads_steal_a_slow_threads_part() {
+        // Thread 0 (the caller) is slow on its first piece; the worker must finish both parts
+        // from the other ends, and still every item runs once.
+        let pool = ThreadPool::new(2);
+        let n = 4000;
+        let seen: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        let by_worker = AtomicUsize::new(0);
+        let caller = std::thread::current().id();
+        pool.for_parts(n, 10, &|r| {
+            if std::thread::current().id() == caller {
+                if r.start == 0 {
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            } else {
+                by_worker.fetch_add(r.len(), Ordering::SeqCst);
+            }
+            for i in r {
+                seen[i].fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        assert!(seen.iter().all(|c| c.load(Ordering::SeqCst) == 1));
+        // The caller took a quarter of its half before sleeping; the worker did the rest.
+        assert!(by_worker.load(Ordering::SeqCst) > n / 2, "worker ran {} of {n}", by_worker.load(Ordering::SeqCst));
     }
 
     #[test]
