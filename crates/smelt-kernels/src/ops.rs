@@ -179,11 +179,10 @@ fn matmul_one(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize, out: &mut [f32
     let wrb = w.row_bytes();
     let optr = SharedMut(out.as_mut_ptr());
     if n == 1 {
-        // Decoding: long contiguous row ranges per task keep the hardware prefetchers streaming.
-        let chunk = (m / (pool.n_threads() * 8)).clamp(16, 256) / 4 * 4;
-        pool.for_chunks(m, chunk, &|rows| {
+        // Decoding: one long contiguous part per thread, as in `matmul_fused`.
+        pool.for_parts(m, (DECODE_PIECE_BYTES / wrb.max(1)).max(1), &|rows| {
             let optr = optr;
-            // SAFETY: row ranges handed out by `for_chunks` are disjoint and lie within out[..m].
+            // SAFETY: row ranges handed out by `for_parts` are disjoint and lie within out[..m].
             let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(rows.start), rows.len()) };
             kt.gemm(w.dtype, k, &w.data[rows.start * wrb..], wrb, rows.len(), act, arb, 1, dst);
         });
