@@ -216,12 +216,6 @@ impl Weights {
         }
         let tied = h.tensor("output.weight").is_none();
         let mut output = if tied { token_embd.clone() } else { Linear::load(file, "output.weight", hp.n_embd, Some(hp.n_vocab))? };
-        if regroup {
-            output.regroup();
-        }
-        // A tied embedding shares the output projection's (possibly regrouped) bytes; an untied
-        // one is only read a row at a time and stays in the file.
-        let token_embd = if tied { output.clone() } else { token_embd };
         let output_norm = weights::vector(file, "output_norm.weight", hp.n_embd)?;
         if let Some(t) = h.tensor("rope_freqs.weight") {
             let half = hp.rope[0].n_rot / 2;
@@ -232,15 +226,11 @@ impl Weights {
         }
         let mut layers = (0..hp.n_layer).map(|il| LayerWeights::load(file, il, &hp, spec)).collect::<Result<Vec<_>, _>>()?;
         if regroup {
-            // The layers on all cores at once (most of their matrices are too small to be
-            // worth splitting themselves).
-            let per = layers.len().div_ceil(weights::load_threads()).max(1);
-            std::thread::scope(|s| {
-                for part in layers.chunks_mut(per) {
-                    s.spawn(|| part.iter_mut().for_each(LayerWeights::regroup));
-                }
-            });
+            weights::regroup(layers.iter_mut().flat_map(|l| l.matrices_mut()).chain([&mut output]).collect());
         }
+        // A tied embedding shares the output projection's (possibly regrouped) bytes; an untied
+        // one is only read a row at a time and stays in the file.
+        let token_embd = if tied { output.clone() } else { token_embd };
         Ok(Weights { arch, hp, token_embd, output_norm, output, layers })
     }
 }

@@ -18,8 +18,9 @@ pub struct Linear {
     pub cols: usize,
     offset: usize,
     file: Arc<GgufFile>,
-    /// The weights rewritten in a grouped layout at load (see [`Linear::regroup`]), when they were.
-    regrouped: Option<Arc<AnonymousBuffer>>,
+    /// The weights rewritten in a grouped layout at load (see [`regroup`]), when they were: a
+    /// buffer shared by all the rewritten matrices, and where this one starts in it.
+    regrouped: Option<(Arc<AnonymousBuffer>, usize)>,
 }
 
 impl Linear {
@@ -45,54 +46,20 @@ impl Linear {
 
     pub fn matrix(&self) -> Matrix<'_> {
         let data = match &self.regrouped {
-            Some(buf) => &buf.bytes()[..self.bytes()],
+            Some((buf, at)) => &buf.bytes()[*at..*at + self.bytes()],
             None => self.file.slice(self.offset, self.bytes()),
         };
         Matrix::new(self.dtype, self.rows, self.cols, data)
     }
 
-    /// Rewrite the matrix in its format's grouped layout (`formats::grouped`: the same bytes,
-    /// ordered as the group kernels use them) when this CPU's group kernels take that layout,
-    /// and release the file's pages of it, so the resident set stays the file's size. Products
-    /// give bitwise the same results either way; decoding reads Q4_0/Q5_0 weights ~1.5× faster
-    /// from cache (see PERF.md).
-    pub fn regroup(&mut self) {
-        let Some(to) = grouped::grouped(self.dtype) else { return };
-        if self.regrouped.is_some() || !kernels().group_usable(to, self.cols) {
-            return;
-        }
-        let src = self.file.slice(self.offset, self.bytes());
-        // Without memory for the copy, the matrix simply stays in the file's layout.
-        let Ok(mut buf) = AnonymousBuffer::new(src.len()) else { return };
-        let dst = &mut buf.bytes_mut()[..src.len()];
-        // Whole rows per thread (rows are whole groups: `group_usable` checked the width), in
-        // slices of ~4 MB whose file pages are released as soon as they are copied, so the
-        // resident set never holds both copies of a large matrix.
-        let rb = self.dtype.row_bytes(self.cols).unwrap_or(0).max(1);
-        let threads = load_threads();
-        let per = self.rows.div_ceil(threads).max(1) * rb;
-        let slice = ((4 << 20) / rb).max(1) * rb;
-        let (from, file, base) = (self.dtype, &self.file, self.offset);
-        let copy = |start: usize, src: &[u8], dst: &mut [u8]| {
-            for (i, (s, d)) in src.chunks(slice).zip(dst.chunks_mut(slice)).enumerate() {
-                grouped::group_blocks(from, s, d);
-                file.release(base + start + i * slice, s.len());
-            }
-        };
-        if threads == 1 || src.len() < (4 << 20) {
-            copy(0, src, dst);
-        } else {
-            std::thread::scope(|s| {
-                for (i, (d, sr)) in dst.chunks_mut(per).zip(src.chunks(per)).enumerate() {
-                    s.spawn(move || copy(i * per, sr, d));
-                }
-            });
-        }
-        self.regrouped = Some(Arc::new(buf));
-        self.dtype = to;
+    /// The grouped layout [`regroup`] rewrites this matrix in, if any: its format has one and
+    /// this CPU's group kernels take it at this width.
+    fn grouped_target(&self) -> Option<DType> {
+        let to = grouped::grouped(self.dtype)?;
+        (self.regrouped.is_none() && kernels().group_usable(to, self.cols)).then_some(to)
     }
 
-    /// Whether [`Linear::regroup`] rewrote this matrix.
+    /// Whether [`regroup`] rewrote this matrix.
     pub fn is_regrouped(&self) -> bool {
         self.regrouped.is_some()
     }
@@ -109,8 +76,75 @@ impl Linear {
 }
 
 /// Threads for rewriting weights at load (all cores, up to 8).
-pub(crate) fn load_threads() -> usize {
+fn load_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(8)
+}
+
+/// Rewrite every matrix that has a grouped layout (`formats::grouped`: the same bytes, ordered as
+/// the group kernels use them; products give bitwise the same results, and decoding reads
+/// Q4_0/Q5_0 weights ~1.5× faster from cache, see PERF.md) into one buffer of anonymous memory,
+/// and release the file's pages of them, so the resident set stays the file's size. One buffer
+/// in huge pages rather than one mapping per matrix: most matrices are a few MB or less, and
+/// the TLB misses of 4 KiB pages cost decoding ~7% (PERF.md, item 20).
+pub fn regroup(matrices: Vec<&mut Linear>) {
+    let plan: Vec<(&mut Linear, DType)> = matrices.into_iter().filter_map(|m| m.grouped_target().map(|to| (m, to))).collect();
+    // Each matrix starts on a cache line.
+    let total: usize = plan.iter().map(|(m, _)| m.bytes().next_multiple_of(64)).sum();
+    if total == 0 {
+        return;
+    }
+    // Without memory for the copy, the matrices simply stay in the file's layout.
+    let Ok(mut buf) = AnonymousBuffer::new(total) else { return };
+    // Copy jobs of whole rows, up to ~4 MB each, whose file pages are released as soon as they
+    // are copied (the resident set never holds both copies of a large matrix), spread over the
+    // threads largest first.
+    struct Job<'a> {
+        from: DType,
+        file: &'a GgufFile,
+        offset: usize,
+        src: &'a [u8],
+        dst: &'a mut [u8],
+    }
+    let mut jobs = Vec::new();
+    let mut rest = buf.bytes_mut();
+    for (m, _) in &plan {
+        let len = m.bytes();
+        let (dst, tail) = std::mem::take(&mut rest).split_at_mut(len.next_multiple_of(64));
+        rest = tail;
+        let rb = m.dtype.row_bytes(m.cols).unwrap_or(0).max(1);
+        let slice = ((4 << 20) / rb).max(1) * rb;
+        let src = m.file.slice(m.offset, len);
+        for (i, (s, d)) in src.chunks(slice).zip(dst[..len].chunks_mut(slice)).enumerate() {
+            jobs.push(Job { from: m.dtype, file: &m.file, offset: m.offset + i * slice, src: s, dst: d });
+        }
+    }
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.src.len()));
+    let threads = load_threads();
+    let mut per_thread: Vec<(usize, Vec<Job>)> = (0..threads).map(|_| (0, Vec::new())).collect();
+    for job in jobs {
+        let least = per_thread.iter_mut().min_by_key(|(bytes, _)| *bytes).expect("at least one thread");
+        least.0 += job.src.len();
+        least.1.push(job);
+    }
+    let run = |jobs: Vec<Job>| {
+        for j in jobs {
+            grouped::group_blocks(j.from, j.src, j.dst);
+            j.file.release(j.offset, j.src.len());
+        }
+    };
+    std::thread::scope(|s| {
+        for (_, jobs) in per_thread {
+            s.spawn(|| run(jobs));
+        }
+    });
+    let buf = Arc::new(buf);
+    let mut at = 0;
+    for (m, to) in plan {
+        let len = m.bytes();
+        m.regrouped = Some((buf.clone(), at));
+        m.dtype = to;
+        at += len.next_multiple_of(64);
+    }
 }
 
 /// A 1-D F32/F16 tensor of `n` elements, decoded to f32.
@@ -192,11 +226,9 @@ impl LayerWeights {
         })
     }
 
-    /// [`Linear::regroup`] every matrix of the layer.
-    pub fn regroup(&mut self) {
-        for m in [&mut self.wq, &mut self.wk, &mut self.wv, &mut self.wo, &mut self.gate, &mut self.up, &mut self.down] {
-            m.regroup();
-        }
+    /// The layer's weight matrices, to rewrite ([`regroup`]).
+    pub fn matrices_mut(&mut self) -> [&mut Linear; 7] {
+        [&mut self.wq, &mut self.wk, &mut self.wv, &mut self.wo, &mut self.gate, &mut self.up, &mut self.down]
     }
 
     /// The layer's weight matrices.
