@@ -14,6 +14,7 @@
 //! rolling back up to `max_batch` positions.
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 use std::ops::Range;
 
 /// What the forward pass needs from the caches of the sequences in a batch.
@@ -39,9 +40,8 @@ pub trait KvStore: Sync {
 /// Keys and values are stored as f16 (llama.cpp's default cache type): half the memory and
 /// half the traffic of f32 when attention streams them.
 fn store_f16(dst: &mut [f16], src: &[f32]) {
-    for (d, &x) in dst.iter_mut().zip(src) {
-        *d = f16::from_f32(x);
-    }
+    // The slice conversion uses F16C where the CPU has it (eight at a time, the same rounding).
+    dst.convert_from_f32_slice(src);
 }
 
 #[derive(Clone, Debug)]

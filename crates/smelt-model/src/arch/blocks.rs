@@ -233,11 +233,10 @@ impl Block<'_> {
         };
         let half = rope.n_rot / 2;
         let angles = &ws.rope[table].1;
+        per_token(&pool, &mut ws.q, nh * d, &|t, q| rope.rotate(q, d, &angles[t * half..(t + 1) * half]));
+        per_token(&pool, &mut ws.k, nkv * d, &|t, k| rope.rotate(k, d, &angles[t * half..(t + 1) * half]));
+        let row = nkv * d;
         for (t, bt) in self.batch.iter().enumerate() {
-            let a = &angles[t * half..(t + 1) * half];
-            rope.rotate(&mut ws.q[t * nh * d..(t + 1) * nh * d], d, a);
-            rope.rotate(&mut ws.k[t * nkv * d..(t + 1) * nkv * d], d, a);
-            let row = nkv * d;
             self.kv.write(bt.seq, il, bt.pos, &ws.k[t * row..(t + 1) * row], &ws.v[t * row..(t + 1) * row]);
         }
         if profile::enabled() {
