@@ -357,17 +357,22 @@ mod tests {
 
     #[test]
     fn idle_threads_steal_a_slow_threads_part() {
-        // Thread 0 (the caller) is slow on its first piece; the worker must finish both parts
-        // from the other ends, and still every item runs once.
+        // The caller stalls in its first piece until the worker has run everything else: the
+        // worker's own part, then the rest of the caller's, taken from its back end.
         let pool = ThreadPool::new(2);
         let n = 4000;
         let seen: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
         let by_worker = AtomicUsize::new(0);
+        let first = AtomicUsize::new(0);
         let caller = std::thread::current().id();
         pool.for_parts(n, 10, &|r| {
             if std::thread::current().id() == caller {
                 if r.start == 0 {
-                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    first.store(r.len(), Ordering::SeqCst);
+                    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+                    while by_worker.load(Ordering::SeqCst) < n - r.len() && std::time::Instant::now() < deadline {
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
                 }
             } else {
                 by_worker.fetch_add(r.len(), Ordering::SeqCst);
@@ -377,8 +382,9 @@ mod tests {
             }
         });
         assert!(seen.iter().all(|c| c.load(Ordering::SeqCst) == 1));
-        // The caller took a quarter of its half before sleeping; the worker did the rest.
-        assert!(by_worker.load(Ordering::SeqCst) > n / 2, "worker ran {} of {n}", by_worker.load(Ordering::SeqCst));
+        // A quarter of the caller's half.
+        assert_eq!(first.load(Ordering::SeqCst), n / 8);
+        assert_eq!(by_worker.load(Ordering::SeqCst), n - n / 8);
     }
 
     #[test]
