@@ -66,8 +66,8 @@ impl AnonymousBuffer {
         // head and tail are never touched, so they take no memory.
         let extra = if len >= HUGE_PAGE { HUGE_PAGE } else { 0 };
         let map = memmap2::MmapMut::map_anon(len + extra)?;
-        let start = (map.as_ptr() as usize).next_multiple_of(HUGE_PAGE) - map.as_ptr() as usize;
-        let start = if extra > 0 { start } else { 0 };
+        let addr = map.as_ptr() as usize;
+        let start = if extra > 0 { addr.next_multiple_of(HUGE_PAGE) - addr } else { 0 };
         #[cfg(target_os = "linux")]
         if extra > 0 {
             // Only a hint: without huge pages the buffer works the same, just slower to stream.

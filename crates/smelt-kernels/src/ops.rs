@@ -49,9 +49,11 @@ unsafe impl Sync for SharedMut {}
 /// Rows of weights each work item covers: enough to amortize scheduling, small enough to balance.
 const ROW_CHUNK: usize = 32;
 
-/// Weight bytes of the shortest piece of a decoding product's part (`ThreadPool::for_parts`):
-/// threads finish within about this much reading of each other.
-const DECODE_PIECE_BYTES: usize = 16 << 10;
+/// Rows of the shortest piece of a decoding product's part (`ThreadPool::for_parts`): 16 KiB
+/// of weights, so threads finish within about that much reading of each other.
+fn decode_piece_rows(row_bytes: usize) -> usize {
+    ((16 << 10) / row_bytes.max(1)).max(1)
+}
 
 /// out[t * w.rows + r] = w.row(r) · x[t], for `n` activation rows `x` of `w.cols` floats.
 /// The activations are quantized once (to Q8_0 for the group kernels, else to the weight's
@@ -117,7 +119,7 @@ pub fn matmul_fused<const N: usize>(pool: &ThreadPool, ws: [&Matrix; N], x: &[f3
             // reads one long contiguous part, so the prefetchers keep streaming, and the threads
             // finish together (PERF.md, item 19).
             let row_bytes = ws.iter().map(|w| w.row_bytes()).max().unwrap_or(1);
-            pool.for_parts(total, (DECODE_PIECE_BYTES / row_bytes).max(1), &body);
+            pool.for_parts(total, decode_piece_rows(row_bytes), &body);
         } else {
             pool.for_chunks(total, ROW_CHUNK, &body);
         }
@@ -180,7 +182,7 @@ fn matmul_one(pool: &ThreadPool, w: &Matrix, x: &[f32], n: usize, out: &mut [f32
     let optr = SharedMut(out.as_mut_ptr());
     if n == 1 {
         // Decoding: one long contiguous part per thread, as in `matmul_fused`.
-        pool.for_parts(m, (DECODE_PIECE_BYTES / wrb.max(1)).max(1), &|rows| {
+        pool.for_parts(m, decode_piece_rows(wrb), &|rows| {
             let optr = optr;
             // SAFETY: row ranges handed out by `for_parts` are disjoint and lie within out[..m].
             let dst = unsafe { std::slice::from_raw_parts_mut(optr.0.add(rows.start), rows.len()) };

@@ -80,8 +80,8 @@ impl Job {
     /// Take and run ranges until none are left; `me` is the thread's index in the pool.
     fn work(&self, panicked: &AtomicBool, me: usize) {
         while let Some(range) = self.take(me) {
-            // SAFETY: `f` points to the closure passed to `for_chunks`, which does not return
-            // (and so keeps the closure alive) until no thread can be running a chunk.
+            // SAFETY: `f` points to the closure passed to `for_chunks` or `for_parts`, which do
+            // not return (and so keep the closure alive) until no thread can be running a range.
             let f = unsafe { &*self.f };
             if catch_unwind(AssertUnwindSafe(|| f(range))).is_err() {
                 panicked.store(true, Ordering::SeqCst);

@@ -106,11 +106,14 @@ pub fn regroup(matrices: Vec<&mut Linear>) {
         dst: &'a mut [u8],
     }
     let mut jobs = Vec::new();
-    let mut rest = buf.bytes_mut();
+    let mut starts = Vec::with_capacity(plan.len());
+    let (mut rest, mut at) = (buf.bytes_mut(), 0);
     for (m, _) in &plan {
         let len = m.bytes();
         let (dst, tail) = std::mem::take(&mut rest).split_at_mut(len.next_multiple_of(64));
         rest = tail;
+        starts.push(at);
+        at += dst.len();
         let rb = m.dtype.row_bytes(m.cols).unwrap_or(0).max(1);
         let slice = ((4 << 20) / rb).max(1) * rb;
         let src = m.file.slice(m.offset, len);
@@ -138,12 +141,9 @@ pub fn regroup(matrices: Vec<&mut Linear>) {
         }
     });
     let buf = Arc::new(buf);
-    let mut at = 0;
-    for (m, to) in plan {
-        let len = m.bytes();
+    for ((m, to), at) in plan.into_iter().zip(starts) {
         m.regrouped = Some((buf.clone(), at));
         m.dtype = to;
-        at += len.next_multiple_of(64);
     }
 }
 
