@@ -87,7 +87,38 @@ impl PullSource {
 }
 
 fn agent() -> ureq::Agent {
-    ureq::AgentBuilder::new().timeout_connect(Duration::from_secs(30)).timeout_read(Duration::from_secs(120)).build()
+    ureq::AgentBuilder::new()
+        .timeout_connect(Duration::from_secs(30))
+        .timeout_read(Duration::from_secs(120))
+        .tls_config(tls_config())
+        .build()
+}
+
+/// TLS that trusts the bundled Mozilla roots (ureq's default) and also the certificates in
+/// `$SSL_CERT_FILE`, as curl, pip and OpenSSL do: behind a proxy that re-signs HTTPS with its own
+/// authority (common on company and CI networks), the bundled roots alone refuse every download.
+fn tls_config() -> std::sync::Arc<rustls::ClientConfig> {
+    static CONFIG: std::sync::OnceLock<std::sync::Arc<rustls::ClientConfig>> = std::sync::OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+            if let Some(pem) = std::env::var_os("SSL_CERT_FILE").and_then(|p| std::fs::read(p).ok()) {
+                roots.add_parsable_certificates(extra_certificates(&pem));
+            }
+            let config = rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+                .with_protocol_versions(&[&rustls::version::TLS12, &rustls::version::TLS13])
+                .expect("the ring provider supports TLS 1.2 and 1.3")
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            std::sync::Arc::new(config)
+        })
+        .clone()
+}
+
+/// The certificates of a PEM bundle (entries that do not parse are skipped).
+fn extra_certificates(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem).filter_map(Result::ok).collect()
 }
 
 fn get(url: &str, accept: Option<&str>) -> Result<ureq::Response, StoreError> {
@@ -335,6 +366,30 @@ fn pull_hf(endpoint: &str, repo: &str, file: &str, revision: &str, tmp: &Path, p
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn extra_authorities_come_from_a_pem_bundle() {
+        // A self-signed authority made for this test, between text a bundle may hold; the
+        // malformed entry is skipped, and the store takes the certificate as a trust anchor.
+        let pem = format!("# a comment\n{CA}\n-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n");
+        let certs = extra_certificates(pem.as_bytes());
+        assert_eq!(certs.len(), 1);
+        let mut roots = rustls::RootCertStore::empty();
+        assert_eq!(roots.add_parsable_certificates(certs), (1, 0));
+        assert!(extra_certificates(b"no certificates here").is_empty());
+    }
+
+    const CA: &str = "-----BEGIN CERTIFICATE-----
+MIIBlTCCATugAwIBAgIUKGY+ticAA6/8COjzYWnCaSDFs2EwCgYIKoZIzj0EAwIw
+HzEdMBsGA1UEAwwUc21lbHQgdGVzdCBhdXRob3JpdHkwIBcNMjYxMTI4MDMwNTE0
+WhgPMjEyNjExMDQwMzA1MTRaMB8xHTAbBgNVBAMMFHNtZWx0IHRlc3QgYXV0aG9y
+aXR5MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAELx9NTOYoD8SjEleMcONDiRcm
+nDTUpMjnlWc5DC1PoMd5g8of8v3MvwHFrmuqDF9z3FGT0Nd+RM3/lodVKXs4DKNT
+MFEwHQYDVR0OBBYEFBSuOZOlNIC9jeEAeVLenW+Wv1QTMB8GA1UdIwQYMBaAFBSu
+OZOlNIC9jeEAeVLenW+Wv1QTMA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZIzj0EAwID
+SAAwRQIgfzV0vl6pr8jCPSONMWd7xICIiOyqEPX2cPVVdOXU90MCIQD/ehrafIZI
+bOInxWkK8gjmVKlZKNYzN6bt9A/wtJbMtA==
+-----END CERTIFICATE-----";
+
     use super::*;
 
     #[test]
