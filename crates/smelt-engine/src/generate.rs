@@ -173,10 +173,13 @@ impl Session {
             return Err(GenerateError::Param("stop strings must not be empty".into()));
         }
         let mut logits = self.prefill(prompt)?;
-        let constraint = params.grammar.as_ref().map(|g| {
-            let trie = self.trie.get_or_insert_with(|| Arc::new(TokenTrie::new(tok))).clone();
-            Constraint::shared(self.automata.get(g), trie)
-        });
+        let constraint = match &params.grammar {
+            None => None,
+            Some(g) => {
+                let trie = self.trie.get_or_insert_with(|| Arc::new(TokenTrie::new(tok))).clone();
+                Some(Constraint::shared(self.automata.get(g).map_err(|e| GenerateError::Param(e.to_string()))?, trie))
+            }
+        };
         let mut dec = Decoding::new(params, constraint);
         let mut steps: Vec<Step> = Vec::new();
         let mut text = String::new();
@@ -190,6 +193,7 @@ impl Session {
             let (step, finish) = match dec.next(tok, &logits, &self.tokens, room) {
                 Next::Token(step, finish) => (step, finish),
                 Next::Stuck => break FinishReason::Stop,
+                Next::Failed(e) => return Err(GenerateError::Param(e)),
             };
             let id = step.id;
             text.push_str(&step.text);
@@ -221,6 +225,8 @@ pub(crate) enum Next {
     Token(Step, Option<FinishReason>),
     /// Nothing in the vocabulary can continue the grammar.
     Stuck,
+    /// The grammar went over its work budget: the sequence ends in this error.
+    Failed(String),
 }
 
 /// One sequence's token-by-token state — sampler, grammar, text decoding, stop strings and
@@ -264,7 +270,7 @@ impl Decoding {
             None => self.sampler.sample(logits, history),
             Some(c) => match sample_constrained(&mut self.sampler, c, tok, logits, history) {
                 Some(id) => id,
-                None => return Next::Stuck,
+                None => return c.error.as_ref().map_or(Next::Stuck, |e| Next::Failed(e.to_string())),
             },
         };
         let logprob = lse.map(|lse| logits[id as usize] - lse);
@@ -273,6 +279,9 @@ impl Decoding {
             c.advance(tok, id);
             c.finished()
         });
+        if let Some(e) = self.constraint.as_ref().and_then(|c| c.error.as_ref()) {
+            return Next::Failed(e.to_string());
+        }
         let end = (!self.ignore_eos || self.constraint.is_some()) && tok.is_end_of_generation(id);
         let piece = if end { String::new() } else { self.decoder.push(tok.piece(id, false)) };
         let (mut text, stopped) = self.stops.push(&piece);

@@ -104,12 +104,28 @@ pub struct Stats {
     pub preemptions: AtomicU64,
     pub prompt_tokens: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Grammar automata and token masks kept by the engine: estimated bytes and count.
+    pub grammar_cache_bytes: AtomicUsize,
+    pub grammar_cache_entries: AtomicUsize,
+    /// Embedding requests queued or in progress.
+    pub embeddings_pending: AtomicUsize,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum SubmitError {
     QueueFull,
     Stopped,
+}
+
+/// The vocabulary's byte trie for constrained decoding, built once on first use and shared by
+/// the engine thread and whoever prepares grammars for it.
+#[derive(Clone, Default)]
+pub struct SharedTrie(Arc<std::sync::OnceLock<Arc<TokenTrie>>>);
+
+impl SharedTrie {
+    pub fn get(&self, model: &Model) -> Arc<TokenTrie> {
+        self.0.get_or_init(|| Arc::new(TokenTrie::new(&model.tokenizer))).clone()
+    }
 }
 
 /// The server's handle on an engine thread.
@@ -119,6 +135,7 @@ pub struct Engine {
     pub stats: Arc<Stats>,
     pub model: Arc<Model>,
     pub config: EngineConfig,
+    trie: SharedTrie,
 }
 
 impl Engine {
@@ -126,13 +143,19 @@ impl Engine {
     pub fn start(model: Arc<Model>, pool: Arc<ThreadPool>, config: EngineConfig) -> Engine {
         let (tx, rx) = std::sync::mpsc::sync_channel(config.queue.max(1));
         let stats = Arc::new(Stats::default());
-        let (m, c, st) = (model.clone(), config.clone(), stats.clone());
+        let trie = SharedTrie::default();
+        let (m, c, st, tr) = (model.clone(), config.clone(), stats.clone(), trie.clone());
         // The runner is made on its own thread: grammar states are not `Send`.
         std::thread::Builder::new()
             .name("smelt-engine".into())
-            .spawn(move || Runner::new(m, pool, c, st).run(rx))
+            .spawn(move || Runner::new(m, pool, c, st, tr).run(rx))
             .expect("spawning the engine thread");
-        Engine { tx, stats, model, config }
+        Engine { tx, stats, model, config, trie }
+    }
+
+    /// The vocabulary's trie (built on first use, ~0.1-0.2 s), for preparing grammars.
+    pub fn trie(&self) -> Arc<TokenTrie> {
+        self.trie.get(&self.model)
     }
 
     /// Queue a job; refused at once when the queue is full.
@@ -172,9 +195,13 @@ struct Runner {
     waiting: VecDeque<Seq>,
     running: Vec<Seq>,
     /// The vocabulary's trie, built for the first constrained request.
-    trie: Option<Arc<TokenTrie>>,
+    trie: SharedTrie,
     /// Automata of recently used grammars, shared by the requests that use the same one.
     automata: AutomatonCache,
+    /// Embedding requests, worked through one chunk at a time.
+    embeds: VecDeque<EmbedJob>,
+    /// Seconds of engine time embeddings may still take before the next generation step.
+    embed_credit: f64,
 }
 
 /// What one sequence contributes to a step.
@@ -185,7 +212,7 @@ struct Work {
 }
 
 impl Runner {
-    fn new(model: Arc<Model>, pool: Arc<ThreadPool>, config: EngineConfig, stats: Arc<Stats>) -> Runner {
+    fn new(model: Arc<Model>, pool: Arc<ThreadPool>, config: EngineConfig, stats: Arc<Stats>, trie: SharedTrie) -> Runner {
         let row = model.hp.n_head_kv * model.hp.head_dim;
         let kv = BlockPool::new(&model.hp.window, row, config.kv_blocks);
         stats.kv_blocks_total.store(config.kv_blocks, Ordering::Relaxed);
@@ -198,15 +225,17 @@ impl Runner {
             stats,
             waiting: VecDeque::new(),
             running: Vec::new(),
-            trie: None,
+            trie,
             automata: AutomatonCache::default(),
+            embeds: VecDeque::new(),
+            embed_credit: 0.0,
         }
     }
 
     fn run(mut self, rx: Receiver<Job>) {
         loop {
             // Wait for work when idle; otherwise take what has arrived without blocking.
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() && self.embeds.is_empty() {
                 match rx.recv() {
                     Ok(job) => self.accept(job),
                     Err(_) => return,
@@ -220,7 +249,7 @@ impl Runner {
                     Ok(job) => self.accept(job),
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
-                        if self.running.is_empty() && self.waiting.is_empty() {
+                        if self.running.is_empty() && self.waiting.is_empty() && self.embeds.is_empty() {
                             return;
                         }
                         break;
@@ -229,19 +258,45 @@ impl Runner {
             }
             self.drop_cancelled();
             self.admit();
+            let t = std::time::Instant::now();
+            let generating = !self.running.is_empty();
             self.step();
+            if generating && !self.embeds.is_empty() {
+                self.embed_credit = (self.embed_credit + t.elapsed().as_secs_f64() * EMBED_SHARE).min(1.0);
+            } else {
+                self.embed_credit = 0.0;
+            }
+            self.embed_step();
             self.publish_stats();
         }
     }
 
     fn accept(&mut self, job: Job) {
         match job {
-            Job::Embed(e) => self.embed(e),
-            Job::Generate(req) => {
-                let constraint = req.params.grammar.as_ref().map(|g| {
-                    let trie = self.trie.get_or_insert_with(|| Arc::new(TokenTrie::new(&self.model.tokenizer))).clone();
-                    Constraint::shared(self.automata.get(g), trie)
-                });
+            Job::Embed(e) => {
+                if let Some(i) = e.inputs.iter().position(|x| x.is_empty()) {
+                    let mut e = e;
+                    e.sink.send(Event::Error(format!("input {i} is empty")));
+                    return;
+                }
+                if e.inputs.is_empty() {
+                    let mut e = e;
+                    e.sink.send(Event::Embeddings(Vec::new(), 0));
+                    return;
+                }
+                self.embeds.push_back(EmbedJob { req: e, input: 0, done: 0, blocks: Vec::new(), sum: Vec::new(), out: Vec::new(), total: 0 });
+            }
+            Job::Generate(mut req) => {
+                let constraint = match &req.params.grammar {
+                    None => None,
+                    Some(g) => match self.automata.get(g) {
+                        Ok(auto) => Some(Constraint::shared(auto, self.trie.get(&self.model))),
+                        Err(e) => {
+                            req.sink.send(Event::Error(e.to_string()));
+                            return;
+                        }
+                    },
+                };
                 let tokens = req.prompt.clone();
                 self.stats.prompt_tokens.fetch_add(tokens.len() as u64, Ordering::Relaxed);
                 self.waiting.push_back(Seq {
@@ -266,6 +321,9 @@ impl Runner {
         s.kv_blocks_used.store(self.alloc.used(), Ordering::Relaxed);
         s.prefix_lookup_tokens.store(self.alloc.lookups, Ordering::Relaxed);
         s.prefix_hit_tokens.store(self.alloc.hits, Ordering::Relaxed);
+        s.grammar_cache_bytes.store(self.automata.bytes(), Ordering::Relaxed);
+        s.grammar_cache_entries.store(self.automata.len(), Ordering::Relaxed);
+        s.embeddings_pending.store(self.embeds.len(), Ordering::Relaxed);
     }
 
     fn release(&mut self, blocks: &mut Vec<BlockId>) {
@@ -486,8 +544,8 @@ impl Runner {
         };
         // Walk the logits rows in batch order.
         let mut row = 0;
-        // (running index, finish reason); Cancelled means the client is gone: no Done event.
-        let mut finished: Vec<(usize, FinishReason)> = Vec::new();
+        // (running index, finish reason or error); Cancelled means the client is gone: no Done event.
+        let mut finished: Vec<(usize, Result<FinishReason, String>)> = Vec::new();
         for w in &work {
             let s = &mut self.running[w.seq];
             s.computed += w.take;
@@ -525,98 +583,148 @@ impl Runner {
                 let mut lp = vec![first];
                 lp.append(&mut s.prompt_lp);
                 if !s.req.sink.send(Event::PromptLogprobs(lp)) {
-                    finished.push((w.seq, FinishReason::Cancelled));
+                    finished.push((w.seq, Ok(FinishReason::Cancelled)));
                     continue;
                 }
             }
             self.stats.generated_tokens.fetch_add(1, Ordering::Relaxed);
-            if let Some(reason) = sample_next(s, lrow, &self.model, self.config.n_ctx) {
-                finished.push((w.seq, reason));
+            match sample_next(s, lrow, &self.model, self.config.n_ctx) {
+                Ok(Some(reason)) => finished.push((w.seq, Ok(reason))),
+                Ok(None) => {}
+                Err(e) => finished.push((w.seq, Err(e))),
             }
         }
-        // Retire finished and cancelled sequences, highest index first (swap_remove).
+        // Retire finished, failed and cancelled sequences, highest index first (swap_remove).
         finished.sort_by(|a, b| b.0.cmp(&a.0));
         for (i, reason) in finished {
-            if reason == FinishReason::Cancelled {
-                self.retire(i);
-            } else {
-                self.finish(i, reason);
+            match reason {
+                Ok(FinishReason::Cancelled) => {
+                    self.retire(i);
+                }
+                Ok(reason) => self.finish(i, reason),
+                Err(e) => {
+                    let mut s = self.retire(i);
+                    self.publish_stats();
+                    s.req.sink.send(Event::Error(e));
+                }
             }
         }
     }
 
-    /// Embeddings: mean of the final normed hidden states, L2-normalized, one forward pass per
-    /// chunk of each input, with blocks that are freed right after.
-    fn embed(&mut self, mut e: EmbedRequest) {
-        let mut out = Vec::with_capacity(e.inputs.len());
-        let mut total = 0;
-        for input in &e.inputs {
-            if input.is_empty() {
-                e.sink.send(Event::Error("an input is empty".into()));
-                return;
-            }
+    /// Embeddings: mean of the final normed hidden states, L2-normalized. One chunk of the
+    /// front request per loop, so a large request never holds the model for long: while
+    /// sequences are generating, embeddings get at most [`EMBED_SHARE`] of the engine's time
+    /// (their chunks kept small), and a request whose client has gone is dropped between chunks.
+    fn embed_step(&mut self) {
+        let Some(job) = self.embeds.front_mut() else { return };
+        if job.req.sink.closed() {
+            let mut job = self.embeds.pop_front().expect("front exists");
+            self.release(&mut job.blocks);
+            return;
+        }
+        let busy = !self.running.is_empty();
+        if busy && self.embed_credit < 0.0 {
+            return;
+        }
+        let t = std::time::Instant::now();
+        let job = self.embeds.front_mut().expect("front exists");
+        let input = &job.req.inputs[job.input];
+        if job.done == 0 {
+            // Blocks for the whole input, freed when it is done.
             let need = input.len().div_ceil(BLOCK_SIZE);
-            let mut blocks = Vec::new();
-            while blocks.len() < need {
+            while job.blocks.len() < need {
                 match self.alloc.allocate() {
-                    Some(b) => blocks.push(b),
+                    Some(b) => job.blocks.push(b),
                     None => break,
                 }
             }
-            if blocks.len() < need {
-                self.release(&mut blocks);
-                e.sink.send(Event::Error(format!("not enough KV memory to embed {} tokens; raise --kv-memory", input.len())));
+            if job.blocks.len() < need {
+                let mut job = self.embeds.pop_front().expect("front exists");
+                self.release(&mut job.blocks);
+                let n = job.req.inputs[job.input].len();
+                job.req.sink.send(Event::Error(format!("not enough KV memory to embed {n} tokens; raise --kv-memory")));
                 return;
             }
-            let e_dim = self.model.hp.n_embd;
-            let mut sum = vec![0f64; e_dim];
-            let mut len = 0;
-            let mut failed = None;
-            for chunk in input.chunks(self.config.step_tokens.max(1)) {
-                let batch: Vec<BatchToken> = chunk.iter().enumerate().map(|(i, &token)| BatchToken { token, pos: len + i, seq: 0, logits: true }).collect();
-                let mut kv = PagedKv { pool: &mut self.kv, seqs: vec![PagedSeq { blocks: &blocks, len, capacity: self.config.n_ctx, max_batch: chunk.len() }] };
-                match self.model.forward_hidden(&batch, &mut kv, &mut self.ws) {
-                    Ok(h) => {
-                        for r in h.chunks_exact(e_dim) {
-                            for (a, &v) in sum.iter_mut().zip(r) {
-                                *a += v as f64;
-                            }
-                        }
-                    }
-                    Err(err) => {
-                        failed = Some(err.to_string());
-                        break;
+            job.sum = vec![0f64; self.model.hp.n_embd];
+        }
+        let limit = if busy { self.config.step_tokens.min(EMBED_CHUNK_BUSY) } else { self.config.step_tokens };
+        let take = (input.len() - job.done).min(limit.max(1));
+        let batch: Vec<BatchToken> = input[job.done..job.done + take].iter().enumerate().map(|(i, &token)| BatchToken { token, pos: job.done + i, seq: 0, logits: true }).collect();
+        let result = {
+            let mut kv = PagedKv { pool: &mut self.kv, seqs: vec![PagedSeq { blocks: &job.blocks, len: job.done, capacity: self.config.n_ctx, max_batch: take }] };
+            self.model.forward_hidden(&batch, &mut kv, &mut self.ws)
+        };
+        let e_dim = self.model.hp.n_embd;
+        match result {
+            Ok(h) => {
+                for r in h.chunks_exact(e_dim) {
+                    for (a, &v) in job.sum.iter_mut().zip(r) {
+                        *a += v as f64;
                     }
                 }
-                len += chunk.len();
             }
-            self.release(&mut blocks);
-            if let Some(msg) = failed {
-                e.sink.send(Event::Error(msg));
+            Err(err) => {
+                let mut job = self.embeds.pop_front().expect("front exists");
+                self.release(&mut job.blocks);
+                job.req.sink.send(Event::Error(err.to_string()));
                 return;
             }
-            let mean: Vec<f64> = sum.iter().map(|v| v / len as f64).collect();
-            let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
-            out.push(mean.iter().map(|v| (v / norm) as f32).collect());
-            total += input.len();
         }
-        e.sink.send(Event::Embeddings(out, total));
+        job.done += take;
+        if job.done == input.len() {
+            let len = job.done;
+            let mean: Vec<f64> = job.sum.iter().map(|v| v / len as f64).collect();
+            let norm = mean.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
+            job.out.push(mean.iter().map(|v| (v / norm) as f32).collect());
+            job.total += len;
+            job.input += 1;
+            job.done = 0;
+            let mut blocks = std::mem::take(&mut job.blocks);
+            self.release(&mut blocks);
+        }
+        let job = self.embeds.front_mut().expect("front exists");
+        if job.input == job.req.inputs.len() {
+            let mut job = self.embeds.pop_front().expect("front exists");
+            let out = std::mem::take(&mut job.out);
+            job.req.sink.send(Event::Embeddings(out, job.total));
+        }
+        if busy {
+            self.embed_credit -= t.elapsed().as_secs_f64();
+        }
     }
+}
+
+/// Share of the engine's time embeddings may take while sequences are generating (relative to
+/// the time of the generation steps), and the most tokens per embedding chunk then.
+const EMBED_SHARE: f64 = 0.5;
+const EMBED_CHUNK_BUSY: usize = 32;
+
+/// An embedding request in progress.
+struct EmbedJob {
+    req: EmbedRequest,
+    /// The input being embedded, and how many of its tokens are done.
+    input: usize,
+    done: usize,
+    blocks: Vec<BlockId>,
+    sum: Vec<f64>,
+    out: Vec<Vec<f32>>,
+    total: usize,
 }
 
 /// Sample the next token of a sequence from its logits row, stream it, and say whether (and
 /// why) the sequence is finished.
-fn sample_next(s: &mut Seq, lrow: &[f32], model: &Model, n_ctx: usize) -> Option<FinishReason> {
+fn sample_next(s: &mut Seq, lrow: &[f32], model: &Model, n_ctx: usize) -> Result<Option<FinishReason>, String> {
     // The scheduler stops one position short of the context's end.
     let room = s.tokens.len() + 1 < n_ctx;
     let (step, finish) = match s.dec.next(&model.tokenizer, lrow, &s.tokens, room) {
         Next::Token(step, finish) => (step, finish),
-        Next::Stuck => return Some(FinishReason::Stop),
+        Next::Stuck => return Ok(Some(FinishReason::Stop)),
+        Next::Failed(e) => return Err(e),
     };
     let id = step.id;
     if !s.req.sink.send(Event::Token(step)) {
-        return Some(FinishReason::Cancelled);
+        return Ok(Some(FinishReason::Cancelled));
     }
     s.tokens.push(id);
-    finish
+    Ok(finish)
 }

@@ -70,7 +70,13 @@ enum Expr {
 struct Parser<'a> {
     src: &'a str,
     pos: usize,
+    /// Open parentheses around the current position.
+    depth: usize,
 }
+
+/// Most nested groups (parentheses, and repetition operators on one atom) a grammar may have:
+/// deeper text is refused rather than parsed by ever-deeper recursion.
+pub const MAX_NESTING: usize = 100;
 
 impl<'a> Parser<'a> {
     fn err(&self, at: usize, msg: impl Into<String>) -> GrammarError {
@@ -203,8 +209,13 @@ impl<'a> Parser<'a> {
                 Ok(Some(Expr::Chars(CharClass::any())))
             }
             Some('(') => {
+                if self.depth >= MAX_NESTING {
+                    return Err(self.err(at, format!("groups are nested more than {MAX_NESTING} deep")));
+                }
                 self.bump();
+                self.depth += 1;
                 let e = self.alternatives(true)?;
+                self.depth -= 1;
                 self.skip(true);
                 if self.bump() != Some(')') {
                     return Err(self.err(at, "missing ')'"));
@@ -229,8 +240,15 @@ impl<'a> Parser<'a> {
 
     fn repeated(&mut self, nl: bool) -> Result<Option<Expr>, GrammarError> {
         let Some(mut e) = self.atom()? else { return Ok(None) };
+        let mut operators = 0;
         loop {
             let at = self.pos;
+            if matches!(self.peek(), Some('*' | '+' | '?' | '{')) {
+                operators += 1;
+                if self.depth + operators > MAX_NESTING {
+                    return Err(self.err(at, format!("repetitions are nested more than {MAX_NESTING} deep")));
+                }
+            }
             match self.peek() {
                 Some('*') => {
                     self.bump();
@@ -417,7 +435,7 @@ impl Builder {
 
 /// Parse GBNF text. `root` names the start rule ("root" in llama.cpp's convention).
 pub fn parse(src: &str, root: &str) -> Result<Grammar, GrammarError> {
-    let mut p = Parser { src, pos: 0 };
+    let mut p = Parser { src, pos: 0, depth: 0 };
     let mut defs: Vec<(String, usize, Expr)> = Vec::new();
     loop {
         p.skip(true);

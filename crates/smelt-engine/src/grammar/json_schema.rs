@@ -66,7 +66,7 @@ pub fn to_gbnf(schema: &Value) -> Result<String, SchemaError> {
 /// share one grammar: (an expression for an instance, the rule definitions). Combine with
 /// [`primitives`] once.
 pub fn schema_rules(schema: &Value, prefix: &str) -> Result<(String, String), SchemaError> {
-    let mut b = Builder { root: schema, prefix, rules: Vec::new(), names: HashMap::new(), refs: HashMap::new() };
+    let mut b = Builder { root: schema, depth: 0, visited: 0, prefix, rules: Vec::new(), names: HashMap::new(), refs: HashMap::new() };
     let expr = b.value(schema, "#")?;
     let mut out = String::new();
     for (name, body) in &b.rules {
@@ -83,8 +83,22 @@ pub fn primitives() -> &'static str {
 /// A GBNF literal for exact text.
 pub use super::regex::gbnf_literal as literal;
 
+/// Largest `minLength` / `maxLength` / `minItems` / `maxItems` (the grammar's repetition limit).
+pub const MAX_COUNT: usize = 10_000;
+/// Most nested sub-schemas (`$ref` hops included) on one path from the root: a deeper schema,
+/// such as a chain of thousands of references, is refused rather than followed by recursion.
+pub const MAX_DEPTH: usize = 64;
+/// Most grammar rules a schema may produce.
+pub const MAX_RULES: usize = 10_000;
+/// Most sub-schemas (properties, items, alternatives, references) a schema may hold in all.
+pub const MAX_SUBSCHEMAS: usize = 10_000;
+
 struct Builder<'a> {
     root: &'a Value,
+    /// Sub-schemas open around the current one.
+    depth: usize,
+    /// Sub-schemas visited so far.
+    visited: usize,
     prefix: &'a str,
     rules: Vec<(String, String)>,
     /// Rule body -> name, so identical sub-schemas share a rule.
@@ -97,8 +111,8 @@ fn as_count(v: Option<&Value>, path: &str, key: &str) -> Result<Option<usize>, S
     match v {
         None => Ok(None),
         Some(v) => match v.as_u64() {
-            Some(n) if n <= 100_000 => Ok(Some(n as usize)),
-            _ => err(path, format!("{key} must be a non-negative integer up to 100000, got {v}")),
+            Some(n) if n <= MAX_COUNT as u64 => Ok(Some(n as usize)),
+            _ => err(path, format!("{key} must be a non-negative integer up to {MAX_COUNT}, got {v}")),
         },
     }
 }
@@ -130,6 +144,23 @@ impl<'a> Builder<'a> {
 
     /// A GBNF expression for the instances of `s` (at JSON pointer `path`, for messages).
     fn value(&mut self, s: &'a Value, path: &str) -> Result<String, SchemaError> {
+        if self.depth >= MAX_DEPTH {
+            return err(path, format!("the schema nests more than {MAX_DEPTH} sub-schemas deep (references included)"));
+        }
+        self.visited += 1;
+        if self.visited > MAX_SUBSCHEMAS {
+            return err(path, format!("the schema is too large: it holds more than {MAX_SUBSCHEMAS} sub-schemas"));
+        }
+        if self.rules.len() > MAX_RULES {
+            return err(path, format!("the schema is too large: it needs more than {MAX_RULES} grammar rules"));
+        }
+        self.depth += 1;
+        let r = self.value_inner(s, path);
+        self.depth -= 1;
+        r
+    }
+
+    fn value_inner(&mut self, s: &'a Value, path: &str) -> Result<String, SchemaError> {
         let obj = match s {
             Value::Bool(true) => return Ok("json-value".into()),
             Value::Bool(false) => return err(path, "the schema `false` allows no value"),

@@ -7,6 +7,75 @@
 use super::gbnf::{CharClass, Elem, Grammar};
 use std::collections::HashSet;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Most parse stacks one state may hold. A grammar this ambiguous (`("a"?){0,5000}` has one
+/// stack per way of having read nothing yet) would make every step cost as much.
+pub const MAX_STACKS: usize = 4096;
+
+/// Grammar work that went over its budget: the grammar is too complex to follow at a useful speed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TooComplex(pub String);
+
+/// What a piece of grammar work may spend, in parse-stack frames visited (each a small
+/// allocation, tens of nanoseconds), with an optional deadline and cancellation flag (checked
+/// every few thousand frames). Untrusted grammars can be exponentially ambiguous; a budget
+/// turns that into an error instead of a stalled engine or runaway memory.
+#[derive(Clone, Debug)]
+pub struct Budget {
+    left: u64,
+    limit: u64,
+    deadline: Option<Instant>,
+    cancel: Option<Arc<AtomicBool>>,
+    tick: u32,
+}
+
+impl Budget {
+    pub fn new(frames: u64) -> Budget {
+        Budget { left: frames, limit: frames, deadline: None, cancel: None, tick: 0 }
+    }
+
+    /// No limit (trusted, built-in grammars and tests).
+    pub fn unlimited() -> Budget {
+        Budget::new(u64::MAX)
+    }
+
+    pub fn with_deadline(mut self, deadline: Instant) -> Budget {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    pub fn with_cancel(mut self, cancel: Arc<AtomicBool>) -> Budget {
+        self.cancel = Some(cancel);
+        self
+    }
+
+    /// Frames spent so far.
+    pub fn spent(&self) -> u64 {
+        self.limit - self.left
+    }
+
+    pub fn spend(&mut self, n: u64) -> Result<(), TooComplex> {
+        if self.left < n {
+            self.left = 0;
+            return Err(TooComplex(format!("the grammar is too complex: following it needs more than {} parse steps at once", self.limit)));
+        }
+        self.left -= n;
+        self.tick = self.tick.wrapping_add(1);
+        if self.tick % 4096 == 0 {
+            if self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed)) {
+                return Err(TooComplex("cancelled".into()));
+            }
+            if self.deadline.is_some_and(|d| Instant::now() > d) {
+                return Err(TooComplex("the grammar is too complex: preparing it took longer than its time limit".into()));
+            }
+        }
+        Ok(())
+    }
+}
 
 /// A position in a rule: alternative `alt` of rule `rule`, before element `idx`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -24,6 +93,20 @@ struct Frame {
 
 #[derive(Clone, Default)]
 struct Stack(Option<Rc<Frame>>);
+
+impl Drop for Frame {
+    // Unlink the frames below one at a time: a deep stack (a long nested output) would
+    // otherwise be freed by one recursive call per frame and could overflow the thread's stack.
+    fn drop(&mut self) {
+        let mut next = self.below.0.take();
+        while let Some(rc) = next {
+            match Rc::try_unwrap(rc) {
+                Ok(mut f) => next = f.below.0.take(),
+                Err(_) => break,
+            }
+        }
+    }
+}
 
 impl Stack {
     fn hash(&self) -> u64 {
@@ -77,42 +160,58 @@ impl Matcher {
     }
 
     /// Expand rule references until every stack's top is a character class (or it is empty).
-    fn expand(&self, stack: Stack, out: &mut Vec<Stack>, seen: &mut HashSet<u64>) {
-        let Some((p, below)) = stack.top() else {
-            if seen.insert(stack.hash()) {
-                out.push(stack);
-            }
-            return;
-        };
-        match self.elem(p) {
-            Some(Elem::Chars(_)) => {
+    /// Iterative: a chain of thousands of rules that each start with the next would otherwise
+    /// recurse once per rule.
+    fn expand(&self, stack: Stack, out: &mut Vec<Stack>, seen: &mut HashSet<u64>, budget: &mut Budget) -> Result<(), TooComplex> {
+        let mut todo = vec![stack];
+        while let Some(stack) = todo.pop() {
+            budget.spend(1)?;
+            let Some((p, below)) = stack.top() else {
                 if seen.insert(stack.hash()) {
                     out.push(stack);
                 }
-            }
-            Some(Elem::Rule(r)) => {
-                let rest = self.continue_after(below, p);
-                for (a, alt) in self.g.rules[*r].iter().enumerate() {
-                    let s = if alt.is_empty() { rest.clone() } else { rest.push(Pos { rule: *r as u32, alt: a as u32, idx: 0 }) };
-                    self.expand(s, out, seen);
+                continue;
+            };
+            match self.elem(p) {
+                Some(Elem::Chars(_)) => {
+                    if seen.insert(stack.hash()) {
+                        out.push(stack);
+                        if out.len() > MAX_STACKS {
+                            return Err(TooComplex(format!("the grammar is too ambiguous: a parse state would hold more than {MAX_STACKS} alternatives")));
+                        }
+                    }
                 }
+                Some(Elem::Rule(r)) => {
+                    let rest = self.continue_after(below, p);
+                    // In reverse, so the first alternative is expanded first.
+                    for (a, alt) in self.g.rules[*r].iter().enumerate().rev() {
+                        todo.push(if alt.is_empty() { rest.clone() } else { rest.push(Pos { rule: *r as u32, alt: a as u32, idx: 0 }) });
+                    }
+                }
+                None => todo.push(below.clone()),
             }
-            None => self.expand(below.clone(), out, seen),
         }
+        Ok(())
     }
 
+    /// The state before any input (with no limit on the work: trusted grammars).
     pub fn start(&self) -> State {
+        self.start_within(&mut Budget::unlimited()).unwrap_or(State { stacks: Vec::new(), partial: Vec::new() })
+    }
+
+    /// The state before any input, within `budget`.
+    pub fn start_within(&self, budget: &mut Budget) -> Result<State, TooComplex> {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
         for (a, alt) in self.g.rules[self.g.root].iter().enumerate() {
             let s = if alt.is_empty() { Stack::default() } else { Stack::default().push(Pos { rule: self.g.root as u32, alt: a as u32, idx: 0 }) };
-            self.expand(s, &mut out, &mut seen);
+            self.expand(s, &mut out, &mut seen, budget)?;
         }
-        State { stacks: out, partial: Vec::new() }
+        Ok(State { stacks: out, partial: Vec::new() })
     }
 
     /// Advance by one code point; the new stacks (empty: rejected).
-    fn accept_char(&self, stacks: &[Stack], c: u32) -> Vec<Stack> {
+    fn accept_char(&self, stacks: &[Stack], c: u32, budget: &mut Budget) -> Result<Vec<Stack>, TooComplex> {
         let mut out = Vec::new();
         let mut seen = HashSet::new();
         for s in stacks {
@@ -120,11 +219,11 @@ impl Matcher {
             if let Some(Elem::Chars(cls)) = self.elem(p) {
                 if cls.contains(c) {
                     let next = self.continue_after(below, p);
-                    self.expand(next, &mut out, &mut seen);
+                    self.expand(next, &mut out, &mut seen, budget)?;
                 }
             }
         }
-        out
+        Ok(out)
     }
 
     /// Whether some stack's next class could take a character in `lo..=hi`.
@@ -135,29 +234,35 @@ impl Matcher {
         })
     }
 
-    /// Advance by bytes (which may end inside a UTF-8 character). None: rejected.
+    /// Advance by bytes (which may end inside a UTF-8 character). None: rejected (or, for a
+    /// grammar too complex to follow, over a generous budget; see [`Matcher::accept_within`]).
     pub fn accept_bytes(&self, state: &State, bytes: &[u8]) -> Option<State> {
+        self.accept_within(state, bytes, &mut Budget::new(100_000_000)).ok().flatten()
+    }
+
+    /// Advance by bytes within `budget`. Ok(None): rejected.
+    pub fn accept_within(&self, state: &State, bytes: &[u8], budget: &mut Budget) -> Result<Option<State>, TooComplex> {
         let mut stacks = state.stacks.clone();
         let mut partial = state.partial.clone();
         for &b in bytes {
             partial.push(b);
             match decode(&partial) {
                 Utf8::Char(c) => {
-                    stacks = self.accept_char(&stacks, c);
+                    stacks = self.accept_char(&stacks, c, budget)?;
                     partial.clear();
                     if stacks.is_empty() {
-                        return None;
+                        return Ok(None);
                     }
                 }
                 Utf8::Partial(lo, hi) => {
                     if !self.could_take(&stacks, lo, hi) {
-                        return None;
+                        return Ok(None);
                     }
                 }
-                Utf8::Invalid => return None,
+                Utf8::Invalid => return Ok(None),
             }
         }
-        Some(State { stacks, partial })
+        Ok(Some(State { stacks, partial }))
     }
 
     /// The input so far is a complete sentence of the grammar.
@@ -203,25 +308,60 @@ pub struct Dfa {
     next: Vec<[u32; 256]>,
     /// Per state: byte categories that lead straight back to it (LOOPS_UNKNOWN until needed).
     loops: Vec<u8>,
+    /// Parse stacks held by the interned states (for the memory estimate).
+    stack_entries: usize,
+    /// What the operation in progress may spend, and why it stopped if it ran out.
+    budget: Budget,
+    failed: Option<TooComplex>,
+    /// The state before any input (kept: recomputing it may be costly).
+    start: State,
 }
 
 const LOOPS_UNKNOWN: u8 = 0xff;
 
 const UNKNOWN: u32 = u32::MAX;
 const DEAD: u32 = u32::MAX - 1;
-/// Forget everything past this many states (each costs 1 KiB of transitions).
-const MAX_STATES: usize = 50_000;
+/// Forget everything past this many bytes of tables (a state costs 1 KiB of transitions plus
+/// its parse stacks).
+pub const MAX_DFA_BYTES: usize = 32 << 20;
 
 impl Dfa {
+    /// The automaton of a trusted grammar (no limit on the work of its start state).
     pub fn new(matcher: std::sync::Arc<Matcher>) -> Dfa {
-        let start = matcher.start();
-        let mut d = Dfa { matcher, states: Vec::new(), ids: Default::default(), next: Vec::new(), loops: Vec::new() };
+        Dfa::within(matcher, Budget::unlimited()).unwrap_or_else(|_| unreachable!("an unlimited budget cannot run out"))
+    }
+
+    /// The automaton, its start state computed within `budget`.
+    pub fn within(matcher: std::sync::Arc<Matcher>, mut budget: Budget) -> Result<Dfa, TooComplex> {
+        let start = matcher.start_within(&mut budget)?;
+        let mut d = Dfa { matcher, states: Vec::new(), ids: Default::default(), next: Vec::new(), loops: Vec::new(), stack_entries: 0, budget, failed: None, start: start.clone() };
         d.intern(start);
-        d
+        Ok(d)
     }
 
     pub fn matcher(&self) -> &Matcher {
         &self.matcher
+    }
+
+    pub fn start(&self) -> &State {
+        &self.start
+    }
+
+    /// Start an operation that may spend `budget` (forgetting an earlier failure).
+    pub fn begin(&mut self, budget: Budget) {
+        self.budget = budget;
+        self.failed = None;
+    }
+
+    /// Why the operation in progress stopped early, if it ran out of budget: the steps it
+    /// reported as rejected since may not be.
+    pub fn failure(&self) -> Option<&TooComplex> {
+        self.failed.as_ref()
+    }
+
+    /// Work spent by the operation in progress.
+    pub fn spent(&self) -> u64 {
+        self.budget.spent()
     }
 
     pub fn intern(&mut self, s: State) -> u32 {
@@ -230,6 +370,7 @@ impl Dfa {
             return id;
         }
         let id = self.states.len() as u32;
+        self.stack_entries += s.stacks.len();
         self.states.push(s);
         self.next.push([UNKNOWN; 256]);
         self.loops.push(LOOPS_UNKNOWN);
@@ -237,9 +378,17 @@ impl Dfa {
         id
     }
 
-    /// The tables have grown past their budget (each state costs 1 KiB of transitions).
+    /// Estimated memory of the tables, in bytes.
+    pub fn bytes(&self) -> usize {
+        let per_state = std::mem::size_of::<[u32; 256]>() + std::mem::size_of::<State>() + 1 + 24;
+        // A parse stack: its entry in the state, and (at most) one new frame.
+        self.states.len() * per_state + self.stack_entries * (std::mem::size_of::<Stack>() + std::mem::size_of::<Frame>() + 16)
+    }
+
+    /// The tables have grown past half their budget: time to start afresh between steps, so a
+    /// step always has room.
     pub fn too_big(&self) -> bool {
-        self.states.len() >= MAX_STATES
+        self.bytes() >= MAX_DFA_BYTES / 2
     }
 
     /// Forget every state (numbers handed out before are void); returns the new number of `s`.
@@ -248,6 +397,7 @@ impl Dfa {
         self.next.clear();
         self.loops.clear();
         self.ids.clear();
+        self.stack_entries = 0;
         self.intern(s)
     }
 
@@ -259,9 +409,21 @@ impl Dfa {
     pub fn step(&mut self, from: u32, byte: u8) -> Option<u32> {
         let t = self.next[from as usize][byte as usize];
         if t == UNKNOWN {
-            let t = match self.matcher.accept_bytes(&self.states[from as usize], &[byte]) {
-                Some(s) => self.intern(s),
-                None => DEAD,
+            if self.failed.is_some() {
+                return None;
+            }
+            let t = match self.matcher.accept_within(&self.states[from as usize], &[byte], &mut self.budget) {
+                Ok(Some(_)) if self.bytes() > MAX_DFA_BYTES => {
+                    self.failed = Some(TooComplex(format!("the grammar is too complex: one step of it needs more than {} MiB of automaton", MAX_DFA_BYTES >> 20)));
+                    return None;
+                }
+                Ok(Some(s)) => self.intern(s),
+                Ok(None) => DEAD,
+                Err(e) => {
+                    // Not cached: the transition is unknown, not dead.
+                    self.failed = Some(e);
+                    return None;
+                }
             };
             self.next[from as usize][byte as usize] = t;
             return (t != DEAD).then_some(t);

@@ -21,6 +21,7 @@ pub use gbnf::{parse as parse_gbnf, Grammar, GrammarError};
 
 use crate::sampling::Sampler;
 use matcher::{Dfa, Matcher, State};
+pub use matcher::{Budget, TooComplex};
 use std::cell::RefCell;
 use std::rc::Rc;
 use smelt_model::tokenizer::Tokenizer;
@@ -28,12 +29,23 @@ pub use trie::TokenTrie;
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// Grammar work one token may spend (parse-stack frames; see [`Budget`]), about 60 ms on one
+/// core: a cold mask over a 150k-token vocabulary takes tens of frames for a JSON schema and
+/// ~50,000 for free text, so this only stops grammars too ambiguous to follow, and bounds how
+/// long one sequence's mask can hold a step that every other sequence waits for.
+pub const WORK_PER_TOKEN: u64 = 1_000_000;
+/// Most bytes of token masks one automaton keeps.
+pub const MAX_MASK_BYTES: usize = 8 << 20;
+/// Most bytes of automata and masks an [`AutomatonCache`] keeps (besides those in use).
+pub const MAX_CACHE_BYTES: usize = 96 << 20;
+
 /// A grammar's byte automaton and mask cache. Sequences on one thread that follow the same
 /// compiled grammar share one, so what one computed (states, transitions, masks) the next
 /// reuses: a schema used by many requests is only ever cold once.
 pub struct Automaton {
     dfa: Dfa,
     masks: HashMap<u32, Arc<Vec<u64>>>,
+    mask_bytes: usize,
     /// Bumped whenever the tables are cleared (grown too big): older state numbers are void.
     epoch: u64,
 }
@@ -41,37 +53,74 @@ pub struct Automaton {
 pub type SharedAutomaton = Rc<RefCell<Automaton>>;
 
 impl Automaton {
+    /// The automaton of a trusted grammar.
     pub fn new(grammar: &Compiled) -> SharedAutomaton {
-        Rc::new(RefCell::new(Automaton { dfa: Dfa::new(grammar.0.clone()), masks: HashMap::new(), epoch: 0 }))
+        Rc::new(RefCell::new(Automaton { dfa: Dfa::new(grammar.0.clone()), masks: HashMap::new(), mask_bytes: 0, epoch: 0 }))
+    }
+
+    /// The automaton, its start state computed within `budget`.
+    pub fn within(grammar: &Compiled, budget: Budget) -> Result<SharedAutomaton, TooComplex> {
+        let dfa = Dfa::within(grammar.0.clone(), budget)?;
+        Ok(Rc::new(RefCell::new(Automaton { dfa, masks: HashMap::new(), mask_bytes: 0, epoch: 0 })))
     }
 
     /// Forget all states and masks (what happens by itself when the tables grow too big);
     /// the sequences following it carry on from their own parse states.
     pub fn clear(&mut self) {
         self.masks.clear();
+        self.mask_bytes = 0;
         self.epoch += 1;
-        let start = self.dfa.matcher().start();
+        let start = self.dfa.start().clone();
         self.dfa.reset_keeping(start);
+    }
+
+    /// Estimated memory: the automaton's tables and its cached masks.
+    pub fn bytes(&self) -> usize {
+        self.dfa.bytes() + self.mask_bytes
     }
 }
 
-/// The automata of recently used grammars, by compiled grammar (the same one, not an equal one).
+/// The automata of recently used grammars, by compiled grammar (the same one, not an equal
+/// one), within [`MAX_CACHE_BYTES`] and 16 grammars.
 #[derive(Default)]
 pub struct AutomatonCache {
     entries: Vec<(Compiled, SharedAutomaton)>,
 }
 
 impl AutomatonCache {
-    pub fn get(&mut self, g: &Compiled) -> SharedAutomaton {
-        if let Some((_, a)) = self.entries.iter().find(|(c, _)| Arc::ptr_eq(&c.0, &g.0)) {
-            return a.clone();
+    /// The shared automaton of `g` (made within a token's budget when new).
+    pub fn get(&mut self, g: &Compiled) -> Result<SharedAutomaton, TooComplex> {
+        if let Some(i) = self.entries.iter().position(|(c, _)| Arc::ptr_eq(&c.0, &g.0)) {
+            // Most recently used last.
+            let e = self.entries.remove(i);
+            let a = e.1.clone();
+            self.entries.push(e);
+            return Ok(a);
         }
-        let a = Automaton::new(g);
+        let a = Automaton::within(g, Budget::new(WORK_PER_TOKEN))?;
         self.entries.push((g.clone(), a.clone()));
-        if self.entries.len() > 16 {
+        self.trim();
+        Ok(a)
+    }
+
+    /// Drop the least recently used automata past the limits.
+    pub fn trim(&mut self) {
+        while self.entries.len() > 16 || (self.entries.len() > 1 && self.bytes() > MAX_CACHE_BYTES) {
             self.entries.remove(0);
         }
-        a
+    }
+
+    /// Estimated memory of the cached automata and masks.
+    pub fn bytes(&self) -> usize {
+        self.entries.iter().map(|(_, a)| a.try_borrow().map(|a| a.bytes()).unwrap_or(0)).sum()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 }
 
@@ -87,6 +136,8 @@ pub struct Constraint {
     /// Full masks computed, and time spent on grammar work (for statistics and the bench).
     pub masks_computed: usize,
     pub spent: std::time::Duration,
+    /// Set when following the grammar went over its budget: the sequence must end in an error.
+    pub error: Option<TooComplex>,
 }
 
 impl Constraint {
@@ -99,10 +150,10 @@ impl Constraint {
     pub fn shared(auto: SharedAutomaton, trie: Arc<TokenTrie>) -> Constraint {
         let (parse, epoch) = {
             let a = auto.borrow();
-            (a.dfa.matcher().start(), a.epoch)
+            (a.dfa.start().clone(), a.epoch)
         };
         let state = auto.borrow_mut().dfa.intern(parse.clone());
-        Constraint { auto, state, epoch, parse, trie, masks_computed: 0, spent: Default::default() }
+        Constraint { auto, state, epoch, parse, trie, masks_computed: 0, spent: Default::default(), error: None }
     }
 
     /// The current state's number (renumbered if the shared tables were cleared meanwhile).
@@ -114,68 +165,110 @@ impl Constraint {
         self.state
     }
 
+    /// Start an operation on the shared tables with a token's budget.
+    fn begin(&mut self, a: &mut Automaton) -> u32 {
+        a.dfa.begin(Budget::new(WORK_PER_TOKEN));
+        self.current(a)
+    }
+
+    /// Record a budget failure of the operation just done; true if there was one.
+    fn failed(&mut self, a: &Automaton) -> bool {
+        match a.dfa.failure() {
+            Some(e) => {
+                self.error.get_or_insert_with(|| e.clone());
+                true
+            }
+            None => false,
+        }
+    }
+
     /// Whether `id` may come next.
     pub fn allows(&mut self, tok: &Tokenizer, id: u32) -> bool {
         if tok.is_end_of_generation(id) {
             return self.accepting();
         }
-        if tok.is_control(id) {
+        if tok.is_control(id) || self.error.is_some() {
             return false;
         }
         let bytes = tok.piece(id, false);
         let auto = self.auto.clone();
         let mut a = auto.borrow_mut();
-        let s = self.current(&mut a);
-        !bytes.is_empty() && a.dfa.step_bytes(s, bytes).is_some()
+        let s = self.begin(&mut a);
+        let ok = !bytes.is_empty() && a.dfa.step_bytes(s, bytes).is_some();
+        self.failed(&a);
+        ok
     }
 
-    /// Bitset of the tokens that may come next (end-of-generation tokens when complete).
+    /// Bitset of the tokens that may come next (end-of-generation tokens when complete). When
+    /// the grammar goes over its budget the mask is empty and `error` says why.
     pub fn mask(&mut self, tok: &Tokenizer) -> Arc<Vec<u64>> {
         let auto = self.auto.clone();
         let mut a = auto.borrow_mut();
-        let s = self.current(&mut a);
+        if a.dfa.too_big() {
+            a.masks.clear();
+            a.mask_bytes = 0;
+            a.epoch += 1;
+            self.state = a.dfa.reset_keeping(self.parse.clone());
+            self.epoch = a.epoch;
+        }
+        let s = self.begin(&mut a);
         if let Some(m) = a.masks.get(&s) {
             return m.clone();
+        }
+        if self.error.is_some() {
+            return Arc::new(vec![0u64; self.trie.n_vocab.div_ceil(64)]);
         }
         self.masks_computed += 1;
         let mut bits = vec![0u64; self.trie.n_vocab.div_ceil(64)];
         a.dfa.walk(s, &self.trie, &mut bits);
+        if self.failed(&a) {
+            bits.iter_mut().for_each(|b| *b = 0);
+            return Arc::new(bits);
+        }
         if a.dfa.accepting(s) {
             for &e in tok.end_of_generation_tokens() {
                 bits[e as usize / 64] |= 1 << (e % 64);
             }
         }
         let m = Arc::new(bits);
-        if a.masks.len() >= 256 {
+        let size = m.len() * 8;
+        if a.mask_bytes + size > MAX_MASK_BYTES {
             a.masks.clear();
+            a.mask_bytes = 0;
         }
+        a.mask_bytes += size;
         a.masks.insert(s, m.clone());
         m
     }
 
     /// Drop cached masks (benchmarks: time the walk itself).
     pub fn forget_masks(&mut self) {
-        self.auto.borrow_mut().masks.clear();
+        let mut a = self.auto.borrow_mut();
+        a.masks.clear();
+        a.mask_bytes = 0;
     }
 
     /// Move past token `id` (which must be allowed).
     pub fn advance(&mut self, tok: &Tokenizer, id: u32) {
-        if tok.is_end_of_generation(id) || tok.is_control(id) {
+        if tok.is_end_of_generation(id) || tok.is_control(id) || self.error.is_some() {
             return;
         }
         let t = std::time::Instant::now();
         let auto = self.auto.clone();
         let mut a = auto.borrow_mut();
-        let s = self.current(&mut a);
+        let s = self.begin(&mut a);
         if let Some(next) = a.dfa.step_bytes(s, tok.piece(id, false)) {
             self.state = next;
             self.parse = a.dfa.state(next).clone();
             if a.dfa.too_big() {
                 a.masks.clear();
+                a.mask_bytes = 0;
                 a.epoch += 1;
                 self.state = a.dfa.reset_keeping(self.parse.clone());
                 self.epoch = a.epoch;
             }
+        } else if !self.failed(&a) {
+            self.error = Some(TooComplex("internal error: a token the grammar allowed was rejected when taken".into()));
         }
         self.spent += t.elapsed();
     }
@@ -234,6 +327,43 @@ impl std::fmt::Debug for Compiled {
 impl Compiled {
     pub fn new(g: Grammar) -> Compiled {
         Compiled(Arc::new(Matcher::new(g)))
+    }
+
+    /// Estimated memory of the compiled grammar, in bytes.
+    pub fn bytes(&self) -> usize {
+        let g = self.0.grammar();
+        let elem = std::mem::size_of::<gbnf::Elem>();
+        let mut n = 0;
+        for alts in &g.rules {
+            n += 24 + alts.len() * 24;
+            for alt in alts {
+                n += alt.len() * elem;
+                for e in alt {
+                    if let gbnf::Elem::Chars(c) = e {
+                        n += c.ranges.len() * 8;
+                    }
+                }
+            }
+        }
+        n + g.names.iter().map(|s| s.len() + 24).sum::<usize>()
+    }
+
+    /// Check that the grammar can be followed within `budget`: its start state and the full
+    /// vocabulary mask there (what the first constrained step may need). Run before a request's
+    /// generation starts, off the engine's thread, so that a grammar too complex to follow is
+    /// refused up front. Returns the work spent.
+    pub fn prepare(&self, trie: &TokenTrie, budget: Budget) -> Result<u64, TooComplex> {
+        let mut dfa = Dfa::within(self.0.clone(), budget.clone())?;
+        let spent = dfa.spent();
+        let mut rest = budget;
+        rest.spend(spent)?;
+        dfa.begin(rest);
+        let mut bits = vec![0u64; trie.n_vocab.div_ceil(64)];
+        dfa.walk(0, trie, &mut bits);
+        match dfa.failure() {
+            Some(e) => Err(e.clone()),
+            None => Ok(dfa.spent()),
+        }
     }
 
     /// A grammar in llama.cpp's GBNF format, starting at rule `root`.

@@ -16,7 +16,13 @@ struct P {
     /// The match sits inside a JSON string: characters that would need escaping there
     /// (quote, backslash, control characters) are never produced raw.
     json: bool,
+    /// Groups open around the current position.
+    depth: usize,
 }
+
+/// Most nested groups a regular expression may have (each becomes up to two GBNF groups,
+/// within the grammar parser's own limit).
+pub const MAX_GROUP_NESTING: usize = 40;
 
 /// Escape a code point for a GBNF literal or class.
 pub fn gbnf_char(c: char) -> String {
@@ -143,6 +149,9 @@ impl P {
         self.i += 1;
         Ok(match c {
             '(' => {
+                if self.depth >= MAX_GROUP_NESTING {
+                    return Err(self.err(&format!("groups are nested more than {MAX_GROUP_NESTING} deep")));
+                }
                 if self.peek() == Some('?') {
                     if self.s.get(self.i + 1) == Some(&':') {
                         self.i += 2;
@@ -150,7 +159,9 @@ impl P {
                         return Err(self.err("look-around and named groups are not supported"));
                     }
                 }
+                self.depth += 1;
                 let inner = self.alt()?;
+                self.depth -= 1;
                 if self.peek() != Some(')') {
                     return Err(self.err("missing ')'"));
                 }
@@ -313,7 +324,7 @@ fn expr(re: &str, json: bool) -> Result<String, RegexError> {
     if body.ends_with('$') && !body.ends_with("\\$") {
         body = &body[..body.len() - 1];
     }
-    let mut p = P { s: body.chars().collect(), i: 0, json };
+    let mut p = P { s: body.chars().collect(), i: 0, json, depth: 0 };
     let e = p.alt()?;
     if p.i < p.s.len() {
         return Err(p.err("unmatched ')'"));

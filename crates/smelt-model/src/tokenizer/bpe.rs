@@ -24,7 +24,7 @@ pub struct Bpe {
     /// Byte-level character for each byte.
     byte_chars: [char; 256],
     /// Pre-tokenized words never merge across their edges, so each is cached as a whole.
-    words: WordCache,
+    pub(super) words: WordCache,
     ignore_merges: bool,
 }
 

@@ -204,6 +204,14 @@ impl Tokenizer {
         Ok(Tokenizer { model, texts, types, by_text, specials, pieces, bos, eos, eot, add_bos, add_eos, end_of_generation })
     }
 
+    /// Bytes held by the cache of recently tokenized words (capped; see `word_cache`).
+    pub fn word_cache_bytes(&self) -> usize {
+        match &self.model {
+            Model::Spm(m) => m.words.bytes(),
+            Model::Bpe(m) => m.words.bytes(),
+        }
+    }
+
     pub fn n_vocab(&self) -> usize {
         self.texts.len()
     }

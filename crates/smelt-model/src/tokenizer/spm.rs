@@ -16,7 +16,7 @@ pub struct Spm {
     add_space_prefix: bool,
     /// Characters that some vocabulary text has right before a "▁" (sorted).
     joins_space: Vec<char>,
-    words: WordCache,
+    pub(super) words: WordCache,
 }
 
 /// A candidate merge of two adjacent symbols.

@@ -7,6 +7,7 @@
 //! their neighbours, so a hit gives exactly what merging would.
 
 use super::FastMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// Words kept before the cache starts over (a few MB at most).
@@ -17,6 +18,13 @@ const MAX_WORD_BYTES: usize = 64;
 #[derive(Debug, Default)]
 pub struct WordCache {
     map: Mutex<FastMap<Box<str>, Box<[u32]>>>,
+    /// Approximate heap bytes held by the map's keys and values (for `/metrics`).
+    bytes: AtomicUsize,
+}
+
+/// Heap bytes one entry costs, counting the two allocations' payloads and the table slot.
+fn entry_bytes(word: &str, ids: &[u32]) -> usize {
+    word.len() + 4 * ids.len() + 2 * std::mem::size_of::<usize>() * 2 + 8
 }
 
 impl WordCache {
@@ -36,8 +44,16 @@ impl WordCache {
         let mut map = self.lock();
         if map.len() >= MAX_WORDS {
             map.clear();
+            self.bytes.store(0, Ordering::Relaxed);
         }
-        map.insert(word.into(), out[at..].into());
+        if map.insert(word.into(), out[at..].into()).is_none() {
+            self.bytes.fetch_add(entry_bytes(word, &out[at..]), Ordering::Relaxed);
+        }
+    }
+
+    /// Approximate bytes held; bounded by `MAX_WORDS` entries of at most `MAX_WORD_BYTES`.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, FastMap<Box<str>, Box<[u32]>>> {
