@@ -7,6 +7,8 @@ use crate::types::{ChatMessage, ChatRequest, Content, Usage};
 use crate::{parse_json, sse_response, structured, tools};
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::Extension;
+use crate::keys::{Bill, Meter};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 use smelt_engine::scheduler::Event;
@@ -33,12 +35,16 @@ fn template_messages(messages: &[ChatMessage]) -> Result<Value, ApiError> {
                 for p in parts {
                     match (p.kind.as_str(), &p.text) {
                         ("text", Some(t)) => text.push_str(t),
+                        ("text", None) => return Err(ApiError::invalid(&format!("messages[{i}].content"), "a content part of type \"text\" needs a \"text\" string")),
                         (kind, _) => return Err(ApiError::invalid(&format!("messages[{i}].content"), format!("content parts of type {kind:?} are not supported; this server takes text"))),
                     }
                 }
                 text
             }
         };
+        if role == "tool" && m.tool_call_id.as_deref().is_none_or(str::is_empty) {
+            return Err(ApiError::invalid(&format!("messages[{i}].tool_call_id"), "Missing required parameter: a message with role \"tool\" needs the tool_call_id of the call it answers"));
+        }
         if m.content.is_none() && m.tool_calls.is_none() {
             return Err(ApiError::invalid(&format!("messages[{i}].content"), "a message needs content"));
         }
@@ -81,7 +87,7 @@ fn logprob_entry(entry: &ModelEntry, step: &Step) -> Value {
     json!({"token": token, "logprob": step.logprob, "bytes": bytes, "top_logprobs": top})
 }
 
-pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<Meter>, body: Bytes) -> Result<Response, ApiError> {
     let start = Instant::now();
     let req: ChatRequest = parse_json(&body)?;
     let entry = state.model(req.model.as_deref())?;
@@ -92,7 +98,7 @@ pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Respo
         (_, Some(k)) if k < 0 => return Err(ApiError::invalid("top_logprobs", format!("top_logprobs must be between 0 and 20, got {k}"))),
         (_, k) => k.unwrap_or(0) as usize,
     };
-    let mut plan = plan(&req.sampling, model.hp.n_vocab, want_logprobs.then_some(top))?;
+    let mut plan = plan(&req.sampling, model.hp.n_vocab, entry.engine.config.n_ctx, want_logprobs.then_some(top))?;
     let template = model.chat_template().map_err(|e| ApiError::internal(e.to_string()))?;
     let tools = tools::setup(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls, &template.source)?;
     let mut messages = template_messages(&req.messages)?;
@@ -105,31 +111,36 @@ pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Respo
     }
     if let Some(rf) = &req.response_format {
         if let Some(g) = structured::response_format(rf)? {
-            if plan.params.grammar.is_some() {
+            if plan.grammar.is_some() {
                 return Err(ApiError::invalid("response_format", "give either response_format or a grammar extension, not both"));
             }
-            plan.params.grammar = Some(g);
+            plan.grammar = Some(g);
         }
     }
     if let Some(g) = tools.as_ref().map(|t| t.forcing_grammar()).transpose()?.flatten() {
-        if plan.params.grammar.is_some() {
+        if plan.grammar.is_some() {
             return Err(ApiError::invalid("tool_choice", "a tool_choice that forces a call cannot be combined with response_format or a grammar"));
         }
-        plan.params.grammar = Some(g);
+        plan.grammar = Some(g);
     }
     let render_tools = if tools.is_some() && native { req.tools.as_ref() } else { None };
     let rendered = template.render(&messages, render_tools, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     let prompt = model.tokenizer.encode_prompt(&rendered);
     check_context(&entry, prompt.len())?;
+    if let Some(src) = plan.grammar.take() {
+        plan.params.grammar = Some(structured::compile(&entry, src).await?);
+    }
     let rx = submit(&entry, std::slice::from_ref(&prompt), &plan, None)?;
+    let mut bill = meter.bill(prompt.len());
     let id = new_id("chatcmpl");
     let created = now_secs();
     if plan.stream {
         let opts = StreamOpts { n: plan.n, prompt_tokens: prompt.len(), want_logprobs, include_usage: plan.include_usage, id, created, start };
-        return Ok(stream(state, entry, rx, opts, tools));
+        return Ok(stream(state, entry, rx, opts, tools, bill));
     }
     let choices = collect(&state, rx, plan.n, start).await?;
     let completion: usize = choices.iter().filter_map(|c| c.summary.as_ref()).map(|s| s.completion_tokens).sum();
+    bill.tokens += completion;
     let out: Vec<Value> = choices
         .iter()
         .enumerate()
@@ -187,10 +198,12 @@ fn add_system_text(messages: &mut Value, text: &str) {
     }
 }
 
-fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>, o: StreamOpts, tools: Option<tools::ToolSetup>) -> Response {
+fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>, o: StreamOpts, tools: Option<tools::ToolSetup>, bill: Bill) -> Response {
     let StreamOpts { n, prompt_tokens, want_logprobs, include_usage, id, created, start } = o;
     let (tx, out) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
+        // Moved in whole (not just the counter) so that dropping it charges the tokens.
+        let mut bill = bill;
         let chunk = |choices: Value| {
             let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": entry.id, "system_fingerprint": concat!("smelt-", env!("CARGO_PKG_VERSION")), "choices": choices});
             if include_usage {
@@ -228,6 +241,7 @@ fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::syn
             let msgs: Vec<String> = match ev {
                 Event::Token(step) => {
                     timing.token(&state, i);
+                    bill.tokens += 1;
                     let lp = if want_logprobs { json!({"content": [logprob_entry(&entry, &step)]}) } else { Value::Null };
                     let ds = match parsers[i].as_mut() {
                         Some(p) => {

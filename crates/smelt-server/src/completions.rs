@@ -7,6 +7,8 @@ use crate::types::{CompletionRequest, Input, Usage};
 use crate::{parse_json, sse_response};
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::Extension;
+use crate::keys::{Bill, Meter};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 use smelt_engine::scheduler::{Event, PromptLogprob};
@@ -104,7 +106,7 @@ impl LegacyLogprobs {
     }
 }
 
-pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<Meter>, body: Bytes) -> Result<Response, ApiError> {
     let start = Instant::now();
     let req: CompletionRequest = parse_json(&body)?;
     let entry = state.model(req.model.as_deref())?;
@@ -119,7 +121,7 @@ pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Respo
             return Err(ApiError::invalid("best_of", "best_of is not supported (use n)"));
         }
     }
-    let plan = plan(&req.sampling, model.hp.n_vocab, k)?;
+    let mut plan = plan(&req.sampling, model.hp.n_vocab, entry.engine.config.n_ctx, k)?;
     let prompts = match (&req.suffix, &req.prompt) {
         (Some(suffix), Input::Text(p)) => vec![with_suffix(&entry, p, suffix)?],
         (Some(_), _) => return Err(ApiError::invalid("suffix", "suffix needs a single text prompt")),
@@ -133,13 +135,17 @@ pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Respo
     }
     let prompt_lp = if req.echo && k.is_some() { k } else { None };
     let choices_n = prompts.len() * plan.n;
+    if let Some(src) = plan.grammar.take() {
+        plan.params.grammar = Some(crate::structured::compile(&entry, src).await?);
+    }
     let rx = submit(&entry, &prompts, &plan, prompt_lp)?;
     let id = new_id("cmpl");
     let created = now_secs();
     let prompt_total: usize = prompts.iter().map(|p| p.len()).sum();
+    let mut bill = meter.bill(prompt_total);
     if plan.stream {
         let echo_text: Vec<String> = prompts.iter().map(|p| if req.echo { model.tokenizer.decode(p, false) } else { String::new() }).collect();
-        return Ok(stream(state, entry, rx, plan.n, choices_n, prompt_total, k.is_some(), plan.include_usage, echo_text, id, created, start));
+        return Ok(stream(state, entry, rx, plan.n, choices_n, prompt_total, k.is_some(), plan.include_usage, echo_text, id, created, start, bill));
     }
     let choices = collect(&state, rx, choices_n, start).await?;
     let mut completion = 0;
@@ -172,6 +178,7 @@ pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Respo
             json!({"index": i, "text": text, "logprobs": logprobs, "finish_reason": fr})
         })
         .collect();
+    bill.tokens += completion;
     Ok(axum::Json(json!({
         "id": id,
         "object": "text_completion",
@@ -198,9 +205,12 @@ fn stream(
     id: String,
     created: u64,
     start: Instant,
+    bill: Bill,
 ) -> Response {
     let (tx, out) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
+        // Moved in whole (not just the counter) so that dropping it charges the tokens.
+        let mut bill = bill;
         let chunk = |choice: Value| {
             let mut c = json!({"id": id, "object": "text_completion", "created": created, "model": entry.id, "choices": [choice]});
             if include_usage {
@@ -220,6 +230,7 @@ fn stream(
             let msg = match ev {
                 Event::Token(step) => {
                     timing.token(&state, i);
+                    bill.tokens += 1;
                     if step.text.is_empty() && !want_logprobs {
                         continue;
                     }

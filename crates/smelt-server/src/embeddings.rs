@@ -8,12 +8,14 @@ use crate::state::AppState;
 use crate::types::EmbeddingRequest;
 use axum::body::Bytes;
 use axum::extract::State;
+use axum::Extension;
+use crate::keys::Meter;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use serde_json::{json, Value};
 use smelt_engine::scheduler::{EmbedRequest, Event, Job, SubmitError};
 
-pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {
+pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<Meter>, body: Bytes) -> Result<Response, ApiError> {
     let req: EmbeddingRequest = parse_json(&body)?;
     let entry = state.model(req.model.as_deref())?;
     let base64 = match req.encoding_format.as_deref() {
@@ -37,6 +39,8 @@ pub async fn handler(State(state): State<AppState>, body: Bytes) -> Result<Respo
             return Err(ApiError::bad_request(format!("input {i} has {} tokens; the maximum context length is {n_ctx}", inp.len())).code("context_length_exceeded"));
         }
     }
+    // Charged whether or not the client waits for the answer.
+    let _bill = meter.bill(inputs.iter().map(|i| i.len()).sum());
     let (sink, mut rx) = crate::sink::channel();
     match entry.engine.submit(Job::Embed(EmbedRequest { inputs, sink })) {
         Ok(()) => {}

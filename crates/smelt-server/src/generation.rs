@@ -27,6 +27,8 @@ impl Sink for TaggedSink {
 /// Parameters common to every choice of a request.
 pub struct Plan {
     pub params: GenerateParams,
+    /// The grammar extension to compile (see [`crate::structured::compile`]).
+    pub grammar: Option<crate::structured::Source>,
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
@@ -42,7 +44,8 @@ fn range(name: &str, v: f64, lo: f64, hi: f64) -> Result<f32, ApiError> {
 /// Check and convert the sampling fields (OpenAI's defaults: temperature 1, top_p 1, no
 /// penalties), for a model with `n_vocab` tokens; `logprobs`: whether token log-probabilities
 /// are wanted, and with how many alternatives.
-pub fn plan(f: &SamplingFields, n_vocab: usize, logprobs: Option<usize>) -> Result<Plan, ApiError> {
+/// Check a request's sampling fields against the model (`n_vocab`, context `n_ctx`).
+pub fn plan(f: &SamplingFields, n_vocab: usize, n_ctx: usize, logprobs: Option<usize>) -> Result<Plan, ApiError> {
     let top_logprobs = logprobs.unwrap_or(0);
     let mut s = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, penalty_last_n: 64, ..Default::default() };
     if let Some(t) = f.temperature {
@@ -98,7 +101,10 @@ pub fn plan(f: &SamplingFields, n_vocab: usize, logprobs: Option<usize>) -> Resu
     };
     let max_tokens = match max {
         Some((name, m)) if m < 1 => return Err(ApiError::invalid(name, format!("{name} must be at least 1, got {m}"))),
-        Some((_, m)) => m.min(u32::MAX as i64) as usize,
+        Some((name, m)) if m as u64 > n_ctx as u64 => {
+            return Err(ApiError::invalid(name, format!("{name} is too large: {m}. This model's context holds at most {n_ctx} tokens, prompt included")))
+        }
+        Some((_, m)) => m as usize,
         None => usize::MAX,
     };
     let stop = f.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
@@ -113,7 +119,8 @@ pub fn plan(f: &SamplingFields, n_vocab: usize, logprobs: Option<usize>) -> Resu
     }
     let grammar = crate::structured::extension(f)?;
     Ok(Plan {
-        params: GenerateParams { max_tokens, sampling: s, stop, ignore_eos: f.ignore_eos, logprobs: logprobs.is_some(), top_logprobs, grammar },
+        params: GenerateParams { max_tokens, sampling: s, stop, ignore_eos: f.ignore_eos, logprobs: logprobs.is_some(), top_logprobs, grammar: None },
+        grammar,
         n: n as usize,
         stream: f.stream,
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),

@@ -9,6 +9,7 @@ mod completions;
 mod embeddings;
 pub mod error;
 mod generation;
+pub mod keys;
 mod metrics;
 mod misc;
 mod sink;
@@ -36,7 +37,20 @@ pub(crate) fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiErro
     if std::str::from_utf8(body).is_err() {
         return Err(ApiError::bad_request("The request body is not valid UTF-8"));
     }
-    serde_json::from_slice(body).map_err(|e| {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let parsed = serde_path_to_error::deserialize(&mut de).map_err(|e| (e.path().to_string(), e.into_inner()));
+    // Trailing bytes after the JSON value are an error too.
+    let parsed = parsed.and_then(|v| de.end().map(|()| v).map_err(|e| (String::new(), e)));
+    parsed.map_err(|(path, e)| {
+        // Fields inside the flattened sampling fields lose their path in serde: read those
+        // alone to find it; otherwise locate the field from the error's position.
+        let (path, e) = match path.as_str() {
+            "" | "." => match serde_path_to_error::deserialize::<_, types::SamplingFields>(&mut serde_json::Deserializer::from_slice(body)) {
+                Err(inner) if inner.path().to_string() != "." => (inner.path().to_string(), inner.into_inner()),
+                _ => (json_path_at(body, e.line(), e.column()).unwrap_or_default(), e),
+            },
+            _ => (path, e),
+        };
         let msg = e.to_string();
         let msg = if msg.contains("did not match any variant of untagged enum Input") {
             "prompt/input must be a string, an array of strings, an array of token ids, or an array of arrays of token ids".to_string()
@@ -47,8 +61,75 @@ pub(crate) fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiErro
         } else {
             msg
         };
-        ApiError::bad_request(format!("Invalid request body: {msg}")).code("invalid_json")
+        // The field at fault, as OpenAI names it (`messages[0].content`), where there is one.
+        let param = (path != "." && !path.is_empty()).then_some(path);
+        let at = param.as_deref().map(|p| format!(" (at {p})")).unwrap_or_default();
+        ApiError { param, ..ApiError::bad_request(format!("Invalid request body{at}: {msg}")).code("invalid_json") }
     })
+}
+
+/// The field (`messages[0].role`) whose value spans 1-based `line`/`column` of a JSON text,
+/// found by a plain scan (no recursion: the text may be nested arbitrarily deep).
+fn json_path_at(text: &[u8], line: usize, column: usize) -> Option<String> {
+    enum Frame {
+        Object { key: Option<String>, wants_key: bool },
+        Array(usize),
+    }
+    let mut stack: Vec<Frame> = Vec::new();
+    let (mut l, mut c, mut i) = (1, 0, 0);
+    while i < text.len() && (l < line || (l == line && c < column)) {
+        let b = text[i];
+        match b {
+            b'\n' => {
+                l += 1;
+                c = 0;
+                i += 1;
+                continue;
+            }
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < text.len() && text[i] != b'"' {
+                    i += if text[i] == b'\\' { 2 } else { 1 };
+                }
+                if let Some(Frame::Object { key, wants_key: wants @ true }) = stack.last_mut() {
+                    *key = Some(String::from_utf8_lossy(&text[start..i.min(text.len())]).into_owned());
+                    *wants = false;
+                }
+                c += i.min(text.len()) - start + 1;
+            }
+            b'{' => stack.push(Frame::Object { key: None, wants_key: true }),
+            b'[' => stack.push(Frame::Array(0)),
+            b'}' | b']' => {
+                stack.pop();
+            }
+            b',' => match stack.last_mut() {
+                Some(Frame::Object { wants_key, .. }) => *wants_key = true,
+                Some(Frame::Array(n)) => *n += 1,
+                None => {}
+            },
+            _ => {}
+        }
+        c += 1;
+        i += 1;
+    }
+    if stack.len() > 32 {
+        return None; // not a field of any request
+    }
+    let mut path = String::new();
+    for f in &stack {
+        match f {
+            Frame::Object { key: Some(k), .. } => {
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(k);
+            }
+            Frame::Object { key: None, .. } => return None,
+            Frame::Array(n) => path.push_str(&format!("[{n}]")),
+        }
+    }
+    (!path.is_empty()).then_some(path)
 }
 
 /// Server-sent events from a channel of JSON strings ("[DONE]" ends the stream).
@@ -57,32 +138,48 @@ pub(crate) fn sse_response(mut rx: tokio::sync::mpsc::UnboundedReceiver<String>)
     Sse::new(stream).keep_alive(KeepAlive::default()).into_response()
 }
 
-/// Constant-time comparison, so response timing says nothing about the key.
-fn same_secret(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | (a.len() != b.len()) as u8;
-    for i in 0..a.len().max(b.len()) {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
-    }
-    diff == 0
-}
-
-/// API key check, body size limit, and request metrics.
-async fn gate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+/// API key check and per-key limits, body size limit, and request metrics.
+async fn gate(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
     let route = metrics::route_label(req.uri().path());
     let open = matches!(route, "/health" | "/metrics");
-    let resp = match (&state.config().api_key, open) {
-        (Some(key), false) => {
-            let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
-            if same_secret(given.trim().as_bytes(), key.as_bytes()) {
-                limit_body(&state, req, next).await
-            } else {
-                ApiError::unauthorized().into_response()
-            }
+    let admitted = match (&state.config().keys, open) {
+        (Some(keys), false) => keys.admit(req.headers().get(header::AUTHORIZATION)),
+        _ => Ok(keys::Meter::none()),
+    };
+    let resp = match admitted {
+        Ok(meter) => {
+            req.extensions_mut().insert(meter.clone());
+            // The meter (and with it the key's concurrency slot) lives as long as the response
+            // body: to the end of a stream, or until the client goes away.
+            limit_body(&state, req, next).await.map(|body| Body::new(Held { body, _meter: meter }))
         }
-        _ => limit_body(&state, req, next).await,
+        Err(e) => e.into_response(),
     };
     state.metrics().count(route, resp.status().as_u16());
     resp
+}
+
+/// A response body that keeps something alive until it is finished or dropped.
+struct Held<T> {
+    body: Body,
+    _meter: T,
+}
+
+impl<T: Unpin + Send + 'static> http_body::Body for Held<T> {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 async fn limit_body(state: &AppState, req: Request, next: Next) -> Response {
@@ -117,6 +214,9 @@ pub fn app(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), gate))
+        // `gate` enforces the configured limit with an OpenAI-shaped 413; axum's own default
+        // (2 MiB, plain text) would otherwise apply first.
+        .layer(axum::extract::DefaultBodyLimit::disable())
         .with_state(state)
 }
 
@@ -128,16 +228,20 @@ pub async fn serve(state: AppState, listener: tokio::net::TcpListener) -> std::i
     .await
 }
 
+
 #[cfg(test)]
 mod tests {
-    use super::same_secret;
+    use super::json_path_at;
 
     #[test]
-    fn secrets_compare_exactly() {
-        assert!(same_secret(b"abc", b"abc"));
-        assert!(!same_secret(b"abc", b"abd"));
-        assert!(!same_secret(b"abc", b"abcd"));
-        assert!(!same_secret(b"", b"a"));
-        assert!(same_secret(b"", b""));
+    fn error_positions_map_to_field_paths() {
+        let body = br#"{"model": "m", "max_tokens": "many", "messages": [{"role": "user"}, {"role": 5}]}"#;
+        let col = |needle: &str| std::str::from_utf8(body).unwrap().find(needle).unwrap() + needle.len();
+        assert_eq!(json_path_at(body, 1, col(r#""many""#)).as_deref(), Some("max_tokens"));
+        assert_eq!(json_path_at(body, 1, col(r#""role": 5"#)).as_deref(), Some("messages[1].role"));
+        assert_eq!(json_path_at(b"{\n\"a\": [1,\n 2, \"x\"]}", 3, 7).as_deref(), Some("a[2]"));
+        assert_eq!(json_path_at(b"[[", 1, 2).as_deref(), Some("[0][0]"));
+        let deep = "[".repeat(100_000);
+        assert_eq!(json_path_at(deep.as_bytes(), 1, 100_000), None);
     }
 }

@@ -61,7 +61,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let mut out = String::new();
     state.metrics().render_requests(&mut out);
-    let gauges: [(&str, &str, &str); 10] = [
+    let gauges: [(&str, &str, &str); 14] = [
         ("smelt_prompt_tokens_total", "counter", "Prompt tokens received."),
         ("smelt_generated_tokens_total", "counter", "Tokens generated."),
         ("smelt_queue_depth", "gauge", "Requests waiting for admission."),
@@ -72,6 +72,10 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         ("smelt_prefix_cache_hit_ratio", "gauge", "Share of prompt tokens whose KV came from the prefix cache."),
         ("smelt_prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache."),
         ("smelt_preemptions_total", "counter", "Sequences preempted for lack of KV memory."),
+        ("smelt_grammar_automata_bytes", "gauge", "Estimated bytes of grammar automata and token masks held by the engine (capped)."),
+        ("smelt_grammar_automata", "gauge", "Grammar automata held by the engine."),
+        ("smelt_tokenizer_word_cache_bytes", "gauge", "Estimated bytes of the tokenizer's cache of recent words (capped)."),
+        ("smelt_embeddings_pending", "gauge", "Embedding requests queued or in progress."),
     ];
     for (name, kind, help) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
@@ -89,10 +93,17 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
                 "smelt_kv_cache_usage_ratio" => used as f64 / total.max(1) as f64,
                 "smelt_prefix_cache_hit_ratio" => hits as f64 / lookups.max(1) as f64,
                 "smelt_prefix_cache_hit_tokens_total" => hits as f64,
+                "smelt_grammar_automata_bytes" => s.grammar_cache_bytes.load(Ordering::Relaxed) as f64,
+                "smelt_grammar_automata" => s.grammar_cache_entries.load(Ordering::Relaxed) as f64,
+                "smelt_tokenizer_word_cache_bytes" => m.engine.model.tokenizer.word_cache_bytes() as f64,
+                "smelt_embeddings_pending" => s.embeddings_pending.load(Ordering::Relaxed) as f64,
                 _ => s.preemptions.load(Ordering::Relaxed) as f64,
             };
             let _ = writeln!(out, "{name}{{model=\"{}\"}} {v}", m.id);
         }
     }
+    let (compiled, compiled_bytes) = crate::structured::cache_stats();
+    let _ = writeln!(out, "# HELP smelt_compiled_grammars_bytes Estimated bytes of compiled grammars kept for reuse across requests (capped).\n# TYPE smelt_compiled_grammars_bytes gauge\nsmelt_compiled_grammars_bytes {compiled_bytes}");
+    let _ = writeln!(out, "# HELP smelt_compiled_grammars Compiled grammars kept for reuse across requests.\n# TYPE smelt_compiled_grammars gauge\nsmelt_compiled_grammars {compiled}");
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -14,7 +14,8 @@ pub struct ModelEntry {
 
 #[derive(Clone, Debug)]
 pub struct ServerConfig {
-    pub api_key: Option<String>,
+    /// Accepted API keys with their limits; `None` serves everyone.
+    pub keys: Option<crate::keys::Keys>,
     /// Largest request body accepted, in bytes.
     pub max_body: usize,
 }

@@ -11,7 +11,7 @@
 
 use crate::error::ApiError;
 use serde_json::{json, Value};
-use smelt_engine::grammar::{json_schema, Compiled};
+use smelt_engine::grammar::json_schema;
 
 pub struct Tool {
     pub name: String,
@@ -190,7 +190,7 @@ impl ToolSetup {
     /// A grammar that admits only calls (of the named function, or of any when "required"),
     /// with arguments valid for the function's schema. None when the model may also answer
     /// in text ("auto").
-    pub fn forcing_grammar(&self) -> Result<Option<Compiled>, ApiError> {
+    pub fn forcing_grammar(&self) -> Result<Option<crate::structured::Source>, ApiError> {
         let allowed: Vec<(usize, &Tool)> = match &self.choice {
             ToolChoice::Required => self.tools.iter().enumerate().collect(),
             ToolChoice::Named(n) => self.tools.iter().enumerate().filter(|(_, t)| &t.name == n).collect(),
@@ -219,7 +219,7 @@ impl ToolSetup {
             (Syntax::Mistral, false) => "\"[TOOL_CALLS]\" ws \"[\" ws call ws \"]\"",
         };
         let src = format!("root ::= {root}\n{rules}{}", json_schema::primitives());
-        crate::structured::cached(format!("gbnf:{src}"), || Compiled::gbnf(&src).map_err(|e| ApiError::internal(format!("tool grammar: {e}")))).map(Some)
+        Ok(Some(crate::structured::Source { param: "tools", kind: crate::structured::Kind::Generated(src) }))
     }
 
     fn call_from(&self, v: &Value) -> Option<Call> {
@@ -527,6 +527,7 @@ mod tests {
     #[test]
     fn forcing_grammars_admit_exactly_valid_calls_in_each_syntax() {
         use smelt_engine::grammar::matcher::Matcher;
+        use smelt_engine::grammar::Compiled;
         let accepts = |g: &Compiled, text: &str| {
             let m: &Matcher = &g.0;
             m.accept_bytes(&m.start(), text.as_bytes()).is_some_and(|s| m.accepting(&s))
@@ -545,7 +546,7 @@ mod tests {
             ("<|python_tag|>", "{\"name\": \"add\", \"parameters\": {\"a\": -4, \"b\": 2}}", "{\"name\": \"add\", \"arguments\": {\"a\": -4, \"b\": 2}}"),
         ] {
             let s = setup(Some(&t), Some(&json!({"type": "function", "function": {"name": "add"}})), Some(false), template).unwrap().unwrap();
-            let g = s.forcing_grammar().unwrap().unwrap();
+            let g = s.forcing_grammar().unwrap().unwrap().build().unwrap();
             assert!(accepts(&g, good), "{template}: {good}");
             assert!(!accepts(&g, bad), "{template}: {bad}");
             // The named function only.
@@ -556,7 +557,7 @@ mod tests {
         }
         // "required" with parallel calls: several calls, of any tool.
         let s = setup(Some(&t), Some(&json!("required")), None, "{% if tools %}<tool_call>{% endif %}").unwrap().unwrap();
-        let g = s.forcing_grammar().unwrap().unwrap();
+        let g = s.forcing_grammar().unwrap().unwrap().build().unwrap();
         let two = "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}</tool_call>\n<tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}</tool_call>";
         assert!(accepts(&g, two));
         assert!(!accepts(&g, "Sure! <tool_call>{\"name\": \"add\", \"arguments\": {\"a\": 1, \"b\": 2}}</tool_call>"));

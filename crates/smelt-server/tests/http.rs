@@ -8,6 +8,7 @@ use smelt_engine::scheduler::{Engine, EngineConfig};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::Model;
 use smelt_model::synthetic::{tiny_model, TinySpec};
+use smelt_server::keys::{KeySpec, Keys};
 use smelt_server::{app, AppState, ModelEntry, ServerConfig};
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -20,7 +21,7 @@ fn state(api_key: Option<&str>, config: EngineConfig) -> AppState {
     let model = Arc::new(Model::load(&path).unwrap());
     let _ = std::fs::remove_file(&path);
     let engine = Engine::start(model, Arc::new(ThreadPool::new(1)), config);
-    let s = AppState::new(ServerConfig { api_key: api_key.map(String::from), max_body: 4096 });
+    let s = AppState::new(ServerConfig { keys: api_key.map(|k| Keys::new(vec![KeySpec::plain(k)])), max_body: 4096 });
     s.add_model(ModelEntry { id: "tiny".into(), engine, created: 0 });
     s.set_ready();
     s
@@ -207,7 +208,7 @@ async fn a_full_queue_answers_429_with_retry_after() {
 
 #[tokio::test]
 async fn health_waits_for_the_model_and_metrics_describe_the_server() {
-    let s = AppState::new(ServerConfig { api_key: None, max_body: 1 << 20 });
+    let s = AppState::new(ServerConfig { keys: None, max_body: 1 << 20 });
     let (status, v, _) = call(&s, "GET", "/health", Body::empty(), None).await;
     assert_eq!((status, v["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("loading")));
     let (status, v, _) = call(&s, "POST", "/v1/completions", json!({"prompt": "x"}).to_string(), None).await;
@@ -242,4 +243,99 @@ async fn tokenize_round_trips() {
     assert!(tokens.as_array().unwrap().len() >= 3);
     let (_, v, _) = call(&s, "POST", "/detokenize", json!({"tokens": tokens}).to_string(), None).await;
     assert_eq!(v["content"], "the model is");
+}
+
+/// A request with an `Authorization` header given as raw bytes.
+async fn call_auth(s: &AppState, auth: &[u8], body: String) -> (StatusCode, Value, axum::http::HeaderMap) {
+    let req = Request::builder().method("POST").uri("/v1/completions").header(header::CONTENT_TYPE, "application/json").header(header::AUTHORIZATION, axum::http::HeaderValue::from_bytes(auth).unwrap());
+    let resp = app(s.clone()).oneshot(req.body(Body::from(body)).unwrap()).await.unwrap();
+    let (status, headers) = (resp.status(), resp.headers().clone());
+    let bytes = to_bytes(resp.into_body(), 1 << 24).await.unwrap();
+    (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null), headers)
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_case_insensitive_and_odd_headers_get_401() {
+    let s = state(Some("sekrit"), config());
+    let body = || json!({"prompt": "the", "max_tokens": 1}).to_string();
+    for ok in [&b"bearer sekrit"[..], b"BEARER sekrit", b"Bearer  sekrit "] {
+        assert_eq!(call_auth(&s, ok, body()).await.0, StatusCode::OK, "{}", String::from_utf8_lossy(ok));
+    }
+    for bad in [&b"Bearer sekri\xfft"[..], b"Basic sekrit", b"sekrit", b"Bearer"] {
+        let (status, v, _) = call_auth(&s, bad, body()).await;
+        error(status, &v, StatusCode::UNAUTHORIZED);
+    }
+}
+
+#[tokio::test]
+async fn keys_from_a_file_have_their_own_limits() {
+    let keys = smelt_server::keys::parse_key_file("sk-alice name=alice rpm=2\nsk-bob name=bob concurrency=1\nsk-carol name=carol tpm=10\n").unwrap();
+    let s = AppState::new(ServerConfig { keys: Some(Keys::new(keys)), max_body: 1 << 20 });
+    let path = std::env::temp_dir().join(format!("smelt-http-keys-{}.gguf", std::process::id()));
+    std::fs::write(&path, tiny_model(&TinySpec::new("qwen3")).to_bytes()).unwrap();
+    let model = Arc::new(Model::load(&path).unwrap());
+    let _ = std::fs::remove_file(&path);
+    s.add_model(ModelEntry { id: "tiny".into(), engine: Engine::start(model, Arc::new(ThreadPool::new(1)), config()), created: 0 });
+    s.set_ready();
+    let body = |n: usize| json!({"prompt": "the", "max_tokens": n, "ignore_eos": true}).to_string();
+    // alice: two requests a minute, then 429 with Retry-After; bob is not affected.
+    for _ in 0..2 {
+        assert_eq!(call(&s, "POST", "/v1/completions", body(1), Some("sk-alice")).await.0, StatusCode::OK);
+    }
+    let (status, v, headers) = call(&s, "POST", "/v1/completions", body(1), Some("sk-alice")).await;
+    assert!(error(status, &v, StatusCode::TOO_MANY_REQUESTS).contains("alice"));
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded");
+    let wait: u32 = headers[header::RETRY_AFTER].to_str().unwrap().parse().unwrap();
+    assert!((1..=30).contains(&wait), "{wait}");
+    assert_eq!(call(&s, "POST", "/v1/completions", body(1), Some("sk-bob")).await.0, StatusCode::OK);
+    // bob: one request at a time; a stream holds its slot until it ends.
+    let req = Request::builder().method("POST").uri("/v1/completions").header(header::CONTENT_TYPE, "application/json").header(header::AUTHORIZATION, "Bearer sk-bob");
+    let stream = app(s.clone()).oneshot(req.body(Body::from(json!({"prompt": "the", "max_tokens": 30, "ignore_eos": true, "stream": true}).to_string())).unwrap()).await.unwrap();
+    assert_eq!(stream.status(), StatusCode::OK);
+    let (status, v, _) = call(&s, "POST", "/v1/completions", body(1), Some("sk-bob")).await;
+    assert!(error(status, &v, StatusCode::TOO_MANY_REQUESTS).contains("concurrency"));
+    let text = to_bytes(stream.into_body(), 1 << 24).await.unwrap();
+    assert!(String::from_utf8_lossy(&text).contains("[DONE]"));
+    assert_eq!(call(&s, "POST", "/v1/completions", body(1), Some("sk-bob")).await.0, StatusCode::OK);
+    // carol: 10 tokens a minute, charged after use; the request that overdraws is served,
+    // the next waits.
+    assert_eq!(call(&s, "POST", "/v1/completions", body(12), Some("sk-carol")).await.0, StatusCode::OK);
+    let (status, v, headers) = call(&s, "POST", "/v1/completions", body(1), Some("sk-carol")).await;
+    assert!(error(status, &v, StatusCode::TOO_MANY_REQUESTS).contains("tokens per minute"));
+    assert!(headers.get(header::RETRY_AFTER).is_some());
+}
+
+#[tokio::test]
+async fn bodies_over_two_mib_and_wrong_types_get_openai_errors() {
+    let s = AppState::new(ServerConfig { keys: None, max_body: 16 << 20 });
+    let path = std::env::temp_dir().join(format!("smelt-http-body-{}.gguf", std::process::id()));
+    std::fs::write(&path, tiny_model(&TinySpec::new("qwen3")).to_bytes()).unwrap();
+    let model = Arc::new(Model::load(&path).unwrap());
+    let _ = std::fs::remove_file(&path);
+    s.add_model(ModelEntry { id: "tiny".into(), engine: Engine::start(model, Arc::new(ThreadPool::new(1)), config()), created: 0 });
+    s.set_ready();
+    // 3 MiB is under the configured limit: read and judged on its content.
+    let big = json!({"prompt": "x ".repeat(3 << 19), "max_tokens": 1}).to_string();
+    let (status, v, _) = call(&s, "POST", "/v1/completions", big, None).await;
+    error(status, &v, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["code"], "context_length_exceeded");
+    let (status, v, _) = call(&s, "POST", "/v1/completions", vec![b' '; 17 << 20], None).await;
+    error(status, &v, StatusCode::PAYLOAD_TOO_LARGE);
+    // Wrong types name the field; max_tokens is capped at the context.
+    for (body, param) in [
+        (json!({"prompt": "x", "max_tokens": "many"}), "max_tokens"),
+        (json!({"prompt": "x", "stop": 5}), "stop"),
+        (json!({"prompt": "x", "max_tokens": 9_223_372_036_854_775_807_i64}), "max_tokens"),
+        (json!({"prompt": "x", "max_tokens": 65}), "max_tokens"),
+    ] {
+        let (status, v, _) = call(&s, "POST", "/v1/completions", body.to_string(), None).await;
+        error(status, &v, StatusCode::BAD_REQUEST);
+        assert_eq!(v["error"]["param"], param, "{v}");
+    }
+    let (status, v, _) = call(&s, "POST", "/v1/chat/completions", json!({"messages": [{"role": "user", "content": [{"type": "text"}]}]}).to_string(), None).await;
+    assert!(error(status, &v, StatusCode::BAD_REQUEST).contains("needs a \"text\""));
+    let msgs = json!([{"role": "user", "content": "x"}, {"role": "tool", "content": "42"}]);
+    let (status, v, _) = call(&s, "POST", "/v1/chat/completions", json!({"messages": msgs}).to_string(), None).await;
+    error(status, &v, StatusCode::BAD_REQUEST);
+    assert_eq!(v["error"]["param"], "messages[1].tool_call_id");
 }

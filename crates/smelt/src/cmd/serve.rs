@@ -6,6 +6,7 @@ use smelt_engine::scheduler::{Engine, EngineConfig};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::Model;
 use smelt_model::kv::{BlockPool, BLOCK_SIZE};
+use smelt_server::keys::{parse_key_file, KeySpec, Keys};
 use smelt_server::{AppState, ModelEntry, ServerConfig};
 use std::sync::Arc;
 
@@ -21,7 +22,8 @@ pub struct Args {
     /// Require this API key (clients send `Authorization: Bearer KEY`).
     #[arg(long, env = "SMELT_API_KEY", hide_env_values = true)]
     api_key: Option<String>,
-    /// Read the API key from a file (first line).
+    /// Read API keys from a file: one per line, each optionally followed by `name=NAME`,
+    /// `rpm=N`, `tpm=N` (tokens per minute) and `concurrency=N`; `#` starts a comment.
     #[arg(long, conflicts_with = "api_key")]
     api_key_file: Option<std::path::PathBuf>,
     /// Context size per sequence in tokens (default 4096, at most the model's).
@@ -102,17 +104,19 @@ pub fn run(mut a: Args) -> Result<()> {
     for (i, id) in ids.iter().enumerate() {
         anyhow::ensure!(!ids[..i].contains(id), "model {id:?} is given twice");
     }
-    let api_key = match (&a.api_key, &a.api_key_file) {
-        (Some(k), _) => Some(k.clone()),
+    let keys = match (&a.api_key, &a.api_key_file) {
+        (Some(k), _) => Some(vec![KeySpec::plain(k.trim())]),
         (None, Some(f)) => {
             let text = std::fs::read_to_string(f).with_context(|| format!("cannot read the API key file {}", f.display()))?;
-            let key = text.lines().next().unwrap_or("").trim().to_string();
-            anyhow::ensure!(!key.is_empty(), "the API key file {} is empty", f.display());
-            Some(key)
+            Some(parse_key_file(&text).map_err(|e| anyhow::anyhow!("the API key file {}: {e}", f.display()))?)
         }
         _ => None,
     };
-    let state = AppState::new(ServerConfig { api_key, max_body: a.max_body });
+    if let Some(keys) = &keys {
+        let limited = keys.iter().filter(|k| k.rpm.is_some() || k.tpm.is_some() || k.concurrency.is_some()).count();
+        eprintln!("{} API key(s), {limited} with limits", keys.len());
+    }
+    let state = AppState::new(ServerConfig { keys: keys.map(Keys::new), max_body: a.max_body });
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let addr = format!("{}:{}", a.host, a.port);
