@@ -261,10 +261,10 @@ impl Runner {
             let t = std::time::Instant::now();
             let generating = !self.running.is_empty();
             self.step();
-            if generating && !self.embeds.is_empty() {
-                self.embed_credit = (self.embed_credit + t.elapsed().as_secs_f64() * EMBED_SHARE).min(1.0);
-            } else {
+            if self.embeds.is_empty() {
                 self.embed_credit = 0.0;
+            } else if generating {
+                self.embed_credit = (self.embed_credit + t.elapsed().as_secs_f64() * EMBED_SHARE).min(EMBED_MAX_CREDIT);
             }
             self.embed_step();
             self.publish_stats();
@@ -647,7 +647,7 @@ impl Runner {
             }
             job.sum = vec![0f64; self.model.hp.n_embd];
         }
-        let limit = if busy { self.config.step_tokens.min(EMBED_CHUNK_BUSY) } else { self.config.step_tokens };
+        let limit = self.config.step_tokens.min(if busy { EMBED_CHUNK_BUSY } else { EMBED_CHUNK });
         let take = (input.len() - job.done).min(limit.max(1));
         let batch: Vec<BatchToken> = input[job.done..job.done + take].iter().enumerate().map(|(i, &token)| BatchToken { token, pos: job.done + i, seq: 0, logits: true }).collect();
         let result = {
@@ -688,16 +688,23 @@ impl Runner {
             let out = std::mem::take(&mut job.out);
             job.req.sink.send(Event::Embeddings(out, job.total));
         }
-        if busy {
-            self.embed_credit -= t.elapsed().as_secs_f64();
-        }
+        // Charged even when idle, so that generation arriving after a run of chunks is not
+        // followed at once by another one (the debt is bounded, so embeddings still progress).
+        self.embed_credit = (self.embed_credit - t.elapsed().as_secs_f64()).max(-EMBED_MAX_DEBT);
     }
 }
 
 /// Share of the engine's time embeddings may take while sequences are generating (relative to
-/// the time of the generation steps), and the most tokens per embedding chunk then.
-const EMBED_SHARE: f64 = 0.5;
-const EMBED_CHUNK_BUSY: usize = 32;
+/// the time of the generation steps), and the most tokens per embedding chunk then and when
+/// idle. Chunks are small because a request that arrives mid-chunk waits for it: 16 tokens
+/// of a 0.3B model are ~0.1 s on two slow cores, while the weights read per chunk stay a small
+/// part of its cost.
+const EMBED_SHARE: f64 = 0.25;
+const EMBED_CHUNK_BUSY: usize = 16;
+const EMBED_CHUNK: usize = 16;
+/// Seconds of engine time embeddings may bank while waiting, or owe after running.
+const EMBED_MAX_CREDIT: f64 = 0.05;
+const EMBED_MAX_DEBT: f64 = 0.5;
 
 /// An embedding request in progress.
 struct EmbedJob {

@@ -184,6 +184,11 @@ impl<T: Unpin + Send + 'static> http_body::Body for Held<T> {
 
 async fn limit_body(state: &AppState, req: Request, next: Next) -> Response {
     let limit = state.config().max_body;
+    // A declared length over the limit is refused at once, without reading the body.
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::too_large(limit).into_response();
+    }
     let (parts, body) = req.into_parts();
     match axum::body::to_bytes(body, limit).await {
         Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
