@@ -522,22 +522,43 @@ fn find_undefined(e: &Expr, ids: &HashMap<String, usize>, defs: &[(String, usize
 
 /// Rules that can derive the empty string.
 fn nullable(g: &Grammar) -> Vec<bool> {
-    let mut n = vec![false; g.rules.len()];
-    loop {
-        let mut changed = false;
-        for (i, alts) in g.rules.iter().enumerate() {
-            if n[i] {
+    // Worklist, linear in the grammar's size: each alternative counts the rule references it
+    // still waits on; one with a character class never becomes empty.
+    let mut null = vec![false; g.rules.len()];
+    let mut waits: Vec<Vec<usize>> = Vec::with_capacity(g.rules.len());
+    let mut uses: Vec<Vec<(usize, usize)>> = vec![Vec::new(); g.rules.len()];
+    let mut todo = Vec::new();
+    for (i, alts) in g.rules.iter().enumerate() {
+        let mut w = Vec::with_capacity(alts.len());
+        for (j, a) in alts.iter().enumerate() {
+            if a.iter().any(|e| matches!(e, Elem::Chars(_))) {
+                w.push(usize::MAX);
                 continue;
             }
-            if alts.iter().any(|a| a.iter().all(|e| matches!(e, Elem::Rule(r) if n[*r]))) {
-                n[i] = true;
-                changed = true;
+            w.push(a.len());
+            for e in a {
+                if let Elem::Rule(r) = e {
+                    uses[*r].push((i, j));
+                }
+            }
+            if a.is_empty() && !null[i] {
+                null[i] = true;
+                todo.push(i);
             }
         }
-        if !changed {
-            return n;
+        waits.push(w);
+    }
+    while let Some(r) = todo.pop() {
+        for &(i, j) in &uses[r] {
+            let w = &mut waits[i][j];
+            *w -= 1;
+            if *w == 0 && !null[i] {
+                null[i] = true;
+                todo.push(i);
+            }
         }
     }
+    null
 }
 
 /// A rule that can reach itself without consuming input, if any.
@@ -565,16 +586,33 @@ fn left_recursive(g: &Grammar) -> Option<usize> {
             v
         })
         .collect();
-    for i in 0..g.rules.len() {
-        let mut seen = vec![false; g.rules.len()];
-        let mut todo = starts[i].clone();
-        while let Some(r) = todo.pop() {
-            if r == i {
-                return Some(i);
-            }
-            if !seen[r] {
-                seen[r] = true;
-                todo.extend(&starts[r]);
+    // A cycle in the graph of rules reachable at the start: one depth-first pass, iterative
+    // (a grammar may chain thousands of rules) and linear in the size of the graph.
+    let n = g.rules.len();
+    let mut state = vec![0u8; n]; // 0: not visited, 1: on the current path, 2: done
+    for root in 0..n {
+        if state[root] != 0 {
+            continue;
+        }
+        state[root] = 1;
+        let mut path: Vec<(usize, usize)> = vec![(root, 0)];
+        while let Some((r, k)) = path.last_mut() {
+            match starts[*r].get(*k) {
+                Some(&next) => {
+                    *k += 1;
+                    match state[next] {
+                        0 => {
+                            state[next] = 1;
+                            path.push((next, 0));
+                        }
+                        1 => return Some(next),
+                        _ => {}
+                    }
+                }
+                None => {
+                    state[*r] = 2;
+                    path.pop();
+                }
             }
         }
     }
