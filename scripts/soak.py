@@ -136,6 +136,20 @@ def rss_mb(pid):
     return int(m.group(1)) / 1024
 
 
+def cache_gauges(port):
+    """Total bytes of the bounded caches, from /metrics (to tell cache growth from leaks)."""
+    try:
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        c.request("GET", "/metrics")
+        text = c.getresponse().read().decode()
+    except (OSError, http.client.HTTPException):
+        return None
+    total = 0.0
+    for name in ("smelt_grammar_automata_bytes", "smelt_compiled_grammars_bytes", "smelt_tokenizer_word_cache_bytes"):
+        total += sum(float(m.group(1)) for m in re.finditer(r"^" + name + r"(?:\{[^}]*\})? (\S+)$", text, re.M))
+    return total / 2**20
+
+
 def slope(points):
     """Least-squares slope of (x, y) points."""
     n = len(points)
@@ -198,7 +212,9 @@ def main():
         with stats.lock:
             n = sum(v for (k, s), v in stats.status.items() if k == "normal")
             five = sum(v for (k, s), v in stats.status.items() if isinstance(s, int) and s >= 500)
-        print(f"{m:5.1f} min  rss {samples[-1][1]:7.1f} MB  normal requests {n}  5xx {five}", flush=True)
+        caches = cache_gauges(port)
+        caches = f"{caches:6.1f} MB" if caches is not None else "?"
+        print(f"{m:5.1f} min  rss {samples[-1][1]:7.1f} MB  caches {caches}  normal requests {n}  5xx {five}", flush=True)
     for w in workers:
         w.join(timeout=660)
     alive = server.poll() is None
