@@ -127,9 +127,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
     let rendered = template.render(&messages, render_tools, true).map_err(|e| ApiError::invalid("messages", e.to_string()))?;
     let prompt = model.tokenizer.encode_prompt(&rendered);
     check_context(&entry, prompt.len())?;
-    if let Some(src) = plan.grammar.take() {
-        plan.params.grammar = Some(structured::compile(&entry, src).await?);
-    }
+    plan.compile_grammar(&entry).await?;
     let rx = submit(&entry, std::slice::from_ref(&prompt), &plan, None)?;
     let mut bill = meter.bill(prompt.len());
     let id = new_id("chatcmpl");

@@ -135,9 +135,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
     }
     let prompt_lp = if req.echo && k.is_some() { k } else { None };
     let choices_n = prompts.len() * plan.n;
-    if let Some(src) = plan.grammar.take() {
-        plan.params.grammar = Some(crate::structured::compile(&entry, src).await?);
-    }
+    plan.compile_grammar(&entry).await?;
     let rx = submit(&entry, &prompts, &plan, prompt_lp)?;
     let id = new_id("cmpl");
     let created = now_secs();

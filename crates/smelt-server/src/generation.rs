@@ -42,9 +42,8 @@ fn range(name: &str, v: f64, lo: f64, hi: f64) -> Result<f32, ApiError> {
 }
 
 /// Check and convert the sampling fields (OpenAI's defaults: temperature 1, top_p 1, no
-/// penalties), for a model with `n_vocab` tokens; `logprobs`: whether token log-probabilities
-/// are wanted, and with how many alternatives.
-/// Check a request's sampling fields against the model (`n_vocab`, context `n_ctx`).
+/// penalties), for a model with `n_vocab` tokens and a context of `n_ctx`; `logprobs`: whether
+/// token log-probabilities are wanted, and with how many alternatives.
 pub fn plan(f: &SamplingFields, n_vocab: usize, n_ctx: usize, logprobs: Option<usize>) -> Result<Plan, ApiError> {
     let top_logprobs = logprobs.unwrap_or(0);
     let mut s = SamplingParams { temperature: 1.0, top_k: 0, top_p: 1.0, min_p: 0.0, repetition_penalty: 1.0, penalty_last_n: 64, ..Default::default() };
@@ -125,6 +124,17 @@ pub fn plan(f: &SamplingFields, n_vocab: usize, n_ctx: usize, logprobs: Option<u
         stream: f.stream,
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
     })
+}
+
+impl Plan {
+    /// Compile the request's grammar, if any, into its generation parameters (off the HTTP
+    /// workers, within budgets; see [`crate::structured::compile`]).
+    pub async fn compile_grammar(&mut self, entry: &ModelEntry) -> Result<(), ApiError> {
+        if let Some(src) = self.grammar.take() {
+            self.params.grammar = Some(crate::structured::compile(entry, src).await?);
+        }
+        Ok(())
+    }
 }
 
 /// The prompt must leave room for at least one generated token.

@@ -131,7 +131,7 @@ impl Meter {
         Meter(None)
     }
 
-    /// The key's name, for logs.
+    /// The name of the key this request was admitted with.
     pub fn name(&self) -> Option<&str> {
         self.0.as_ref().map(|m| m.keys.0[m.index].spec.name.as_str())
     }
@@ -255,14 +255,13 @@ pub(crate) fn same_secret(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
-/// `Authorization` value for a key, for tests.
-pub fn bearer(secret: &str) -> HeaderValue {
-    HeaderValue::from_str(&format!("Bearer {secret}")).unwrap_or_else(|_| HeaderValue::from_static(""))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn bearer(secret: &str) -> HeaderValue {
+        HeaderValue::from_str(&format!("Bearer {secret}")).unwrap()
+    }
 
     #[test]
     fn secrets_compare_exactly() {

@@ -159,13 +159,13 @@ async fn gate(State(state): State<AppState>, mut req: Request, next: Next) -> Re
     resp
 }
 
-/// A response body that keeps something alive until it is finished or dropped.
-struct Held<T> {
+/// A response body that keeps its request's meter alive until it is finished or dropped.
+struct Held {
     body: Body,
-    _meter: T,
+    _meter: keys::Meter,
 }
 
-impl<T: Unpin + Send + 'static> http_body::Body for Held<T> {
+impl http_body::Body for Held {
     type Data = Bytes;
     type Error = axum::Error;
 

@@ -67,11 +67,15 @@ impl Automaton {
     /// Forget all states and masks (what happens by itself when the tables grow too big);
     /// the sequences following it carry on from their own parse states.
     pub fn clear(&mut self) {
-        self.masks.clear();
-        self.mask_bytes = 0;
+        self.drop_masks();
         self.epoch += 1;
         let start = self.dfa.start().clone();
         self.dfa.reset_keeping(start);
+    }
+
+    fn drop_masks(&mut self) {
+        self.masks.clear();
+        self.mask_bytes = 0;
     }
 
     /// Estimated memory: the automaton's tables and its cached masks.
@@ -171,6 +175,17 @@ impl Constraint {
         self.current(a)
     }
 
+    /// When the shared tables have grown too big, start them over from this sequence's parse
+    /// state (the other sequences renumber theirs by the epoch).
+    fn restart_if_too_big(&mut self, a: &mut Automaton) {
+        if a.dfa.too_big() {
+            a.drop_masks();
+            a.epoch += 1;
+            self.state = a.dfa.reset_keeping(self.parse.clone());
+            self.epoch = a.epoch;
+        }
+    }
+
     /// Record a budget failure of the operation just done; true if there was one.
     fn failed(&mut self, a: &Automaton) -> bool {
         match a.dfa.failure() {
@@ -204,13 +219,7 @@ impl Constraint {
     pub fn mask(&mut self, tok: &Tokenizer) -> Arc<Vec<u64>> {
         let auto = self.auto.clone();
         let mut a = auto.borrow_mut();
-        if a.dfa.too_big() {
-            a.masks.clear();
-            a.mask_bytes = 0;
-            a.epoch += 1;
-            self.state = a.dfa.reset_keeping(self.parse.clone());
-            self.epoch = a.epoch;
-        }
+        self.restart_if_too_big(&mut a);
         let s = self.begin(&mut a);
         if let Some(m) = a.masks.get(&s) {
             return m.clone();
@@ -233,8 +242,7 @@ impl Constraint {
         let m = Arc::new(bits);
         let size = m.len() * 8;
         if a.mask_bytes + size > MAX_MASK_BYTES {
-            a.masks.clear();
-            a.mask_bytes = 0;
+            a.drop_masks();
         }
         a.mask_bytes += size;
         a.masks.insert(s, m.clone());
@@ -243,9 +251,7 @@ impl Constraint {
 
     /// Drop cached masks (benchmarks: time the walk itself).
     pub fn forget_masks(&mut self) {
-        let mut a = self.auto.borrow_mut();
-        a.masks.clear();
-        a.mask_bytes = 0;
+        self.auto.borrow_mut().drop_masks();
     }
 
     /// Move past token `id` (which must be allowed).
@@ -260,13 +266,7 @@ impl Constraint {
         if let Some(next) = a.dfa.step_bytes(s, tok.piece(id, false)) {
             self.state = next;
             self.parse = a.dfa.state(next).clone();
-            if a.dfa.too_big() {
-                a.masks.clear();
-                a.mask_bytes = 0;
-                a.epoch += 1;
-                self.state = a.dfa.reset_keeping(self.parse.clone());
-                self.epoch = a.epoch;
-            }
+            self.restart_if_too_big(&mut a);
         } else if !self.failed(&a) {
             self.error = Some(TooComplex("internal error: a token the grammar allowed was rejected when taken".into()));
         }
