@@ -2,6 +2,7 @@
 //! path (sliding windows included) can be exercised in milliseconds without downloading weights.
 
 use crate::gguf::{GgufWriter, Value, ValueType};
+use crate::lora::Target;
 use smelt_kernels::formats::DType;
 
 /// Shape of a synthetic model.
@@ -18,11 +19,14 @@ pub struct TinySpec {
     pub window: usize,
     pub swa_pattern: usize,
     pub seed: u64,
+    /// Store every matrix in this format instead of the usual mix (F32 gives a model whose
+    /// weights can be changed exactly, as references for adapters do).
+    pub matrix_dtype: Option<DType>,
 }
 
 impl TinySpec {
     pub fn new(arch: &'static str) -> TinySpec {
-        TinySpec { arch, n_embd: 128, n_head: 4, n_head_kv: 2, head_dim: 32, n_ff: 256, n_layer: 3, window: 6, swa_pattern: 2, seed: 1 }
+        TinySpec { arch, n_embd: 128, n_head: 4, n_head_kv: 2, head_dim: 32, n_ff: 256, n_layer: 3, window: 6, swa_pattern: 2, seed: 1, matrix_dtype: None }
     }
 }
 
@@ -44,7 +48,10 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
 
-/// An SPM vocabulary: control tokens, 256 byte tokens and some words — 300 tokens.
+/// Tokens in a synthetic model's vocabulary.
+pub const TINY_VOCAB: usize = 300;
+
+/// An SPM vocabulary: control tokens, 256 byte tokens and some words — [`TINY_VOCAB`] tokens.
 fn vocab(w: &mut GgufWriter) -> usize {
     let mut tokens: Vec<String> = vec!["<pad>".into(), "<eos>".into(), "<bos>".into(), "<unk>".into()];
     let mut types = vec![3i32, 3, 3, 2];
@@ -56,7 +63,7 @@ fn vocab(w: &mut GgufWriter) -> usize {
         tokens.push(word.into());
         types.push(if word.starts_with('<') { 3 } else { 1 });
     }
-    while tokens.len() < 300 {
+    while tokens.len() < TINY_VOCAB {
         let i = tokens.len();
         tokens.push(format!("▁w{i}"));
         types.push(1);
@@ -96,6 +103,7 @@ pub fn tiny_model(s: &TinySpec) -> GgufWriter {
     }
     let mut rng = Rng(s.seed.max(1));
     let mat = |w: &mut GgufWriter, name: &str, cols: usize, rows: usize, dtype: DType, rng: &mut Rng| {
+        let dtype = s.matrix_dtype.unwrap_or(dtype);
         let scale = 1.0 / (cols as f32).sqrt();
         let v: Vec<f32> = (0..cols * rows).map(|_| rng.normal() * scale).collect();
         let data = match dtype {
@@ -156,6 +164,61 @@ pub fn tiny_model(s: &TinySpec) -> GgufWriter {
             norm(&mut w, &n("post_attention_norm.weight"), e, &mut rng);
             norm(&mut w, &n("post_ffw_norm.weight"), e, &mut rng);
         }
+    }
+    w
+}
+
+/// A random LoRA adapter for the synthetic model of `s`: every layer's `targets` (and the output
+/// projection when `output`), rank `rank`, `adapter.lora.alpha` = `alpha`, A and B stored in
+/// `dtype` (B in F32 where the rank is not whole blocks of it). B is not zero (as it would be
+/// before training) so the adapter changes the logits.
+pub fn tiny_adapter(s: &TinySpec, rank: usize, alpha: f32, dtype: DType, targets: &[Target], output: bool, seed: u64) -> GgufWriter {
+    let mut w = GgufWriter::default();
+    w.kv("general.architecture", s.arch.into())
+        .kv("general.type", "adapter".into())
+        .kv("general.name", "tiny-adapter".into())
+        .kv("adapter.type", "lora".into())
+        .kv("adapter.lora.alpha", Value::F32(alpha));
+    let mut rng = Rng(seed.max(1) * 0x9e37_79b9 + 7);
+    let encode = |v: &[f32], cols: usize, dtype: DType| -> (DType, Vec<u8>) {
+        let dtype = if dtype.row_bytes(cols).is_some() { dtype } else { DType::F32 };
+        let data = match dtype {
+            DType::F32 => f32_bytes(v),
+            DType::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_bits().to_le_bytes()).collect(),
+            _ => {
+                let rb = dtype.row_bytes(cols).unwrap();
+                let mut out = vec![0u8; rb * (v.len() / cols)];
+                for (src, dst) in v.chunks_exact(cols).zip(out.chunks_exact_mut(rb)) {
+                    smelt_kernels::formats::quantize_row(dtype, src, dst);
+                }
+                out
+            }
+        };
+        (dtype, data)
+    };
+    let mut pair = |w: &mut GgufWriter, base: &str, cols: usize, rows: usize| {
+        let a: Vec<f32> = (0..rank * cols).map(|_| rng.normal() / (cols as f32).sqrt()).collect();
+        let b: Vec<f32> = (0..rows * rank).map(|_| rng.normal() * 0.5 / (rank as f32).sqrt()).collect();
+        let (ta, da) = encode(&a, cols, dtype);
+        let (tb, db) = encode(&b, rank, dtype);
+        w.tensor(&format!("{base}.lora_a"), &[cols as u64, rank as u64], ta, da);
+        w.tensor(&format!("{base}.lora_b"), &[rank as u64, rows as u64], tb, db);
+    };
+    let (e, d) = (s.n_embd, s.head_dim);
+    for il in 0..s.n_layer {
+        for &t in targets {
+            let (cols, rows) = match t {
+                Target::Q => (e, s.n_head * d),
+                Target::K | Target::V => (e, s.n_head_kv * d),
+                Target::O => (s.n_head * d, e),
+                Target::Gate | Target::Up => (e, s.n_ff),
+                Target::Down => (s.n_ff, e),
+            };
+            pair(&mut w, &format!("blk.{il}.{}.weight", t.tensor()), cols, rows);
+        }
+    }
+    if output {
+        pair(&mut w, "output.weight", e, TINY_VOCAB);
     }
     w
 }

@@ -6,6 +6,7 @@
 
 use super::{Activation, LayerWeights, Linear, Model, ModelError};
 use crate::kv::KvStore;
+use crate::lora::{LoraPair, LoraSet, Target};
 use smelt_kernels::ops::{self, attend, rms_norm, rms_norm_inplace};
 use smelt_kernels::pool::ThreadPool;
 use std::cell::RefCell;
@@ -38,6 +39,12 @@ pub struct Workspace {
     /// Final normed hidden states of the rows whose logits were computed.
     hidden: Vec<f32>,
     matmul: Vec<u8>,
+    /// Adapters: per row of the current product, the sequence's set (index into the pass's
+    /// sets); gathered inputs, the low-rank intermediate and the delta of one group of rows.
+    lora_rows: Vec<usize>,
+    lora_x: Vec<f32>,
+    lora_t: Vec<f32>,
+    lora_d: Vec<f32>,
     /// Rotation angles of this batch's positions, one table per distinct rotation among the
     /// layers (layer index it was built for, n_rot/2 pairs per token); built on first use in a
     /// forward pass, so the sines and cosines are computed once per pass, not per layer.
@@ -62,6 +69,10 @@ impl Workspace {
             logits: Vec::new(),
             hidden: Vec::new(),
             matmul: Vec::new(),
+            lora_rows: Vec::new(),
+            lora_x: Vec::new(),
+            lora_t: Vec::new(),
+            lora_d: Vec::new(),
             rope: Vec::new(),
             rope_valid: 0,
         }
@@ -85,6 +96,25 @@ pub struct Block<'a> {
     ws: &'a mut Workspace,
     batch: &'a [BatchToken],
     kv: &'a mut dyn KvStore,
+    /// The adapter sets of this pass (row t of a layer's products runs under
+    /// `lora_sets[ws.lora_rows[t]]`), and whether any of them changes anything.
+    lora_sets: &'a [&'a LoraSet],
+    lora_active: bool,
+}
+
+/// The set of sequences that run the base model.
+static BASE: LoraSet = LoraSet { adapters: Vec::new() };
+
+/// Add the adapters' deltas of projection `$target` of layer `$il` to `ws.$out` [n, $m], whose
+/// input was `ws.$x` [n, $cols].
+macro_rules! lora_delta {
+    ($self:ident, $ws:ident, $pool:expr, $il:expr, $target:expr, $x:ident, $cols:expr, $out:ident, $m:expr) => {
+        if $self.lora_active {
+            let lora = Lora { sets: $self.lora_sets, rows: &$ws.lora_rows };
+            let scratch = LoraScratch { x: &mut $ws.lora_x, t: &mut $ws.lora_t, d: &mut $ws.lora_d, matmul: &mut $ws.matmul };
+            lora.add(&$pool, &|a| a.pair($il, $target), &$ws.$x, $cols, &mut $ws.$out, $m, scratch);
+        }
+    };
 }
 
 thread_local! {
@@ -140,12 +170,75 @@ macro_rules! timed {
     }};
 }
 
-/// out[n, w.rows] = x[n, w.cols] · wᵀ — the single place weights are multiplied (adapters hook
-/// here); `kind` is the profile's name for it.
+/// out[n, w.rows] = x[n, w.cols] · wᵀ — how a single weight matrix is multiplied (adapters
+/// add their deltas after, in [`Lora::add`]); `kind` is the profile's name for it.
 fn linear(pool: &ThreadPool, w: &Linear, x: &[f32], n: usize, out: &mut Vec<f32>, scratch: &mut Vec<u8>, kind: usize) {
     fit(out, n * w.rows);
     let m = w.matrix();
     timed!(kind, bytes: [m], ops::matmul(pool, &m, x, n, out, scratch));
+}
+
+/// The adapters of one product's rows: `sets[rows[i]]` is row i's set.
+struct Lora<'a> {
+    sets: &'a [&'a LoraSet],
+    rows: &'a [usize],
+}
+
+/// Scratch of [`Lora::add`] (borrowed from the workspace for the call).
+struct LoraScratch<'a> {
+    x: &'a mut Vec<f32>,
+    t: &'a mut Vec<f32>,
+    d: &'a mut Vec<f32>,
+    matmul: &'a mut Vec<u8>,
+}
+
+impl Lora<'_> {
+    /// out[i] += Σ scale · factor · B (A x[i]) over the adapters of row i's set that `pick`
+    /// finds a pair in; x is [n, cols], out [n, m]. Rows run in groups of the same set (the
+    /// base weights were read once for all of them; each group adds its own low-rank delta),
+    /// and a row's result does not depend on the other rows of the batch.
+    fn add(&self, pool: &ThreadPool, pick: &dyn Fn(&crate::lora::Adapter) -> Option<&LoraPair>, x: &[f32], cols: usize, out: &mut [f32], m: usize, s: LoraScratch) {
+        let n = self.rows.len();
+        let mut done = vec![false; self.sets.len()];
+        for first in 0..n {
+            let set_i = self.rows[first];
+            if done[set_i] {
+                continue;
+            }
+            done[set_i] = true;
+            let set = self.sets[set_i];
+            if set.is_empty() {
+                continue;
+            }
+            let group: Vec<usize> = (first..n).filter(|&i| self.rows[i] == set_i).collect();
+            let g = group.len();
+            let input: &[f32] = if g == n {
+                x
+            } else {
+                fit(s.x, g * cols);
+                for (j, &i) in group.iter().enumerate() {
+                    s.x[j * cols..(j + 1) * cols].copy_from_slice(&x[i * cols..(i + 1) * cols]);
+                }
+                s.x
+            };
+            for (adapter, scale) in &set.adapters {
+                let Some(p) = pick(adapter) else { continue };
+                if *scale == 0.0 {
+                    continue;
+                }
+                fit(s.t, g * p.rank());
+                ops::matmul(pool, &p.a.matrix(), input, g, s.t, s.matmul);
+                fit(s.d, g * m);
+                ops::matmul(pool, &p.b.matrix(), s.t, g, s.d, s.matmul);
+                let c = scale * p.factor;
+                for (j, &i) in group.iter().enumerate() {
+                    for (o, d) in out[i * m..(i + 1) * m].iter_mut().zip(&s.d[j * m..(j + 1) * m]) {
+                        *o += c * d;
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// `f(t, row)` for each token's row of `row` floats: through the pool when there are enough
@@ -205,6 +298,10 @@ impl Block<'_> {
         fit(&mut ws.v, n * w.wv.rows);
         let (mq, mk, mv) = (w.wq.matrix(), w.wk.matrix(), w.wv.matrix());
         timed!(profile::QKV, bytes: [mq, mk, mv], ops::matmul_fused(&pool, [&mq, &mk, &mv], &ws.h, n, [&mut ws.q, &mut ws.k, &mut ws.v], &mut ws.matmul));
+        let e = hp.n_embd;
+        lora_delta!(self, ws, pool, il, Target::Q, h, e, q, w.wq.rows);
+        lora_delta!(self, ws, pool, il, Target::K, h, e, k, w.wk.rows);
+        lora_delta!(self, ws, pool, il, Target::V, h, e, v, w.wv.rows);
         add_bias(&mut ws.q, &w.bq);
         add_bias(&mut ws.k, &w.bk);
         add_bias(&mut ws.v, &w.bv);
@@ -269,6 +366,7 @@ impl Block<'_> {
             profile::add(profile::ATTENTION, t_att, 0);
         }
         linear(&pool, &w.wo, &ws.att, n, &mut ws.a, &mut ws.matmul, profile::ATTN_OUT);
+        lora_delta!(self, ws, pool, il, Target::O, att, w.wo.cols, a, w.wo.rows);
     }
 
     /// The pre-norm layer Llama, Qwen2 and Qwen3 share: x += attn(norm(x)); x += ffn(norm(x)).
@@ -277,12 +375,12 @@ impl Block<'_> {
         self.attention(w, il);
         self.add_residual();
         self.norm_input(&w.ffn_norm);
-        self.ffn(w, act);
+        self.ffn(w, il, act);
         self.add_residual();
     }
 
     /// a = down(act(gate(h)) * up(h))
-    pub fn ffn(&mut self, w: &LayerWeights, act: Activation) {
+    pub fn ffn(&mut self, w: &LayerWeights, il: usize, act: Activation) {
         let n = self.n();
         let ws = &mut *self.ws;
         let pool = ws.pool.clone();
@@ -290,6 +388,8 @@ impl Block<'_> {
         fit(&mut ws.up, n * w.up.rows);
         let (mg, mu) = (w.gate.matrix(), w.up.matrix());
         timed!(profile::GATE_UP, bytes: [mg, mu], ops::matmul_fused(&pool, [&mg, &mu], &ws.h, n, [&mut ws.gate, &mut ws.up], &mut ws.matmul));
+        lora_delta!(self, ws, pool, il, Target::Gate, h, w.gate.cols, gate, w.gate.rows);
+        lora_delta!(self, ws, pool, il, Target::Up, h, w.up.cols, up, w.up.rows);
         let f = match act {
             Activation::Silu => ops::silu_mul,
             Activation::GeluTanh => ops::gelu_mul,
@@ -297,6 +397,7 @@ impl Block<'_> {
         let (ff, up) = (w.gate.rows, &ws.up);
         timed!(profile::ACTIVATION, per_token(&pool, &mut ws.gate, ff, &|t, row| f(row, &up[t * ff..(t + 1) * ff])));
         linear(&pool, &w.down, &ws.gate, n, &mut ws.a, &mut ws.matmul, profile::DOWN);
+        lora_delta!(self, ws, pool, il, Target::Down, gate, w.down.cols, a, w.down.rows);
     }
 }
 
@@ -332,17 +433,24 @@ impl Model {
     /// values to the sequences' caches. Returns the logits [rows, n_vocab] of the tokens whose
     /// `logits` flag is set, in batch order.
     pub fn forward<'w>(&self, batch: &[BatchToken], kv: &mut dyn KvStore, ws: &'w mut Workspace) -> Result<&'w [f32], ModelError> {
-        self.run(batch, kv, ws, true)
+        self.run(batch, kv, ws, &[], true)
+    }
+
+    /// [`Model::forward`] with adapters: sequence `s` runs under `loras[s]` (the base model
+    /// where that is empty, or `s` is past the end). Sequences under different adapters share
+    /// the pass; each token's result is the one it gets in a batch of its own.
+    pub fn forward_lora<'w>(&self, batch: &[BatchToken], kv: &mut dyn KvStore, ws: &'w mut Workspace, loras: &[&LoraSet]) -> Result<&'w [f32], ModelError> {
+        self.run(batch, kv, ws, loras, true)
     }
 
     /// Like [`Model::forward`], but returns the final normed hidden states [rows, n_embd] of the
     /// flagged tokens instead of logits (embeddings), skipping the output projection.
     pub fn forward_hidden<'w>(&self, batch: &[BatchToken], kv: &mut dyn KvStore, ws: &'w mut Workspace) -> Result<&'w [f32], ModelError> {
-        self.run(batch, kv, ws, false)?;
+        self.run(batch, kv, ws, &[], false)?;
         Ok(&ws.hidden)
     }
 
-    fn run<'w>(&self, batch: &[BatchToken], kv: &mut dyn KvStore, ws: &'w mut Workspace, logits: bool) -> Result<&'w [f32], ModelError> {
+    fn run<'w>(&self, batch: &[BatchToken], kv: &mut dyn KvStore, ws: &'w mut Workspace, loras: &[&LoraSet], logits: bool) -> Result<&'w [f32], ModelError> {
         let added = self.check_batch(batch, kv)?;
         let hp = &self.hp;
         let (n, e) = (batch.len(), hp.n_embd);
@@ -361,9 +469,15 @@ impl Model {
                 row.iter_mut().for_each(|v| *v *= scale);
             }
         }
+        // The adapter sets, the base model's last; each row's index into them.
+        let mut lora_sets: Vec<&LoraSet> = loras.to_vec();
+        lora_sets.push(&BASE);
+        let lora_active = loras.iter().any(|s| !s.is_empty());
+        ws.lora_rows.clear();
+        ws.lora_rows.extend(batch.iter().map(|bt| bt.seq.min(loras.len())));
         {
             let layer_fn = self.arch.layer();
-            let mut block = Block { model: self, ws: &mut *ws, batch, kv: &mut *kv };
+            let mut block = Block { model: self, ws: &mut *ws, batch, kv: &mut *kv, lora_sets: &lora_sets, lora_active };
             for (il, lw) in self.layers.iter().enumerate() {
                 layer_fn(&mut block, lw, il);
             }
@@ -385,6 +499,13 @@ impl Model {
         fit(&mut ws.logits, rows.len() * self.output.rows);
         let m = self.output.matrix();
         timed!(profile::LOGITS, bytes: [m], ops::matmul(&pool, &m, &ws.hidden, rows.len(), &mut ws.logits, &mut ws.matmul));
+        if lora_active {
+            ws.lora_rows.clear();
+            ws.lora_rows.extend(rows.iter().map(|&t| batch[t].seq.min(loras.len())));
+            let lora = Lora { sets: &lora_sets, rows: &ws.lora_rows };
+            let scratch = LoraScratch { x: &mut ws.lora_x, t: &mut ws.lora_t, d: &mut ws.lora_d, matmul: &mut ws.matmul };
+            lora.add(&pool, &|a| a.output.as_ref(), &ws.hidden, e, &mut ws.logits, self.output.rows, scratch);
+        }
         Ok(&ws.logits)
     }
 }

@@ -47,7 +47,7 @@ pub fn layer(b: &mut Block, w: &LayerWeights, il: usize) {
     b.norm_output(post_attn);
     b.add_residual();
     b.norm_input(&w.ffn_norm);
-    b.ffn(w, SPEC.activation);
+    b.ffn(w, il, SPEC.activation);
     b.norm_output(post_ffn);
     b.add_residual();
 }

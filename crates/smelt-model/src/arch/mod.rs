@@ -313,6 +313,17 @@ impl Model {
         crate::chat::ChatTemplate::new(source, &text(self.tokenizer.bos), &text(self.tokenizer.eos))
     }
 
+    /// (rows, cols) of the matrix an adapter tensor's base name refers to: a layer's projection
+    /// (`blk.N.attn_q.weight`, … in [`crate::lora::Target`] order) or `output.weight`.
+    pub fn base_shape(&self, name: &str) -> Option<(usize, usize)> {
+        if name == "output.weight" {
+            return Some((self.output.rows, self.output.cols));
+        }
+        let (il, target) = crate::lora::parse_target(name)?;
+        let m = self.layers.get(il)?.matrices()[target as usize];
+        Some((m.rows, m.cols))
+    }
+
     /// The output projection (for measurements of its product alone).
     pub fn output(&self) -> &Linear {
         &self.output
