@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, HashMap};
 
 pub type BlockId = u32;
 
-/// Hash of a full block given its parent's hash (0 for the first block).
+/// Hash of a full block given its parent's hash (for the first block, the root of the chain:
+/// 0 for the base model, the adapters' key otherwise, so KV computed under different adapters
+/// never matches).
 pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
     // FNV-1a over the parent hash and the tokens: stable across runs and platforms.
     let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ parent.rotate_left(17);
@@ -26,10 +28,10 @@ pub fn block_hash(parent: u64, tokens: &[u32]) -> u64 {
     h
 }
 
-/// Hashes of the full blocks of `tokens`.
-pub fn prefix_hashes(tokens: &[u32]) -> Vec<u64> {
+/// Hashes of the full blocks of `tokens`, chained from `root`.
+pub fn prefix_hashes(root: u64, tokens: &[u32]) -> Vec<u64> {
     let mut out = Vec::with_capacity(tokens.len() / BLOCK_SIZE);
-    let mut parent = 0;
+    let mut parent = root;
     for chunk in tokens.chunks_exact(BLOCK_SIZE) {
         parent = block_hash(parent, chunk);
         out.push(parent);
@@ -213,7 +215,7 @@ mod tests {
     fn shared_prefixes_hit_and_unused_blocks_are_evicted_oldest_first() {
         let mut a = BlockAllocator::new(4);
         let doc = toks(3 * BLOCK_SIZE, 1);
-        let hashes = prefix_hashes(&doc);
+        let hashes = prefix_hashes(0, &doc);
         assert_eq!(hashes.len(), 3);
         assert!(a.lookup(&hashes, doc.len()).is_empty());
         let blocks: Vec<BlockId> = (0..3).map(|_| a.allocate().unwrap()).collect();
@@ -223,7 +225,7 @@ mod tests {
         // A second request with the same first two blocks and a different third.
         let mut other = doc[..2 * BLOCK_SIZE].to_vec();
         other.extend(toks(BLOCK_SIZE, 99));
-        let hit = a.lookup(&prefix_hashes(&other), other.len());
+        let hit = a.lookup(&prefix_hashes(0, &other), other.len());
         assert_eq!(hit, blocks[..2].to_vec());
         assert_eq!(a.hits, 2 * BLOCK_SIZE as u64);
         // The first request finishes: block 3 (unshared) becomes evictable, 1-2 stay in use.
@@ -246,17 +248,17 @@ mod tests {
         let a = toks(2 * BLOCK_SIZE, 1);
         let mut b = a.clone();
         b[0] += 1;
-        let (ha, hb) = (prefix_hashes(&a), prefix_hashes(&b));
+        let (ha, hb) = (prefix_hashes(0, &a), prefix_hashes(0, &b));
         assert_ne!(ha[0], hb[0]);
         assert_ne!(ha[1], hb[1], "same second block, different history");
-        assert_eq!(prefix_hashes(&a[..BLOCK_SIZE + 3]), ha[..1].to_vec());
+        assert_eq!(prefix_hashes(0, &a[..BLOCK_SIZE + 3]), ha[..1].to_vec());
     }
 
     #[test]
     fn partial_matches_find_the_longest_shared_start_and_leave_with_eviction() {
         let mut a = BlockAllocator::new(3);
         let doc = toks(BLOCK_SIZE + 5, 3);
-        let h = prefix_hashes(&doc);
+        let h = prefix_hashes(0, &doc);
         let (b0, b1) = (a.allocate().unwrap(), a.allocate().unwrap());
         a.register(b0, 0, h[0], &doc[..BLOCK_SIZE]);
         a.register_partial(b1, h[0], &doc[BLOCK_SIZE..]);

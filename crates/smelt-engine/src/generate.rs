@@ -6,6 +6,7 @@ use crate::sampling::{log_sum_exp, top_logprobs, Sampler, SamplingParams};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, ModelError, Workspace};
 use smelt_model::kv::KvCache;
+use smelt_model::lora::LoraSet;
 use smelt_model::tokenizer::{StreamDecoder, Tokenizer};
 use std::sync::Arc;
 
@@ -95,13 +96,21 @@ pub struct Session {
     trie: Option<Arc<TokenTrie>>,
     /// Grammar automata, kept between generations that use the same grammar.
     automata: AutomatonCache,
+    /// The adapters every token runs under (empty: the base model).
+    lora: LoraSet,
 }
 
 impl Session {
     pub fn new(model: Arc<Model>, pool: Arc<ThreadPool>, n_ctx: usize) -> Session {
         let n_ctx = n_ctx.max(1);
         let cache = model.new_cache(n_ctx, PREFILL_CHUNK);
-        Session { ws: Workspace::new(pool), caches: vec![cache], tokens: Vec::new(), n_ctx, model, trie: None, automata: AutomatonCache::default() }
+        Session { ws: Workspace::new(pool), caches: vec![cache], tokens: Vec::new(), n_ctx, model, trie: None, automata: AutomatonCache::default(), lora: LoraSet::default() }
+    }
+
+    /// Run under these adapters from now on (the cache, computed without them, is dropped).
+    pub fn set_lora(&mut self, lora: LoraSet) {
+        self.rewind(0);
+        self.lora = lora;
     }
 
     pub fn model(&self) -> &Arc<Model> {
@@ -139,7 +148,7 @@ impl Session {
                 .enumerate()
                 .map(|(i, &token)| BatchToken { token, pos: start + i, seq: 0, logits: i == chunk.len() - 1 })
                 .collect();
-            let logits = self.model.forward(&batch, &mut self.caches, &mut self.ws)?;
+            let logits = self.model.forward_lora(&batch, &mut self.caches, &mut self.ws, &[&self.lora])?;
             last.clear();
             last.extend_from_slice(logits);
             self.tokens.extend_from_slice(chunk);

@@ -18,6 +18,7 @@ use crate::sampling::{log_sum_exp, top_logprobs};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, Workspace};
 use smelt_model::kv::{BlockPool, PagedKv, PagedSeq, BLOCK_SIZE};
+use smelt_model::lora::LoraSet;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TryRecvError, TrySendError};
@@ -78,6 +79,8 @@ pub struct GenRequest {
     pub params: GenerateParams,
     /// Report log-probabilities of the prompt tokens (with this many alternatives).
     pub prompt_logprobs: Option<usize>,
+    /// The adapters the sequence runs under (empty: the base model).
+    pub lora: LoraSet,
     pub sink: Box<dyn Sink>,
 }
 
@@ -353,12 +356,13 @@ impl Runner {
             // and everything when the prompt's own logprobs are wanted (they need every row).
             let wants_rows = s.req.prompt_logprobs.is_some() && s.dec.generated == 0;
             let reusable = if wants_rows { 0 } else { (s.tokens.len() - 1) / BLOCK_SIZE };
-            let mut hashes = prefix_hashes(&s.tokens[..reusable * BLOCK_SIZE]);
+            let root = s.req.lora.key();
+            let mut hashes = prefix_hashes(root, &s.tokens[..reusable * BLOCK_SIZE]);
             let lookup_tokens = if s.dec.generated == 0 { s.n_prompt } else { 0 };
             let hit = self.alloc.lookup(&hashes, lookup_tokens);
             s.computed = hit.len() * BLOCK_SIZE;
             hashes.truncate(hit.len());
-            let parent = hashes.last().copied().unwrap_or(0);
+            let parent = hashes.last().copied().unwrap_or(root);
             s.hashes = hashes;
             s.blocks = hit;
             if !wants_rows {
@@ -411,7 +415,7 @@ impl Runner {
         if rest == 0 || full >= s.blocks.len() || full > s.hashes.len() {
             return;
         }
-        let parent = if full == 0 { 0 } else { s.hashes[full - 1] };
+        let parent = if full == 0 { s.req.lora.key() } else { s.hashes[full - 1] };
         self.alloc.register_partial(s.blocks[full], parent, &s.tokens[full * BLOCK_SIZE..s.computed]);
     }
 
@@ -527,7 +531,8 @@ impl Runner {
                 })
                 .collect();
             let mut kv = PagedKv { pool: &mut self.kv, seqs };
-            self.model.forward(&batch, &mut kv, &mut self.ws)
+            let loras: Vec<&LoraSet> = work.iter().map(|w| &self.running[w.seq].req.lora).collect();
+            self.model.forward_lora(&batch, &mut kv, &mut self.ws, &loras)
         };
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
@@ -571,7 +576,7 @@ impl Runner {
             // Register newly completed full blocks in the prefix cache.
             let full = s.computed / BLOCK_SIZE;
             for b in s.hashes.len()..full {
-                let parent = s.hashes.last().copied().unwrap_or(0);
+                let parent = s.hashes.last().copied().unwrap_or_else(|| s.req.lora.key());
                 let tokens = &s.tokens[b * BLOCK_SIZE..(b + 1) * BLOCK_SIZE];
                 let hash = block_hash(parent, tokens);
                 self.alloc.register(s.blocks[b], parent, hash, tokens);

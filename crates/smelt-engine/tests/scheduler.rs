@@ -84,7 +84,7 @@ fn sixteen_concurrent_requests_match_their_solo_runs() {
             let p = prompt(5 + (r as usize * 7) % 40, r);
             let gp = params(12, if r % 2 == 0 { None } else { Some(r as u64) });
             let (sk, rx, _) = sink();
-            engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+            engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: gp.clone(), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
             pending.push((p, gp, rx));
         }
         for (p, gp, rx) in pending {
@@ -108,11 +108,11 @@ fn shared_prefixes_come_from_the_cache_and_change_nothing() {
     q2.extend(prompt(9, 3));
     let gp = params(8, None);
     let (sk, rx, _) = sink();
-    engine.submit(Job::Generate(GenRequest { prompt: q1.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+    engine.submit(Job::Generate(GenRequest { prompt: q1.clone(), params: gp.clone(), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
     let (first, s1) = collect(&rx);
     assert_eq!(s1.cached_tokens, 0);
     let (sk, rx, _) = sink();
-    engine.submit(Job::Generate(GenRequest { prompt: q2.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+    engine.submit(Job::Generate(GenRequest { prompt: q2.clone(), params: gp.clone(), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
     let (second, s2) = collect(&rx);
     // The document's six full blocks are shared, and its last four tokens are copied from the
     // first request's seventh block, where the two prompts diverge.
@@ -121,7 +121,7 @@ fn shared_prefixes_come_from_the_cache_and_change_nothing() {
     assert_eq!(second, alone(&m, &q2, &gp));
     // The same prompt again: everything but its last token comes from the cache.
     let (sk, rx, _) = sink();
-    engine.submit(Job::Generate(GenRequest { prompt: q1.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+    engine.submit(Job::Generate(GenRequest { prompt: q1.clone(), params: gp.clone(), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
     let (third, s3) = collect(&rx);
     assert_eq!(s3.cached_tokens, q1.len() - 1);
     assert_eq!(third, first);
@@ -129,7 +129,7 @@ fn shared_prefixes_come_from_the_cache_and_change_nothing() {
     let mut q4 = q2[..q2.len() - 2].to_vec();
     q4.extend(prompt(5, 4));
     let (sk, rx, _) = sink();
-    engine.submit(Job::Generate(GenRequest { prompt: q4.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+    engine.submit(Job::Generate(GenRequest { prompt: q4.clone(), params: gp.clone(), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
     let (fourth, s4) = collect(&rx);
     assert_eq!(s4.cached_tokens, q2.len() - 2);
     assert_eq!(fourth, alone(&m, &q4, &gp));
@@ -139,7 +139,7 @@ fn shared_prefixes_come_from_the_cache_and_change_nothing() {
     q5.extend(&second[..6]);
     q5.extend(prompt(3, 5));
     let (sk, rx, _) = sink();
-    engine.submit(Job::Generate(GenRequest { prompt: q5.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+    engine.submit(Job::Generate(GenRequest { prompt: q5.clone(), params: gp.clone(), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
     let (fifth, s5) = collect(&rx);
     assert_eq!(s5.cached_tokens, q2.len() + 6);
     assert_eq!(fifth, alone(&m, &q5, &gp));
@@ -156,7 +156,7 @@ fn preempted_sequences_resume_with_identical_output() {
         let p = prompt(20 + r as usize, r);
         let gp = params(40, Some(100 + r as u64));
         let (sk, rx, _) = sink();
-        engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+        engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: gp.clone(), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
         pending.push((p, gp, rx));
     }
     for (p, gp, rx) in pending {
@@ -171,7 +171,7 @@ fn a_request_too_big_for_the_pool_fails_clearly() {
     let m = model("llama");
     let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(1)), EngineConfig { kv_blocks: 2, ..config(2) });
     let (sk, rx, _) = sink();
-    engine.submit(Job::Generate(GenRequest { prompt: prompt(60, 1), params: params(4, None), prompt_logprobs: None, sink: sk })).unwrap();
+    engine.submit(Job::Generate(GenRequest { prompt: prompt(60, 1), params: params(4, None), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
     match rx.recv().unwrap() {
         Event::Error(e) => assert!(e.contains("--kv-memory"), "{e}"),
         other => panic!("expected an error, got {other:?}"),
@@ -184,7 +184,7 @@ fn a_cancelled_request_frees_its_memory_at_once() {
     let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(1)), config(64));
     let (sk, rx, closed) = sink();
     let p = prompt(20, 1);
-    engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: params(200, None), prompt_logprobs: None, sink: sk })).unwrap();
+    engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: params(200, None), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
     let mut got = Vec::new();
     for _ in 0..3 {
         match rx.recv().unwrap() {
@@ -207,7 +207,7 @@ fn a_cancelled_request_frees_its_memory_at_once() {
     q.extend(prompt(3, 7));
     let gp = params(4, None);
     let (sk, rx, _) = sink();
-    engine.submit(Job::Generate(GenRequest { prompt: q.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+    engine.submit(Job::Generate(GenRequest { prompt: q.clone(), params: gp.clone(), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
     let (ids, s) = collect(&rx);
     assert!(s.cached_tokens >= 22, "cached {} of the cancelled request's 22 computed positions", s.cached_tokens);
     assert_eq!(ids, alone(&m, &q, &gp));
@@ -222,7 +222,7 @@ fn prompt_logprobs_and_embeddings() {
     let mut first = None;
     for _ in 0..2 {
         let (sk, rx, _) = sink();
-        engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: params(2, None), prompt_logprobs: Some(3), sink: sk })).unwrap();
+        engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: params(2, None), prompt_logprobs: Some(3), lora: Default::default(), sink: sk })).unwrap();
         match rx.recv().unwrap() {
             Event::PromptLogprobs(lp) => {
                 assert_eq!(lp.len(), p.len());
@@ -266,7 +266,7 @@ fn constrained_requests_batched_match_their_solo_runs_and_the_grammar() {
         let mut gp = params(120, Some(r as u64 + 1));
         gp.grammar = Some(grammars[r as usize % 2].clone());
         let (sk, rx, _) = sink();
-        engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: gp.clone(), prompt_logprobs: None, sink: sk })).unwrap();
+        engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: gp.clone(), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
         pending.push((p, gp, rx, r));
     }
     for (p, gp, rx, r) in pending {
@@ -283,4 +283,60 @@ fn constrained_requests_batched_match_their_solo_runs_and_the_grammar() {
             assert!((1..=99).contains(&v["n"].as_i64().unwrap()) && v["w"].as_str().unwrap().chars().count() <= 6, "{text}");
         }
     }
+}
+
+fn adapter(m: &Model, arch: &'static str, seed: u64, name: &str) -> Arc<smelt_model::lora::Adapter> {
+    use smelt_model::lora::Target;
+    let path = std::env::temp_dir().join(format!("smelt-sched-lora-{name}-{}-{seed}.gguf", std::process::id()));
+    let w = smelt_model::synthetic::tiny_adapter(&TinySpec::new(arch), 4, 8.0, smelt_kernels::formats::DType::F16, &Target::ALL, true, seed);
+    std::fs::write(&path, w.to_bytes()).unwrap();
+    let a = smelt_model::lora::Adapter::load(&path, m, name).unwrap();
+    let _ = std::fs::remove_file(&path);
+    Arc::new(a)
+}
+
+#[test]
+fn requests_on_different_adapters_share_steps_and_never_share_kv() {
+    use smelt_model::lora::LoraSet;
+    let m = model("qwen2");
+    let (a, b) = (adapter(&m, "qwen2", 1, "a"), adapter(&m, "qwen2", 2, "b"));
+    let sets = [LoraSet::default(), LoraSet::one(a.clone(), 1.0), LoraSet::one(b.clone(), 1.0), LoraSet { adapters: vec![(a.clone(), 0.5), (b.clone(), 0.5)] }];
+    let gp = params(12, None);
+    // The same prompt under every set: were KV shared across sets, the outputs would follow.
+    let p = prompt(70, 3);
+    let solo: Vec<Vec<u32>> = sets
+        .iter()
+        .map(|set| {
+            let mut s = Session::new(m.clone(), Arc::new(ThreadPool::new(1)), 256);
+            s.set_lora(set.clone());
+            s.generate(&p, &gp, |_| true).unwrap().steps.iter().map(|s| s.id).collect()
+        })
+        .collect();
+    assert!(solo[0] != solo[1] && solo[1] != solo[2], "the adapters should change the greedy output");
+    let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(2)), config(64));
+    // All at once, twice over: one batch mixes every set.
+    let mut rxs = Vec::new();
+    for round in 0..2 {
+        for (i, set) in sets.iter().enumerate() {
+            let (sk, rx, _) = sink();
+            engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: gp.clone(), prompt_logprobs: None, lora: set.clone(), sink: sk })).unwrap();
+            rxs.push((round, i, rx));
+        }
+    }
+    for (round, i, rx) in rxs {
+        let (ids, _) = collect(&rx);
+        assert_eq!(ids, solo[i], "round {round}, set {i}: the batched output differs from the solo run");
+    }
+    // One after another: a prompt cached under one set is a hit only under the same set.
+    let q = prompt(70, 9);
+    let run = |set: &LoraSet| {
+        let (sk, rx, _) = sink();
+        engine.submit(Job::Generate(GenRequest { prompt: q.clone(), params: gp.clone(), prompt_logprobs: None, lora: set.clone(), sink: sk })).unwrap();
+        collect(&rx).1.cached_tokens
+    };
+    assert_eq!(run(&sets[0]), 0);
+    assert_eq!(run(&sets[1]), 0, "the base model's KV was reused under an adapter");
+    assert_eq!(run(&sets[3]), 0, "an adapter's KV was reused under another set");
+    assert!(run(&sets[1]) >= 64, "the adapter's own cached prompt was not reused");
+    assert!(run(&sets[0]) >= 64);
 }

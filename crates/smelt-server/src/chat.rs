@@ -2,7 +2,7 @@
 
 use crate::error::ApiError;
 use crate::generation::{check_context, collect, finish_reason, new_id, now_secs, plan, submit, token_text, Choice, Timing};
-use crate::state::{AppState, ModelEntry};
+use crate::state::{AppState, ModelEntry, Resolved};
 use crate::types::{ChatMessage, ChatRequest, Content, Usage};
 use crate::{parse_json, sse_response, structured, tools};
 use axum::body::Bytes;
@@ -90,7 +90,7 @@ fn logprob_entry(entry: &ModelEntry, step: &Step) -> Value {
 pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<Meter>, body: Bytes) -> Result<Response, ApiError> {
     let start = Instant::now();
     let req: ChatRequest = parse_json(&body)?;
-    let entry = state.model(req.model.as_deref())?;
+    let Resolved { entry, lora, id: model_id } = state.resolve(req.model.as_deref())?;
     let model = &entry.engine.model;
     let want_logprobs = req.logprobs.unwrap_or(false);
     let top = match (want_logprobs, req.top_logprobs) {
@@ -99,6 +99,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
         (_, k) => k.unwrap_or(0) as usize,
     };
     let mut plan = plan(&req.sampling, model.hp.n_vocab, entry.engine.config.n_ctx, want_logprobs.then_some(top))?;
+    plan.lora = lora;
     let template = model.chat_template().map_err(|e| ApiError::internal(e.to_string()))?;
     let tools = tools::setup(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls, &template.source)?;
     let mut messages = template_messages(&req.messages)?;
@@ -133,7 +134,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
     let id = new_id("chatcmpl");
     let created = now_secs();
     if plan.stream {
-        let opts = StreamOpts { n: plan.n, prompt_tokens: prompt.len(), want_logprobs, include_usage: plan.include_usage, id, created, start };
+        let opts = StreamOpts { n: plan.n, prompt_tokens: prompt.len(), want_logprobs, include_usage: plan.include_usage, id, created, start, model: model_id };
         return Ok(stream(state, entry, rx, opts, tools, bill));
     }
     let choices = collect(&state, rx, plan.n, start).await?;
@@ -165,7 +166,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
         "id": id,
         "object": "chat.completion",
         "created": created,
-        "model": entry.id,
+        "model": model_id,
         "system_fingerprint": concat!("smelt-", env!("CARGO_PKG_VERSION")),
         "choices": out,
         "usage": usage,
@@ -182,6 +183,8 @@ struct StreamOpts {
     id: String,
     created: u64,
     start: Instant,
+    /// The model id to answer with (the request's, adapter included).
+    model: String,
 }
 
 /// Put `text` into the system message (made first when there is none).
@@ -197,13 +200,13 @@ fn add_system_text(messages: &mut Value, text: &str) {
 }
 
 fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>, o: StreamOpts, tools: Option<tools::ToolSetup>, bill: Bill) -> Response {
-    let StreamOpts { n, prompt_tokens, want_logprobs, include_usage, id, created, start } = o;
+    let StreamOpts { n, prompt_tokens, want_logprobs, include_usage, id, created, start, model: model_id } = o;
     let (tx, out) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
         // Moved in whole (not just the counter) so that dropping it charges the tokens.
         let mut bill = bill;
         let chunk = |choices: Value| {
-            let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": entry.id, "system_fingerprint": concat!("smelt-", env!("CARGO_PKG_VERSION")), "choices": choices});
+            let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model_id, "system_fingerprint": concat!("smelt-", env!("CARGO_PKG_VERSION")), "choices": choices});
             if include_usage {
                 c["usage"] = Value::Null;
             }
@@ -287,7 +290,7 @@ fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::syn
             }
         }
         if include_usage {
-            let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": entry.id, "choices": [], "usage": Usage::new(prompt_tokens, completion)});
+            let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model_id, "choices": [], "usage": Usage::new(prompt_tokens, completion)});
             c["system_fingerprint"] = json!(concat!("smelt-", env!("CARGO_PKG_VERSION")));
             let _ = tx.send(c.to_string());
         }

@@ -2,7 +2,7 @@
 
 use crate::error::ApiError;
 use crate::generation::{check_context, collect, finish_reason, new_id, now_secs, plan, submit, token_text, Timing};
-use crate::state::{AppState, ModelEntry};
+use crate::state::{AppState, ModelEntry, Resolved};
 use crate::types::{CompletionRequest, Input, Usage};
 use crate::{parse_json, sse_response};
 use axum::body::Bytes;
@@ -109,7 +109,7 @@ impl LegacyLogprobs {
 pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<Meter>, body: Bytes) -> Result<Response, ApiError> {
     let start = Instant::now();
     let req: CompletionRequest = parse_json(&body)?;
-    let entry = state.model(req.model.as_deref())?;
+    let Resolved { entry, lora, id: model_id } = state.resolve(req.model.as_deref())?;
     let model = &entry.engine.model;
     let k = match req.logprobs {
         Some(k) if !(0..=20).contains(&k) => return Err(ApiError::invalid("logprobs", format!("logprobs must be between 0 and 20, got {k}"))),
@@ -122,6 +122,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
         }
     }
     let mut plan = plan(&req.sampling, model.hp.n_vocab, entry.engine.config.n_ctx, k)?;
+    plan.lora = lora;
     let prompts = match (&req.suffix, &req.prompt) {
         (Some(suffix), Input::Text(p)) => vec![with_suffix(&entry, p, suffix)?],
         (Some(_), _) => return Err(ApiError::invalid("suffix", "suffix needs a single text prompt")),
@@ -143,7 +144,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
     let mut bill = meter.bill(prompt_total);
     if plan.stream {
         let echo_text: Vec<String> = prompts.iter().map(|p| if req.echo { model.tokenizer.decode(p, false) } else { String::new() }).collect();
-        return Ok(stream(state, entry, rx, plan.n, choices_n, prompt_total, k.is_some(), plan.include_usage, echo_text, id, created, start, bill));
+        return Ok(stream(state, entry, model_id, rx, plan.n, choices_n, prompt_total, k.is_some(), plan.include_usage, echo_text, id, created, start, bill));
     }
     let choices = collect(&state, rx, choices_n, start).await?;
     let mut completion = 0;
@@ -181,7 +182,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
         "id": id,
         "object": "text_completion",
         "created": created,
-        "model": entry.id,
+        "model": model_id,
         "system_fingerprint": concat!("smelt-", env!("CARGO_PKG_VERSION")),
         "choices": out,
         "usage": Usage::new(prompt_total, completion),
@@ -193,6 +194,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
 fn stream(
     state: AppState,
     entry: std::sync::Arc<ModelEntry>,
+    model_id: String,
     mut rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>,
     n: usize,
     choices: usize,
@@ -210,7 +212,7 @@ fn stream(
         // Moved in whole (not just the counter) so that dropping it charges the tokens.
         let mut bill = bill;
         let chunk = |choice: Value| {
-            let mut c = json!({"id": id, "object": "text_completion", "created": created, "model": entry.id, "choices": [choice]});
+            let mut c = json!({"id": id, "object": "text_completion", "created": created, "model": model_id, "choices": [choice]});
             if include_usage {
                 c["usage"] = Value::Null;
             }
@@ -257,7 +259,7 @@ fn stream(
             }
         }
         if include_usage {
-            let c = json!({"id": id, "object": "text_completion", "created": created, "model": entry.id, "choices": [], "usage": Usage::new(prompt_tokens, completion)});
+            let c = json!({"id": id, "object": "text_completion", "created": created, "model": model_id, "choices": [], "usage": Usage::new(prompt_tokens, completion)});
             let _ = tx.send(c.to_string());
         }
         let _ = tx.send("[DONE]".into());

@@ -17,7 +17,14 @@ use smelt_engine::scheduler::{EmbedRequest, Event, Job, SubmitError};
 
 pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<Meter>, body: Bytes) -> Result<Response, ApiError> {
     let req: EmbeddingRequest = parse_json(&body)?;
-    let entry = state.model(req.model.as_deref())?;
+    let entry = match state.model(req.model.as_deref()) {
+        Ok(entry) => entry,
+        // An adapter's id: embeddings are the base model's.
+        Err(e) => match state.resolve(req.model.as_deref()) {
+            Ok(r) => return Err(ApiError::invalid("model", format!("'{}' is an adapter; embeddings come from base models: use '{}'", r.id, r.entry.id))),
+            Err(_) => return Err(e),
+        },
+    };
     let base64 = match req.encoding_format.as_deref() {
         None | Some("float") => false,
         Some("base64") => true,

@@ -32,6 +32,8 @@ pub struct Plan {
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
+    /// The adapters the request's model id names (empty: the base model).
+    pub lora: smelt_model::lora::LoraSet,
 }
 
 fn range(name: &str, v: f64, lo: f64, hi: f64) -> Result<f32, ApiError> {
@@ -123,6 +125,7 @@ pub fn plan(f: &SamplingFields, n_vocab: usize, n_ctx: usize, logprobs: Option<u
         n: n as usize,
         stream: f.stream,
         include_usage: f.stream_options.as_ref().is_some_and(|o| o.include_usage),
+        lora: Default::default(),
     })
 }
 
@@ -164,7 +167,7 @@ pub fn submit(entry: &ModelEntry, prompts: &[Vec<u32>], plan: &Plan, prompt_logp
                 params.sampling.seed = Some(seed.wrapping_add(j as u64));
             }
             let sink = Box::new(TaggedSink { index: pi * plan.n + j, tx: tx.clone() });
-            let job = Job::Generate(GenRequest { prompt: prompt.clone(), params, prompt_logprobs, sink });
+            let job = Job::Generate(GenRequest { prompt: prompt.clone(), params, prompt_logprobs, lora: plan.lora.clone(), sink });
             match entry.engine.submit(job) {
                 Ok(()) => {}
                 Err(SubmitError::QueueFull) => return Err(ApiError::busy()),

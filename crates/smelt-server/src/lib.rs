@@ -4,6 +4,7 @@
 //! validate requests, turn them into engine jobs and shape the engine's events into OpenAI
 //! responses; no model code lives here.
 
+mod adapters;
 mod chat;
 mod completions;
 mod embeddings;
@@ -212,6 +213,8 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/embeddings", post(embeddings::handler))
         .route("/v1/models", get(misc::list_models))
         .route("/v1/models/{*id}", get(misc::get_model))
+        .route("/v1/adapters", get(adapters::list).post(adapters::load))
+        .route("/v1/adapters/{*id}", axum::routing::delete(adapters::unload))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
         .route("/health", get(misc::health))

@@ -65,7 +65,9 @@ pub fn route_label(path: &str) -> &'static str {
         "/detokenize" => "/detokenize",
         "/health" => "/health",
         "/metrics" => "/metrics",
+        "/v1/adapters" => "/v1/adapters",
         p if p.starts_with("/v1/models/") => "/v1/models/{id}",
+        p if p.starts_with("/v1/adapters/") => "/v1/adapters/{id}",
         _ => "other",
     }
 }

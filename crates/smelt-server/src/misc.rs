@@ -17,13 +17,22 @@ fn model_json(m: &ModelEntry) -> Value {
 }
 
 pub async fn list_models(State(state): State<AppState>) -> Response {
-    let data: Vec<Value> = state.models().iter().map(|m| model_json(m)).collect();
+    let mut data = Vec::new();
+    for m in state.models() {
+        data.push(model_json(&m));
+        data.extend(m.adapters().iter().map(|(n, a)| crate::adapters::adapter_json(&m, n, a)));
+    }
     axum::Json(json!({"object": "list", "data": data})).into_response()
 }
 
 pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
-    let m = state.models().into_iter().find(|m| m.id == id).ok_or_else(|| ApiError::model_not_found(&id))?;
-    Ok(axum::Json(model_json(&m)).into_response())
+    if let Some(m) = state.models().into_iter().find(|m| m.id == id) {
+        return Ok(axum::Json(model_json(&m)).into_response());
+    }
+    let r = state.resolve(Some(&id))?;
+    let name = &id[r.entry.id.len() + 1..];
+    let a = r.entry.adapters().into_iter().find(|(n, _)| n == name).map(|(_, a)| a).ok_or_else(|| ApiError::model_not_found(&id))?;
+    Ok(axum::Json(crate::adapters::adapter_json(&r.entry, name, &a)).into_response())
 }
 
 pub async fn tokenize(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {

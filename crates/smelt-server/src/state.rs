@@ -3,6 +3,8 @@
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use smelt_engine::scheduler::Engine;
+use smelt_model::lora::{Adapter, LoraSet};
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -10,6 +12,45 @@ pub struct ModelEntry {
     pub id: String,
     pub engine: Engine,
     pub created: u64,
+    /// LoRA adapters of this base model, by name: requests pick one with the model id
+    /// `BASE:NAME`. Loaded and unloaded while serving; a request holds its adapter until done.
+    pub adapters: RwLock<BTreeMap<String, ServedAdapter>>,
+}
+
+#[derive(Clone)]
+pub struct ServedAdapter {
+    pub adapter: Arc<Adapter>,
+    /// The file it was loaded from.
+    pub path: String,
+    pub created: u64,
+}
+
+impl ModelEntry {
+    pub fn new(id: impl Into<String>, engine: Engine) -> ModelEntry {
+        ModelEntry { id: id.into(), engine, created: now(), adapters: RwLock::new(BTreeMap::new()) }
+    }
+
+    pub fn adapters(&self) -> Vec<(String, ServedAdapter)> {
+        self.adapters.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// The API id of one of this model's adapters.
+    pub fn adapter_id(&self, name: &str) -> String {
+        format!("{}:{name}", self.id)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// What a request's `model` names: a served model, with the adapters it runs under, and the id
+/// to answer with.
+pub struct Resolved {
+    pub entry: Arc<ModelEntry>,
+    pub lora: LoraSet,
+    pub id: String,
 }
 
 #[derive(Clone, Debug)]
@@ -60,7 +101,31 @@ impl AppState {
         self.0.models.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The model a request names (the first served model when it names none).
+    /// The model a request names: a served model's id, or `BASE:ADAPTER` for one of its
+    /// adapters (the first served model when it names none).
+    pub fn resolve(&self, name: Option<&str>) -> Result<Resolved, ApiError> {
+        let entry = match self.model(name) {
+            Ok(entry) => entry,
+            Err(not_found) => {
+                let Some(name) = name else { return Err(not_found) };
+                let models = self.models();
+                // The longest base id that prefixes the name (ids may contain ':' themselves).
+                let mut bases: Vec<&Arc<ModelEntry>> = models.iter().filter(|m| name.len() > m.id.len() + 1 && name.starts_with(&m.id) && name.as_bytes()[m.id.len()] == b':').collect();
+                bases.sort_by_key(|m| std::cmp::Reverse(m.id.len()));
+                for m in bases {
+                    let adapters = m.adapters.read().unwrap_or_else(|e| e.into_inner());
+                    if let Some(a) = adapters.get(&name[m.id.len() + 1..]) {
+                        return Ok(Resolved { entry: m.clone(), lora: LoraSet::one(a.adapter.clone(), 1.0), id: name.to_string() });
+                    }
+                }
+                return Err(not_found);
+            }
+        };
+        let id = entry.id.clone();
+        Ok(Resolved { entry, lora: LoraSet::default(), id })
+    }
+
+    /// The served model a request names, without adapters (the first when it names none).
     pub fn model(&self, name: Option<&str>) -> Result<Arc<ModelEntry>, ApiError> {
         if !self.ready() {
             return Err(ApiError::unavailable("The model is still loading; retry shortly (GET /health says when it is ready)"));

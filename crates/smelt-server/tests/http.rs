@@ -22,7 +22,7 @@ fn state(api_key: Option<&str>, config: EngineConfig) -> AppState {
     let _ = std::fs::remove_file(&path);
     let engine = Engine::start(model, Arc::new(ThreadPool::new(1)), config);
     let s = AppState::new(ServerConfig { keys: api_key.map(|k| Keys::new(vec![KeySpec::plain(k)])), max_body: 4096 });
-    s.add_model(ModelEntry { id: "tiny".into(), engine, created: 0 });
+    s.add_model(ModelEntry::new("tiny", engine));
     s.set_ready();
     s
 }
@@ -275,7 +275,7 @@ async fn keys_from_a_file_have_their_own_limits() {
     std::fs::write(&path, tiny_model(&TinySpec::new("qwen3")).to_bytes()).unwrap();
     let model = Arc::new(Model::load(&path).unwrap());
     let _ = std::fs::remove_file(&path);
-    s.add_model(ModelEntry { id: "tiny".into(), engine: Engine::start(model, Arc::new(ThreadPool::new(1)), config()), created: 0 });
+    s.add_model(ModelEntry::new("tiny", Engine::start(model, Arc::new(ThreadPool::new(1)), config())));
     s.set_ready();
     let body = |n: usize| json!({"prompt": "the", "max_tokens": n, "ignore_eos": true}).to_string();
     // alice: two requests a minute, then 429 with Retry-After; bob is not affected.
@@ -312,7 +312,7 @@ async fn bodies_over_two_mib_and_wrong_types_get_openai_errors() {
     std::fs::write(&path, tiny_model(&TinySpec::new("qwen3")).to_bytes()).unwrap();
     let model = Arc::new(Model::load(&path).unwrap());
     let _ = std::fs::remove_file(&path);
-    s.add_model(ModelEntry { id: "tiny".into(), engine: Engine::start(model, Arc::new(ThreadPool::new(1)), config()), created: 0 });
+    s.add_model(ModelEntry::new("tiny", Engine::start(model, Arc::new(ThreadPool::new(1)), config())));
     s.set_ready();
     // 3 MiB is under the configured limit: read and judged on its content.
     let big = json!({"prompt": "x ".repeat(3 << 19), "max_tokens": 1}).to_string();
@@ -338,4 +338,72 @@ async fn bodies_over_two_mib_and_wrong_types_get_openai_errors() {
     let (status, v, _) = call(&s, "POST", "/v1/chat/completions", json!({"messages": msgs}).to_string(), None).await;
     error(status, &v, StatusCode::BAD_REQUEST);
     assert_eq!(v["error"]["param"], "messages[1].tool_call_id");
+}
+
+fn adapter_file(arch: &'static str, seed: u64) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("smelt-http-lora-{arch}-{}-{seed}.gguf", std::process::id()));
+    let w = smelt_model::synthetic::tiny_adapter(&TinySpec::new(arch), 4, 8.0, smelt_kernels::formats::DType::F16, &smelt_model::lora::Target::ALL, true, seed);
+    std::fs::write(&path, w.to_bytes()).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn adapters_load_list_serve_and_unload_while_serving() {
+    let s = state(Some("sk"), config());
+    let key = Some("sk");
+    let good = adapter_file("qwen3", 1);
+    let load = |name: &str, path: &std::path::Path| json!({"name": name, "path": path.to_string_lossy()}).to_string();
+    let (st, _, _) = call(&s, "POST", "/v1/adapters", load("a", &good), None).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let (st, v, _) = call(&s, "POST", "/v1/adapters", load("a", &good), key).await;
+    assert_eq!(st, StatusCode::CREATED, "{v}");
+    assert_eq!(v["id"], "tiny:a");
+    assert_eq!(v["parent"], "tiny");
+    let (st, v, _) = call(&s, "POST", "/v1/adapters", load("a", &good), key).await;
+    assert!(error(st, &v, StatusCode::CONFLICT).contains("already loaded"));
+    let wrong = adapter_file("llama", 2);
+    let (st, v, _) = call(&s, "POST", "/v1/adapters", load("b", &wrong), key).await;
+    assert!(error(st, &v, StatusCode::BAD_REQUEST).contains("\"llama\" model"), "{v}");
+    let (st, v, _) = call(&s, "POST", "/v1/adapters", load("b", std::path::Path::new("/nonexistent/x.gguf")), key).await;
+    error(st, &v, StatusCode::BAD_REQUEST);
+    let (st, v, _) = call(&s, "POST", "/v1/adapters", load("bad/name", &good), key).await;
+    error(st, &v, StatusCode::BAD_REQUEST);
+    let (st, v, _) = call(&s, "POST", "/v1/adapters", json!({"model": "other", "name": "b", "path": good.to_string_lossy()}).to_string(), key).await;
+    error(st, &v, StatusCode::NOT_FOUND);
+
+    let (_, v, _) = call(&s, "GET", "/v1/models", Body::empty(), key).await;
+    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["tiny", "tiny:a"]);
+    let (st, v, _) = call(&s, "GET", "/v1/models/tiny:a", Body::empty(), key).await;
+    assert_eq!((st, v["root"].as_str()), (StatusCode::OK, Some("tiny")));
+
+    // The adapter's output is what a session under the same adapter gives, not the base's.
+    let complete = |model: &str| json!({"model": model, "prompt": [5, 17, 42, 99, 7], "max_tokens": 8, "temperature": 0, "ignore_eos": true}).to_string();
+    let (st, with, _) = call(&s, "POST", "/v1/completions", complete("tiny:a"), key).await;
+    assert_eq!(st, StatusCode::OK, "{with}");
+    assert_eq!(with["model"], "tiny:a");
+    let (_, base, _) = call(&s, "POST", "/v1/completions", complete("tiny"), key).await;
+    let entry = s.models()[0].clone();
+    let mut session = smelt_engine::Session::new(entry.engine.model.clone(), Arc::new(ThreadPool::new(1)), 64);
+    let adapter = entry.adapters()[0].1.adapter.clone();
+    session.set_lora(smelt_model::lora::LoraSet::one(adapter, 1.0));
+    let gp = smelt_engine::GenerateParams { max_tokens: 8, sampling: smelt_engine::SamplingParams::greedy(), ignore_eos: true, ..Default::default() };
+    let want = session.generate(&[5, 17, 42, 99, 7], &gp, |_| true).unwrap().text;
+    assert_eq!(with["choices"][0]["text"], want.as_str());
+    assert_ne!(with["choices"][0]["text"], base["choices"][0]["text"]);
+
+    let (st, v, _) = call(&s, "POST", "/v1/completions", complete("tiny:nope"), key).await;
+    assert!(error(st, &v, StatusCode::NOT_FOUND).contains("tiny:nope"));
+    let (st, v, _) = call(&s, "POST", "/v1/embeddings", json!({"model": "tiny:a", "input": "x"}).to_string(), key).await;
+    assert!(error(st, &v, StatusCode::BAD_REQUEST).contains("base models"));
+
+    let (st, v, _) = call(&s, "DELETE", "/v1/adapters/tiny:a", Body::empty(), key).await;
+    assert_eq!((st, &v["deleted"]), (StatusCode::OK, &json!(true)), "{v}");
+    let (st, v, _) = call(&s, "POST", "/v1/completions", complete("tiny:a"), key).await;
+    error(st, &v, StatusCode::NOT_FOUND);
+    let (st, v, _) = call(&s, "DELETE", "/v1/adapters/tiny:a", Body::empty(), key).await;
+    error(st, &v, StatusCode::NOT_FOUND);
+    let (st, v, _) = call(&s, "DELETE", "/v1/adapters/tiny", Body::empty(), key).await;
+    error(st, &v, StatusCode::BAD_REQUEST);
+    let _ = (std::fs::remove_file(good), std::fs::remove_file(wrong));
 }

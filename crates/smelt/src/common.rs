@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::Model;
+use smelt_model::lora::{parse_file_scale, Adapter, LoraSet};
 use smelt_store::{Progress, Store};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,6 +21,10 @@ pub struct ModelArgs {
     /// Context size in tokens (default: 4096, at most the model's training context).
     #[arg(long)]
     pub ctx: Option<usize>,
+    /// Apply a LoRA adapter (GGUF), optionally scaled (repeatable; as llama.cpp's
+    /// --lora / --lora-scaled).
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    pub lora: Vec<String>,
 }
 
 pub fn progress_bar() -> ProgressBar {
@@ -75,6 +80,20 @@ pub fn load(args: &ModelArgs) -> Result<(Arc<Model>, Arc<ThreadPool>, usize)> {
     }
     let pool = Arc::new(ThreadPool::new(threads(args.threads)));
     Ok((Arc::new(model), pool, n_ctx))
+}
+
+/// The adapters of `--lora FILE[:SCALE]` arguments, checked against `model`.
+pub fn loras(model: &Model, args: &[String]) -> Result<LoraSet> {
+    let mut set = LoraSet::default();
+    for arg in args {
+        let (file, scale) = parse_file_scale(arg);
+        anyhow::ensure!(scale.is_finite(), "--lora {arg}: the scale must be a finite number");
+        let name = std::path::Path::new(&file).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let adapter = Adapter::load(std::path::Path::new(&file), model, &name)?;
+        eprintln!("adapter {file}: rank {}, alpha {}, scale {scale}", adapter.rank(), adapter.alpha);
+        set.adapters.push((Arc::new(adapter), scale));
+    }
+    Ok(set)
 }
 
 /// Sampling options shared by `run` and `generate`.

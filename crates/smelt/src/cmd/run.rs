@@ -20,6 +20,9 @@ pub struct Args {
     /// Context size in tokens (default: 4096).
     #[arg(long)]
     ctx: Option<usize>,
+    /// Apply a LoRA adapter (GGUF), optionally scaled (repeatable).
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora: Vec<String>,
     /// A system prompt for the conversation.
     #[arg(long)]
     system: Option<String>,
@@ -33,10 +36,11 @@ pub struct Args {
 const HELP: &str = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops a reply";
 
 pub fn run(a: Args) -> Result<()> {
-    let margs = crate::common::ModelArgs { model: a.model.clone(), threads: a.threads, ctx: a.ctx };
+    let margs = crate::common::ModelArgs { model: a.model.clone(), threads: a.threads, ctx: a.ctx, lora: a.lora.clone() };
     let (model, pool, n_ctx) = load(&margs)?;
     let template = model.chat_template()?;
     let mut session = Session::new(model.clone(), pool, n_ctx);
+    session.set_lora(crate::common::loras(&model, &margs.lora)?);
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();

@@ -7,6 +7,8 @@ use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::Model;
 use smelt_model::kv::{BlockPool, BLOCK_SIZE};
 use smelt_server::keys::{parse_key_file, KeySpec, Keys};
+use smelt_model::lora::Adapter;
+use smelt_server::state::ServedAdapter;
 use smelt_server::{AppState, ModelEntry, ServerConfig};
 use std::sync::Arc;
 
@@ -47,6 +49,11 @@ pub struct Args {
     /// Worker threads for the model (default: all cores).
     #[arg(long, short = 't')]
     threads: Option<usize>,
+    /// Serve a LoRA adapter (repeatable): `NAME=FILE` for the first model, `BASE:NAME=FILE`
+    /// for another. Requests pick it with the model id `BASE:NAME`; more can be loaded and
+    /// unloaded while serving (POST / DELETE /v1/adapters).
+    #[arg(long, value_name = "[BASE:]NAME=FILE")]
+    lora: Vec<String>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -92,8 +99,30 @@ fn load_engine(arg: &str, a: &Args) -> Result<ModelEntry> {
     let config = EngineConfig { n_ctx, max_seqs: a.max_batch.max(1), kv_blocks, step_tokens: a.step_tokens.max(1), queue: a.queue.max(1) };
     eprintln!("{}: {} layers, context {n_ctx}, KV cache {} MB ({} tokens)", model_id(arg), model.hp.n_layer, (kv_blocks as u64 * block) >> 20, kv_blocks * BLOCK_SIZE);
     let engine = Engine::start(model, pool, config);
-    let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    Ok(ModelEntry { id: model_id(arg), engine, created })
+    Ok(ModelEntry::new(model_id(arg), engine))
+}
+
+/// `[BASE:]NAME=FILE` → (base id or None for the first model, name, file).
+fn parse_lora(arg: &str, ids: &[String]) -> Result<(String, String, String)> {
+    let (id, file) = arg.split_once('=').with_context(|| format!("--lora {arg:?}: expected NAME=FILE or BASE:NAME=FILE"))?;
+    let (base, name) = match ids.iter().filter(|b| id.len() > b.len() + 1 && id.starts_with(b.as_str()) && id.as_bytes()[b.len()] == b':').max_by_key(|b| b.len()) {
+        Some(b) => (b.clone(), id[b.len() + 1..].to_string()),
+        None => (ids[0].clone(), id.to_string()),
+    };
+    anyhow::ensure!(!name.is_empty() && !file.is_empty(), "--lora {arg:?}: expected NAME=FILE or BASE:NAME=FILE");
+    Ok((base, name, file.to_string()))
+}
+
+/// Load the `--lora` adapters of the model served as `entry`.
+fn load_adapters(entry: &ModelEntry, loras: &[(String, String, String)]) -> Result<()> {
+    for (base, name, file) in loras.iter().filter(|(b, _, _)| *b == entry.id) {
+        let adapter = Adapter::load(std::path::Path::new(file), &entry.engine.model, name).map_err(|e| anyhow::anyhow!("--lora {base}:{name}: {e}"))?;
+        eprintln!("{}: adapter {name} (rank {}, {} KB) from {file}", entry.id, adapter.rank(), adapter.bytes >> 10);
+        let served = ServedAdapter { adapter: Arc::new(adapter), path: file.clone(), created: smelt_server::state::now() };
+        let mut adapters = entry.adapters.write().unwrap_or_else(|e| e.into_inner());
+        anyhow::ensure!(adapters.insert(name.clone(), served).is_none(), "--lora {base}:{name} is given twice");
+    }
+    Ok(())
 }
 
 pub fn run(mut a: Args) -> Result<()> {
@@ -104,6 +133,7 @@ pub fn run(mut a: Args) -> Result<()> {
     for (i, id) in ids.iter().enumerate() {
         anyhow::ensure!(!ids[..i].contains(id), "model {id:?} is given twice");
     }
+    let loras = a.lora.iter().map(|l| parse_lora(l, &ids)).collect::<Result<Vec<_>>>()?;
     let keys = match (&a.api_key, &a.api_key_file) {
         (Some(k), _) => Some(vec![KeySpec::plain(k.trim())]),
         (None, Some(f)) => {
@@ -126,6 +156,7 @@ pub fn run(mut a: Args) -> Result<()> {
         let loader = tokio::task::spawn_blocking(move || -> Result<()> {
             for m in &a.model {
                 let entry = load_engine(m, &a)?;
+                load_adapters(&entry, &loras)?;
                 loading.add_model(entry);
             }
             loading.set_ready();
