@@ -41,6 +41,8 @@ pub struct Kernels {
     /// See `ops::exp_weights`.
     pub exp_weights: fn(&[f32], f32, f32, f32, &mut [f32]) -> f64,
     attend: AttendFn,
+    /// y += a · x over f16 x (see `ops::axpy_f16`).
+    pub axpy_f16: fn(&mut [f32], f32, &[half::f16]),
 }
 
 macro_rules! scalar_dot {
@@ -90,6 +92,7 @@ impl Kernels {
             log_sum_exp: crate::ops::log_sum_exp_scalar,
             exp_weights: crate::ops::exp_weights_scalar,
             attend: crate::ops::attend_scalar,
+            axpy_f16: crate::ops::axpy,
         };
         let dots: [(DType, VecDotFn); 19] = [
             (DType::F32, sdot_f32),
@@ -149,6 +152,7 @@ impl Kernels {
                 k.attend = crate::simd::avx2_math::attend;
                 k.log_sum_exp = crate::simd::avx2_math::log_sum_exp;
                 k.exp_weights = crate::simd::avx2_math::exp_weights;
+                k.axpy_f16 = crate::simd::avx2_math::axpy_f16;
             }
             #[cfg(not(target_arch = "x86_64"))]
             Isa::Avx2 => panic!("AVX2 kernels exist only on x86-64"),

@@ -395,6 +395,32 @@ pub fn axpy(y: &mut [f32], a: f32, x: &[half::f16]) {
     }
 }
 
+/// y += a * x over f16 values (dispatches to SIMD where available); the scalar reference is
+/// [`axpy`].
+pub fn axpy_f16(y: &mut [f32], a: f32, x: &[half::f16]) {
+    (kernels().axpy_f16)(y, a, x)
+}
+
+/// y += a * x
+pub fn axpy_f32(y: &mut [f32], a: f32, x: &[f32]) {
+    for (yi, &xi) in y.iter_mut().zip(x) {
+        *yi += a * xi;
+    }
+}
+
+/// Dot product of f16 values with f32 values (dispatches to SIMD where available).
+pub fn dot_f16_f32(w: &[half::f16], x: &[f32]) -> f32 {
+    let n = w.len().min(x.len());
+    let f = kernels().vec_dot(DType::F16);
+    f(n, f16_bytes(&w[..n]), f32_bytes(&x[..n]))
+}
+
+/// View f16 data as bytes for the byte-oriented kernel interface.
+pub fn f16_bytes(x: &[half::f16]) -> &[u8] {
+    // SAFETY: f16 is two plain bytes; length scales by 2; alignment of u8 is 1.
+    unsafe { std::slice::from_raw_parts(x.as_ptr().cast::<u8>(), std::mem::size_of_val(x)) }
+}
+
 /// Softmax attention of query heads over cached keys/values: for each head h (the `hd` floats
 /// `q[h * hd..]`), out_h = Σ_j softmax_j(q_h·k_j * scale) v_j over the slots j in `ranges`
 /// (half-open slot ranges); slot j's key and value are the `hd` f16 values at

@@ -149,3 +149,22 @@ fn parallel_matmul_entries_equal_single_products() {
         }
     }
 }
+
+#[test]
+fn f16_axpy_matches_the_scalar_reference() {
+    let mut rng = Rng(13);
+    for isa in Kernels::available_isas() {
+        let k = Kernels::for_isa(isa);
+        for n in [0, 1, 7, 8, 9, 31, 64, 1000] {
+            let x: Vec<half::f16> = (0..n).map(|_| half::f16::from_f32(rng.f() * 3.0)).collect();
+            let y0: Vec<f32> = (0..n).map(|_| rng.f() * 5.0).collect();
+            let a = rng.f() * 2.0;
+            let (mut fast, mut slow) = (y0.clone(), y0.clone());
+            (k.axpy_f16)(&mut fast, a, &x);
+            smelt_kernels::ops::axpy(&mut slow, a, &x);
+            for i in 0..n {
+                assert!(close(fast[i], slow[i], 1e-6), "{isa:?} n={n} i={i}: {} vs {}", fast[i], slow[i]);
+            }
+        }
+    }
+}

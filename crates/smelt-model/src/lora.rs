@@ -10,7 +10,7 @@
 use crate::arch::{Model, ModelError};
 use crate::gguf::GgufFile;
 use smelt_kernels::formats::{dequantize_row, DType};
-use smelt_kernels::ops::Matrix;
+use smelt_kernels::ops;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -65,36 +65,75 @@ impl Target {
     }
 }
 
-/// A matrix held in memory in one of the kernels' formats.
+/// The values of one low-rank factor: f16 where the file has f16 (half the bytes to read per
+/// token), f32 otherwise (other formats are decoded to f32 at load).
 #[derive(Clone)]
-pub struct OwnedMatrix {
-    pub dtype: DType,
-    pub rows: usize,
-    pub cols: usize,
-    pub data: Vec<u8>,
+pub enum Values {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
 }
 
-impl OwnedMatrix {
-    pub fn matrix(&self) -> Matrix<'_> {
-        Matrix::new(self.dtype, self.rows, self.cols, &self.data)
+/// A small row-major matrix of an adapter.
+#[derive(Clone)]
+pub struct LowRank {
+    pub rows: usize,
+    pub cols: usize,
+    pub values: Values,
+}
+
+impl LowRank {
+    /// row `r` · x (x has `cols` values).
+    pub fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
+        let (lo, hi) = (r * self.cols, (r + 1) * self.cols);
+        match &self.values {
+            Values::F32(v) => ops::dot_f32(&v[lo..hi], x),
+            Values::F16(v) => ops::dot_f16_f32(&v[lo..hi], x),
+        }
+    }
+
+    /// y += c · row `r`, over the column range `cols`.
+    pub fn axpy_row(&self, r: usize, cols: std::ops::Range<usize>, c: f32, y: &mut [f32]) {
+        let (lo, hi) = (r * self.cols + cols.start, r * self.cols + cols.end);
+        match &self.values {
+            Values::F32(v) => ops::axpy_f32(y, c, &v[lo..hi]),
+            Values::F16(v) => ops::axpy_f16(y, c, &v[lo..hi]),
+        }
     }
 
     /// The values as f32, row-major.
     pub fn to_f32(&self) -> Vec<f32> {
-        let mut out = vec![0f32; self.rows * self.cols];
-        let rb = self.data.len() / self.rows.max(1);
-        for (r, row) in out.chunks_exact_mut(self.cols).enumerate() {
-            dequantize_row(self.dtype, &self.data[r * rb..(r + 1) * rb], row);
+        match &self.values {
+            Values::F32(v) => v.clone(),
+            Values::F16(v) => v.iter().map(|x| x.to_f32()).collect(),
         }
-        out
+    }
+
+    pub fn bytes(&self) -> usize {
+        match &self.values {
+            Values::F32(v) => 4 * v.len(),
+            Values::F16(v) => 2 * v.len(),
+        }
+    }
+
+    /// The transpose (same format, values unchanged).
+    fn transposed(&self) -> LowRank {
+        fn t<T: Copy>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
+            (0..cols * rows).map(|i| v[(i % rows) * cols + i / rows]).collect()
+        }
+        let values = match &self.values {
+            Values::F32(v) => Values::F32(t(v, self.rows, self.cols)),
+            Values::F16(v) => Values::F16(t(v, self.rows, self.cols)),
+        };
+        LowRank { rows: self.cols, cols: self.rows, values }
     }
 }
 
-/// One adapted matrix: `delta = factor · B · A`, A [rank × in], B [out × rank].
+/// One adapted matrix: `delta = factor · B · A`, A [rank × in], B [out × rank], held as A and
+/// Bᵀ [rank × out] so both products read rows.
 #[derive(Clone)]
 pub struct LoraPair {
-    pub a: OwnedMatrix,
-    pub b: OwnedMatrix,
+    pub a: LowRank,
+    pub bt: LowRank,
     /// alpha / rank, or 1 when the file's alpha is 0.
     pub factor: f32,
 }
@@ -102,6 +141,10 @@ pub struct LoraPair {
 impl LoraPair {
     pub fn rank(&self) -> usize {
         self.a.rows
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.a.bytes() + self.bt.bytes()
     }
 }
 
@@ -187,7 +230,7 @@ impl Adapter {
                 ))
             })?;
             let pair = load_pair(file, base, rows, cols, alpha)?;
-            bytes += pair.a.data.len() + pair.b.data.len();
+            bytes += pair.bytes();
             match parse_target(base) {
                 Some((il, target)) => layers[il][target as usize] = Some(pair),
                 None => output = Some(pair),
@@ -276,41 +319,27 @@ fn load_pair(
             ta.dims, tb.dims
         )));
     }
-    let own = |t: &crate::gguf::TensorInfo,
-               rows: usize,
-               cols: usize|
-     -> Result<OwnedMatrix, ModelError> {
+    let own = |t: &crate::gguf::TensorInfo, rows: usize, cols: usize| -> Result<LowRank, ModelError> {
         if t.dtype.row_bytes(cols).is_none() {
-            return Err(ModelError::Invalid(format!(
-                "{}: {} rows of {cols} values are not whole blocks",
-                t.name, t.dtype
-            )));
+            return Err(ModelError::Invalid(format!("{}: {} rows of {cols} values are not whole blocks", t.name, t.dtype)));
         }
-        let data = file.tensor_data(t).to_vec();
-        let m = OwnedMatrix {
-            dtype: t.dtype,
-            rows,
-            cols,
-            data,
+        let data = file.tensor_data(t);
+        let rb = data.len() / rows.max(1);
+        let mut f = vec![0f32; rows * cols];
+        for (r, row) in f.chunks_exact_mut(cols).enumerate() {
+            dequantize_row(t.dtype, &data[r * rb..(r + 1) * rb], row);
+        }
+        if f.iter().any(|v| !v.is_finite()) {
+            return Err(ModelError::Invalid(format!("{} holds values that are not finite", t.name)));
+        }
+        let values = match t.dtype {
+            DType::F16 => Values::F16(f.iter().map(|&x| half::f16::from_f32(x)).collect()),
+            _ => Values::F32(f),
         };
-        if m.to_f32().iter().any(|v| !v.is_finite()) {
-            return Err(ModelError::Invalid(format!(
-                "{} holds values that are not finite",
-                t.name
-            )));
-        }
-        Ok(m)
+        Ok(LowRank { rows, cols, values })
     };
-    let factor = if alpha == 0.0 {
-        1.0
-    } else {
-        alpha / rank as f32
-    };
-    Ok(LoraPair {
-        a: own(ta, rank, cols)?,
-        b: own(tb, rows, rank)?,
-        factor,
-    })
+    let factor = if alpha == 0.0 { 1.0 } else { alpha / rank as f32 };
+    Ok(LoraPair { a: own(ta, rank, cols)?, bt: own(tb, rows, rank)?.transposed(), factor })
 }
 
 /// The adapters one sequence runs under, each with its scale (llama.cpp's `--lora-scaled`).
@@ -356,4 +385,95 @@ pub fn parse_file_scale(arg: &str) -> (String, f32) {
         }
     }
     (arg.to_string(), 1.0)
+}
+
+/// A small xorshift generator for random adapters (deterministic across platforms).
+struct Rng(u64);
+
+impl Rng {
+    fn normal(&mut self) -> f32 {
+        let mut u = || {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            ((self.0 >> 40) as f32 + 0.5) / (1u64 << 24) as f32
+        };
+        let (a, b) = (u(), u());
+        (-2.0 * a.ln()).sqrt() * (std::f32::consts::TAU * b).cos()
+    }
+}
+
+/// `v` (rows × cols, row-major) held in `dtype` (F16, else F32).
+fn encode(v: Vec<f32>, rows: usize, cols: usize, dtype: DType) -> LowRank {
+    let values = match dtype {
+        DType::F16 => Values::F16(v.iter().map(|&x| half::f16::from_f32(x)).collect()),
+        _ => Values::F32(v),
+    };
+    LowRank { rows, cols, values }
+}
+
+impl Adapter {
+    /// A random adapter of rank `rank` on `targets` of every layer of `model`, held in `dtype`
+    /// (F32 or F16): A ~ N(0, 1/in), B ~ N(0, `b_std`²) (0 gives an adapter that starts as the
+    /// base model, as training does). For benchmarks and as a starting point for training.
+    pub fn random(model: &Model, name: &str, rank: usize, alpha: f32, targets: &[Target], dtype: DType, b_std: f32, seed: u64) -> Adapter {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
+        let factor = if alpha == 0.0 { 1.0 } else { alpha / rank as f32 };
+        let mut bytes = 0;
+        let layers = (0..model.hp.n_layer)
+            .map(|il| {
+                let mut pairs: [Option<LoraPair>; 7] = Default::default();
+                for &t in targets {
+                    let m = model.layer_matrices(il)[t as usize];
+                    let (rows, cols) = (m.rows, m.cols);
+                    let a: Vec<f32> = (0..rank * cols).map(|_| rng.normal() / (cols as f32).sqrt()).collect();
+                    // Bᵀ directly: [rank × out].
+                    let b: Vec<f32> = (0..rank * rows).map(|_| rng.normal() * b_std).collect();
+                    let pair = LoraPair { a: encode(a, rank, cols, dtype), bt: encode(b, rank, rows, dtype), factor };
+                    bytes += pair.bytes();
+                    pairs[t as usize] = Some(pair);
+                }
+                pairs
+            })
+            .collect();
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Adapter { name: name.to_string(), id, arch: model.spec().name.to_string(), alpha, layers, output: None, bytes }
+    }
+}
+
+impl Adapter {
+    /// The adapter as a GGUF file in llama.cpp's adapter format (what [`Adapter::load`] and
+    /// llama.cpp's `--lora` read): each factor in the format it is held in.
+    pub fn to_gguf(&self) -> crate::gguf::GgufWriter {
+        use crate::gguf::Value;
+        let mut w = crate::gguf::GgufWriter::default();
+        w.kv("general.architecture", self.arch.as_str().into())
+            .kv("general.type", "adapter".into())
+            .kv("general.name", self.name.as_str().into())
+            .kv("adapter.type", "lora".into())
+            .kv("adapter.lora.alpha", Value::F32(self.alpha));
+        let put = |w: &mut crate::gguf::GgufWriter, name: &str, m: &LowRank| {
+            let (dtype, data) = match &m.values {
+                Values::F32(v) => (DType::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                Values::F16(v) => (DType::F16, v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect()),
+            };
+            w.tensor(name, &[m.cols as u64, m.rows as u64], dtype, data);
+        };
+        let mut pairs: Vec<(String, &LoraPair)> = Vec::new();
+        for (il, layer) in self.layers.iter().enumerate() {
+            for t in Target::ALL {
+                if let Some(p) = &layer[t as usize] {
+                    pairs.push((format!("blk.{il}.{}.weight", t.tensor()), p));
+                }
+            }
+        }
+        if let Some(p) = &self.output {
+            pairs.push(("output.weight".to_string(), p));
+        }
+        for (base, p) in pairs {
+            put(&mut w, &format!("{base}.lora_a"), &p.a);
+            put(&mut w, &format!("{base}.lora_b"), &p.bt.transposed());
+        }
+        w
+    }
 }

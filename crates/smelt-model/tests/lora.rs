@@ -7,7 +7,7 @@ use smelt_kernels::formats::{dequantize_row, DType};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, Workspace};
 use smelt_model::gguf::GgufWriter;
-use smelt_model::lora::{Adapter, LoraSet, Target};
+use smelt_model::lora::{Adapter, LoraSet, Target, Values};
 use smelt_model::synthetic::{tiny_adapter, tiny_model, TinySpec};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -88,12 +88,12 @@ fn fold(w: &GgufWriter, adapter: &Adapter, scale: f32) -> GgufWriter {
         tensors: Vec::new(),
     };
     let add = |base: &mut [f32], cols: usize, p: &smelt_model::lora::LoraPair| {
-        let (a, b, r) = (p.a.to_f32(), p.b.to_f32(), p.rank());
+        let (a, bt, r, rows) = (p.a.to_f32(), p.bt.to_f32(), p.rank(), p.bt.cols);
         let c = (scale * p.factor) as f64;
         for (row, out_row) in base.chunks_exact_mut(cols).enumerate() {
             for (col, v) in out_row.iter_mut().enumerate() {
                 let d: f64 = (0..r)
-                    .map(|k| b[row * r + k] as f64 * a[k * cols + col] as f64)
+                    .map(|k| bt[k * rows + row] as f64 * a[k * cols + col] as f64)
                     .sum();
                 *v = (*v as f64 + c * d) as f32;
             }
@@ -223,8 +223,9 @@ fn f32_f16_and_q8_0_adapters_agree_within_their_precision() {
             .unwrap(),
         );
         if dtype == DType::Q8_0 {
-            assert_eq!(a.pair(0, Target::Q).unwrap().a.dtype, DType::Q8_0);
-            assert_eq!(a.pair(0, Target::Q).unwrap().b.dtype, DType::Q8_0);
+            // Held decoded to f32 (only f16 is kept as the file has it).
+            assert!(matches!(a.pair(0, Target::Q).unwrap().a.values, Values::F32(_)));
+            assert!(matches!(a.pair(0, Target::Q).unwrap().bt.values, Values::F32(_)));
         }
         outs.push(run(&model, &mut ws, &toks, 16, &LoraSet::one(a, 1.0)));
     }
@@ -397,4 +398,20 @@ fn adapters_that_do_not_fit_the_base_model_are_refused_with_a_reason() {
     let e = Adapter::load(&p, &model, "t").err().unwrap().to_string();
     assert!(e.starts_with("adapter ") && !e.contains('\n'), "{e}");
     let _ = std::fs::remove_file(&p);
+}
+
+#[test]
+fn an_adapter_written_to_gguf_loads_back_bitwise() {
+    let spec = TinySpec::new("gemma3");
+    let model = load_model(&tiny_model(&spec));
+    for dtype in [DType::F32, DType::F16] {
+        let made = Arc::new(Adapter::random(&model, "r", 6, 12.0, &[Target::Q, Target::K, Target::Down], dtype, 0.3, 4));
+        let back = Arc::new(load_adapter(&made.to_gguf(), &model, "r").unwrap());
+        assert_eq!((back.rank(), back.alpha, back.bytes), (6, 12.0, made.bytes));
+        let mut ws = ws();
+        let toks = tokens(14, 5);
+        let a = run(&model, &mut ws, &toks, 5, &LoraSet::one(made, 0.7));
+        assert_eq!(a, run(&model, &mut ws, &toks, 5, &LoraSet::one(back, 0.7)), "{dtype}");
+        assert_ne!(a, run(&model, &mut ws, &toks, 5, &LoraSet::default()));
+    }
 }

@@ -622,3 +622,28 @@ mod tests {
         }
     }
 }
+
+/// y += a · x for f16 x, 8 lanes at a time (F16C conversion, one fused multiply-add each).
+pub fn axpy_f16(y: &mut [f32], a: f32, x: &[f16]) {
+    // SAFETY: installed only when the CPU has AVX2, FMA and F16C.
+    unsafe { axpy_f16_impl(y, a, x) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn axpy_f16_impl(y: &mut [f32], a: f32, x: &[f16]) {
+    let n = y.len().min(x.len());
+    let (yp, xp) = (y.as_mut_ptr(), x.as_ptr().cast::<u8>());
+    let va = _mm256_set1_ps(a);
+    let mut i = 0;
+    while i + 8 <= n {
+        // SAFETY: i + 8 <= n elements of both slices (x's f16 are 2 bytes each).
+        unsafe {
+            let vx = _mm256_cvtph_ps(_mm_loadu_si128(xp.add(2 * i).cast()));
+            _mm256_storeu_ps(yp.add(i), _mm256_fmadd_ps(va, vx, _mm256_loadu_ps(yp.add(i))));
+        }
+        i += 8;
+    }
+    for j in i..n {
+        y[j] = a.mul_add(x[j].to_f32(), y[j]);
+    }
+}

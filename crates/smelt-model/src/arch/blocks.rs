@@ -40,9 +40,8 @@ pub struct Workspace {
     hidden: Vec<f32>,
     matmul: Vec<u8>,
     /// Adapters: per row of the current product, the sequence's set (index into the pass's
-    /// sets); gathered inputs, the low-rank intermediate and the delta of one group of rows.
+    /// sets); the low-rank intermediate and the deltas.
     lora_rows: Vec<usize>,
-    lora_x: Vec<f32>,
     lora_t: Vec<f32>,
     lora_d: Vec<f32>,
     /// Rotation angles of this batch's positions, one table per distinct rotation among the
@@ -70,7 +69,6 @@ impl Workspace {
             hidden: Vec::new(),
             matmul: Vec::new(),
             lora_rows: Vec::new(),
-            lora_x: Vec::new(),
             lora_t: Vec::new(),
             lora_d: Vec::new(),
             rope: Vec::new(),
@@ -105,14 +103,15 @@ pub struct Block<'a> {
 /// The set of sequences that run the base model.
 static BASE: LoraSet = LoraSet { adapters: Vec::new() };
 
-/// Add the adapters' deltas of projection `$target` of layer `$il` to `ws.$out` [n, $m], whose
-/// input was `ws.$x` [n, $cols].
+/// Add the adapters' deltas to the outputs of products of the input `ws.$x` [n, $cols]: for each
+/// `$target => $out, $m`, the deltas of projection `$target` of layer `$il` to `ws.$out` [n, $m].
 macro_rules! lora_delta {
-    ($self:ident, $ws:ident, $pool:expr, $il:expr, $target:expr, $x:ident, $cols:expr, $out:ident, $m:expr) => {
+    ($self:ident, $ws:ident, $pool:expr, $il:expr, $x:ident, $cols:expr, [$($target:expr => $out:ident, $m:expr);+]) => {
         if $self.lora_active {
             let lora = Lora { sets: $self.lora_sets, rows: &$ws.lora_rows };
-            let scratch = LoraScratch { x: &mut $ws.lora_x, t: &mut $ws.lora_t, d: &mut $ws.lora_d, matmul: &mut $ws.matmul };
-            lora.add(&$pool, &|a| a.pair($il, $target), &$ws.$x, $cols, &mut $ws.$out, $m, scratch);
+            let scratch = LoraScratch { t: &mut $ws.lora_t, d: &mut $ws.lora_d };
+            let mut outs: Vec<(Pick, &mut [f32], usize)> = vec![$((Pick::Layer($il, $target), &mut $ws.$out[..], $m)),+];
+            lora.add(&$pool, &$ws.$x, $cols, &mut outs, scratch);
         }
     };
 }
@@ -186,56 +185,93 @@ struct Lora<'a> {
 
 /// Scratch of [`Lora::add`] (borrowed from the workspace for the call).
 struct LoraScratch<'a> {
-    x: &'a mut Vec<f32>,
     t: &'a mut Vec<f32>,
     d: &'a mut Vec<f32>,
-    matmul: &'a mut Vec<u8>,
+}
+
+/// Output columns per work item of an adapter's second product.
+const LORA_COLS: usize = 256;
+
+/// Which pair of an adapter a product takes: a layer's projection, or the output projection.
+#[derive(Clone, Copy)]
+enum Pick {
+    Layer(usize, Target),
+    Output,
+}
+
+impl Pick {
+    fn pair(self, a: &crate::lora::Adapter) -> Option<&LoraPair> {
+        match self {
+            Pick::Layer(il, t) => a.pair(il, t),
+            Pick::Output => a.output.as_ref(),
+        }
+    }
 }
 
 impl Lora<'_> {
+    /// For each output (pick, out [n, m]) of products of the same input x [n, cols]:
     /// out[i] += Σ scale · factor · B (A x[i]) over the adapters of row i's set that `pick`
-    /// finds a pair in; x is [n, cols], out [n, m]. Rows run in groups of the same set (the
-    /// base weights were read once for all of them; each group adds its own low-rank delta),
-    /// and a row's result does not depend on the other rows of the batch.
-    fn add(&self, pool: &ThreadPool, pick: &dyn Fn(&crate::lora::Adapter) -> Option<&LoraPair>, x: &[f32], cols: usize, out: &mut [f32], m: usize, s: LoraScratch) {
+    /// finds a pair in. The base weights were read once for all rows; each adapter's factors
+    /// are read once for all the rows under it, and the outputs of one input (Q, K and V; gate
+    /// and up) share two passes of the pool. Every row's delta is computed by the same sequence
+    /// of operations whatever else is in the batch, so a row's result does not depend on the
+    /// other rows.
+    fn add(&self, pool: &ThreadPool, x: &[f32], cols: usize, outs: &mut [(Pick, &mut [f32], usize)], s: LoraScratch) {
         let n = self.rows.len();
-        let mut done = vec![false; self.sets.len()];
-        for first in 0..n {
-            let set_i = self.rows[first];
-            if done[set_i] {
-                continue;
-            }
-            done[set_i] = true;
-            let set = self.sets[set_i];
-            if set.is_empty() {
-                continue;
-            }
-            let group: Vec<usize> = (first..n).filter(|&i| self.rows[i] == set_i).collect();
-            let g = group.len();
-            let input: &[f32] = if g == n {
-                x
-            } else {
-                fit(s.x, g * cols);
-                for (j, &i) in group.iter().enumerate() {
-                    s.x[j * cols..(j + 1) * cols].copy_from_slice(&x[i * cols..(i + 1) * cols]);
-                }
-                s.x
-            };
-            for (adapter, scale) in &set.adapters {
-                let Some(p) = pick(adapter) else { continue };
-                if *scale == 0.0 {
+        // (output, set index, pair, coefficient, first row of t) of every adapter that applies.
+        let mut jobs: Vec<(usize, usize, &LoraPair, f32, usize)> = Vec::new();
+        let mut t_rows = 0;
+        for (o, (pick, _, _)) in outs.iter().enumerate() {
+            for (si, set) in self.sets.iter().enumerate() {
+                if !self.rows.contains(&si) {
                     continue;
                 }
-                fit(s.t, g * p.rank());
-                ops::matmul(pool, &p.a.matrix(), input, g, s.t, s.matmul);
-                fit(s.d, g * m);
-                ops::matmul(pool, &p.b.matrix(), s.t, g, s.d, s.matmul);
-                let c = scale * p.factor;
-                for (j, &i) in group.iter().enumerate() {
-                    for (o, d) in out[i * m..(i + 1) * m].iter_mut().zip(&s.d[j * m..(j + 1) * m]) {
-                        *o += c * d;
+                for (adapter, scale) in &set.adapters {
+                    if let (Some(p), true) = (pick.pair(adapter), *scale != 0.0) {
+                        jobs.push((o, si, p, scale * p.factor, t_rows));
+                        t_rows += p.rank();
                     }
                 }
+            }
+        }
+        if jobs.is_empty() {
+            return;
+        }
+        // t[k][i] = A_k · x[i] for each adapter row k, over the batch rows under that adapter.
+        fit(s.t, t_rows * n);
+        let job_of = |k: usize| jobs.iter().rfind(|j| j.4 <= k).expect("row of some job");
+        pool.for_rows(s.t, n, 1, &|k, trow| {
+            let (_, si, p, _, first) = *job_of(k);
+            for (i, v) in trow.iter_mut().enumerate() {
+                if self.rows[i] == si {
+                    *v = p.a.dot_row(k - first, &x[i * cols..(i + 1) * cols]);
+                }
+            }
+        });
+        // delta[i][block's columns] = Σ_k coef · t[k][i] · Bᵀ_k[block's columns], in blocks of
+        // LORA_COLS columns of each output.
+        let blocks: Vec<(usize, std::ops::Range<usize>)> =
+            outs.iter().enumerate().flat_map(|(o, (_, _, m))| (0..m.div_ceil(LORA_COLS)).map(move |c| (o, c * LORA_COLS..((c + 1) * LORA_COLS).min(*m)))).collect();
+        fit(s.d, blocks.len() * n * LORA_COLS);
+        let t: &[f32] = s.t;
+        pool.for_rows(s.d, n * LORA_COLS, 1, &|b, d| {
+            let (o, range) = &blocks[b];
+            let w = range.len();
+            d.fill(0.0);
+            for &(_, si, p, coef, first) in jobs.iter().filter(|j| j.0 == *o) {
+                for i in (0..n).filter(|&i| self.rows[i] == si) {
+                    let di = &mut d[i * LORA_COLS..i * LORA_COLS + w];
+                    for k in 0..p.rank() {
+                        p.bt.axpy_row(k, range.clone(), coef * t[(first + k) * n + i], di);
+                    }
+                }
+            }
+        });
+        for (b, (o, range)) in blocks.iter().enumerate() {
+            let (_, out, m) = &mut outs[*o];
+            for i in (0..n).filter(|&i| jobs.iter().any(|j| j.0 == *o && j.1 == self.rows[i])) {
+                let d = &s.d[(b * n + i) * LORA_COLS..][..range.len()];
+                ops::add_inplace(&mut out[i * *m + range.start..i * *m + range.end], d);
             }
         }
     }
@@ -299,9 +335,7 @@ impl Block<'_> {
         let (mq, mk, mv) = (w.wq.matrix(), w.wk.matrix(), w.wv.matrix());
         timed!(profile::QKV, bytes: [mq, mk, mv], ops::matmul_fused(&pool, [&mq, &mk, &mv], &ws.h, n, [&mut ws.q, &mut ws.k, &mut ws.v], &mut ws.matmul));
         let e = hp.n_embd;
-        lora_delta!(self, ws, pool, il, Target::Q, h, e, q, w.wq.rows);
-        lora_delta!(self, ws, pool, il, Target::K, h, e, k, w.wk.rows);
-        lora_delta!(self, ws, pool, il, Target::V, h, e, v, w.wv.rows);
+        lora_delta!(self, ws, pool, il, h, e, [Target::Q => q, w.wq.rows; Target::K => k, w.wk.rows; Target::V => v, w.wv.rows]);
         add_bias(&mut ws.q, &w.bq);
         add_bias(&mut ws.k, &w.bk);
         add_bias(&mut ws.v, &w.bv);
@@ -366,7 +400,7 @@ impl Block<'_> {
             profile::add(profile::ATTENTION, t_att, 0);
         }
         linear(&pool, &w.wo, &ws.att, n, &mut ws.a, &mut ws.matmul, profile::ATTN_OUT);
-        lora_delta!(self, ws, pool, il, Target::O, att, w.wo.cols, a, w.wo.rows);
+        lora_delta!(self, ws, pool, il, att, w.wo.cols, [Target::O => a, w.wo.rows]);
     }
 
     /// The pre-norm layer Llama, Qwen2 and Qwen3 share: x += attn(norm(x)); x += ffn(norm(x)).
@@ -388,8 +422,7 @@ impl Block<'_> {
         fit(&mut ws.up, n * w.up.rows);
         let (mg, mu) = (w.gate.matrix(), w.up.matrix());
         timed!(profile::GATE_UP, bytes: [mg, mu], ops::matmul_fused(&pool, [&mg, &mu], &ws.h, n, [&mut ws.gate, &mut ws.up], &mut ws.matmul));
-        lora_delta!(self, ws, pool, il, Target::Gate, h, w.gate.cols, gate, w.gate.rows);
-        lora_delta!(self, ws, pool, il, Target::Up, h, w.up.cols, up, w.up.rows);
+        lora_delta!(self, ws, pool, il, h, w.gate.cols, [Target::Gate => gate, w.gate.rows; Target::Up => up, w.up.rows]);
         let f = match act {
             Activation::Silu => ops::silu_mul,
             Activation::GeluTanh => ops::gelu_mul,
@@ -397,7 +430,7 @@ impl Block<'_> {
         let (ff, up) = (w.gate.rows, &ws.up);
         timed!(profile::ACTIVATION, per_token(&pool, &mut ws.gate, ff, &|t, row| f(row, &up[t * ff..(t + 1) * ff])));
         linear(&pool, &w.down, &ws.gate, n, &mut ws.a, &mut ws.matmul, profile::DOWN);
-        lora_delta!(self, ws, pool, il, Target::Down, gate, w.down.cols, a, w.down.rows);
+        lora_delta!(self, ws, pool, il, gate, w.down.cols, [Target::Down => a, w.down.rows]);
     }
 }
 
@@ -503,8 +536,9 @@ impl Model {
             ws.lora_rows.clear();
             ws.lora_rows.extend(rows.iter().map(|&t| batch[t].seq.min(loras.len())));
             let lora = Lora { sets: &lora_sets, rows: &ws.lora_rows };
-            let scratch = LoraScratch { x: &mut ws.lora_x, t: &mut ws.lora_t, d: &mut ws.lora_d, matmul: &mut ws.matmul };
-            lora.add(&pool, &|a| a.output.as_ref(), &ws.hidden, e, &mut ws.logits, self.output.rows, scratch);
+            let scratch = LoraScratch { t: &mut ws.lora_t, d: &mut ws.lora_d };
+            let mut outs: Vec<(Pick, &mut [f32], usize)> = vec![(Pick::Output, &mut ws.logits[..], self.output.rows)];
+            lora.add(&pool, &ws.hidden, e, &mut outs, scratch);
         }
         Ok(&ws.logits)
     }

@@ -324,6 +324,11 @@ impl Model {
         Some((m.rows, m.cols))
     }
 
+    /// A layer's weight matrices (wq, wk, wv, wo, gate, up, down: [`crate::lora::Target`] order).
+    pub fn layer_matrices(&self, il: usize) -> [&Linear; 7] {
+        self.layers[il].matrices()
+    }
+
     /// The output projection (for measurements of its product alone).
     pub fn output(&self) -> &Linear {
         &self.output

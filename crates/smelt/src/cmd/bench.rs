@@ -7,7 +7,9 @@ use crate::common::{model_path, threads};
 use anyhow::Result;
 use smelt_kernels::bandwidth::ReadProbe;
 use smelt_kernels::pool::ThreadPool;
+use smelt_kernels::formats::DType;
 use smelt_model::arch::{BatchToken, Model, Workspace};
+use smelt_model::lora::LoraSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -37,6 +39,11 @@ pub struct Args {
     /// Skip the constrained-decoding (grammar mask) measurement.
     #[arg(long)]
     no_grammar: bool,
+    /// Also measure generation under random LoRA adapters of this rank on every projection
+    /// (f16, as llama.cpp's converter writes them): one sequence with one adapter against the
+    /// base, and 8 sequences under 4 different adapters against 8 on the base.
+    #[arg(long, default_value_t = 0)]
+    lora_rank: usize,
 }
 
 /// What constrained decoding costs on this model's vocabulary.
@@ -121,13 +128,42 @@ fn prompt_rep(model: &Model, ws: &mut Workspace, n: usize) -> Result<f64> {
 }
 
 fn gen_rep(model: &Model, ws: &mut Workspace, n: usize) -> Result<f64> {
-    let mut caches = vec![model.new_cache(n, 1)];
-    let toks = tokens(model, n);
+    batch_gen_rep(model, ws, n, &[&LoraSet::default()])
+}
+
+/// Generated tokens per second of `sets.len()` sequences decoding together for `n` steps,
+/// sequence `s` under `sets[s]`.
+fn batch_gen_rep(model: &Model, ws: &mut Workspace, n: usize, sets: &[&LoraSet]) -> Result<f64> {
+    let seqs = sets.len();
+    let mut caches: Vec<_> = (0..seqs).map(|_| model.new_cache(n, 1)).collect();
+    let toks = tokens(model, n + seqs);
     let t = Instant::now();
-    for (pos, &token) in toks.iter().enumerate() {
-        model.forward(&[BatchToken { token, pos, seq: 0, logits: true }], &mut caches, ws)?;
+    for pos in 0..n {
+        let batch: Vec<BatchToken> = (0..seqs).map(|seq| BatchToken { token: toks[pos + seq], pos, seq, logits: true }).collect();
+        model.forward_lora(&batch, &mut caches, ws, sets)?;
     }
-    Ok(n as f64 / t.elapsed().as_secs_f64())
+    Ok((n * seqs) as f64 / t.elapsed().as_secs_f64())
+}
+
+/// Generation speed under adapters against the base, repetitions interleaved so drift on the
+/// machine affects both alike: (base 1 seq, adapter 1 seq, base 8 seqs, 4 adapters 8 seqs), t/s.
+fn lora_speeds(model: &Model, ws: &mut Workspace, rank: usize, n: usize, reps: usize) -> Result<[f64; 4]> {
+    use smelt_model::lora::{Adapter, Target};
+    let adapters: Vec<Arc<Adapter>> = (0..4).map(|i| Arc::new(Adapter::random(model, &format!("random{i}"), rank, 2.0 * rank as f32, &Target::ALL, DType::F16, 0.02, i as u64 + 1))).collect();
+    eprintln!("adapters: 4 × rank {rank} on every projection, {:.1} MB each (f16)", adapters[0].bytes as f64 / 1e6);
+    let base = LoraSet::default();
+    let sets: Vec<LoraSet> = adapters.iter().map(|a| LoraSet::one(a.clone(), 1.0)).collect();
+    let mixed: Vec<&LoraSet> = (0..8).map(|s| &sets[s % 4]).collect();
+    let mut sums = [0.0; 4];
+    for rep in 0..reps {
+        eprint!("\rlora: repetition {}/{reps} ", rep + 1);
+        sums[0] += batch_gen_rep(model, ws, n, &[&base])?;
+        sums[1] += batch_gen_rep(model, ws, n, &[&sets[0]])?;
+        sums[2] += batch_gen_rep(model, ws, n, &[&base; 8])?;
+        sums[3] += batch_gen_rep(model, ws, n, &mixed)?;
+    }
+    eprintln!();
+    Ok(sums.map(|s| s / reps as f64))
 }
 
 /// Memory bandwidth sampled over the same period as the generation runs: one pass before each
@@ -192,8 +228,12 @@ pub fn run(a: Args) -> Result<()> {
         }
         _ => None,
     };
+    let lora = match a.lora_rank {
+        0 => None,
+        r => Some(lora_speeds(&model, &mut ws, r, a.n_gen.clamp(1, 64), a.reps)?),
+    };
     if a.json {
-        let out: Vec<serde_json::Value> = results
+        let mut out: Vec<serde_json::Value> = results
             .iter()
             .map(|(_, np, ng, avg, sd, samples)| {
                 let mut o = serde_json::json!({
@@ -226,6 +266,13 @@ pub fn run(a: Args) -> Result<()> {
                 o
             })
             .collect();
+        if let Some([base1, lora1, base8, mixed8]) = lora {
+            out.push(serde_json::json!({
+                "test": "lora", "lora_rank": a.lora_rank, "n_threads": n_threads, "model_filename": path.display().to_string(),
+                "tg_base_ts": base1, "tg_lora_ts": lora1, "tg_lora_ratio": lora1 / base1,
+                "batch8_base_ts": base8, "batch8_4_adapters_ts": mixed8, "batch8_4_adapters_ratio": mixed8 / base8,
+            }));
+        }
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
@@ -252,6 +299,14 @@ pub fn run(a: Args) -> Result<()> {
             }
             None => println!(),
         }
+    }
+    if let Some([base1, lora1, base8, mixed8]) = lora {
+        println!(
+            "lora rank {} on every projection: 1 sequence {lora1:.2} t/s vs {base1:.2} on the base ({:.0}%); 8 sequences under 4 adapters {mixed8:.2} t/s vs {base8:.2} on the base ({:.0}%)",
+            a.lora_rank,
+            100.0 * lora1 / base1,
+            100.0 * mixed8 / base8
+        );
     }
     if let (Some(m), Some(avg)) = (&mask, tg_avg) {
         println!(
