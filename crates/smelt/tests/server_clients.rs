@@ -21,10 +21,23 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// Start the server on a free port; returns it and its base URL once /health says ready.
-fn start() -> (Server, String) {
+/// A random rank-8 LoRA adapter (f16) for the chat model, written where the tests can find it.
+fn adapter_file() -> PathBuf {
+    use smelt_model::lora::{Adapter, Target};
+    let base = smelt_store::Store::from_env().resolve("qwen2.5-coder-0.5b-instruct").expect("the chat model is in the store (smelt pull)");
+    let model = smelt_model::arch::Model::load(&base).unwrap();
+    let a = Adapter::random(&model, "rnd", 8, 8.0, &Target::ALL, smelt_kernels::formats::DType::F16, 0.05, 7);
+    let path = std::env::temp_dir().join(format!("smelt-clients-adapter-{}.gguf", std::process::id()));
+    std::fs::write(&path, a.to_gguf().to_bytes()).unwrap();
+    path
+}
+
+/// Start the server on a free port, serving the adapter `rnd` on the chat model; returns it and
+/// its base URL once /health says ready.
+fn start(adapter: &std::path::Path) -> (Server, String) {
+    let lora = format!("rnd={}", adapter.display());
     let mut child = Command::new(env!("CARGO_BIN_EXE_smelt"))
-        .args(["serve", "-m", "qwen2.5-coder-0.5b-instruct", "-m", "gemma-3-270m", "--port", "0", "-t", "2", "--kv-memory", "512M", "--max-batch", "32", "--queue", "128"])
+        .args(["serve", "-m", "qwen2.5-coder-0.5b-instruct", "-m", "gemma-3-270m", "--port", "0", "-t", "2", "--kv-memory", "512M", "--max-batch", "32", "--queue", "128", "--lora", &lora])
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting smelt serve");
@@ -56,9 +69,11 @@ fn start() -> (Server, String) {
     }
 }
 
-fn run_suite(cmd: &mut Command, url: &str, what: &str) {
+fn run_suite(cmd: &mut Command, url: &str, adapter: &std::path::Path, what: &str) {
     let out = cmd
         .env("SMELT_URL", url)
+        .env("SMELT_ADAPTER", "qwen2.5-coder-0.5b-instruct:rnd")
+        .env("SMELT_ADAPTER_FILE", adapter)
         .env("SMELT_CHAT_MODEL", "qwen2.5-coder-0.5b-instruct")
         .env("SMELT_BASE_MODEL", "gemma-3-270m")
         .current_dir(repo())
@@ -71,7 +86,9 @@ fn run_suite(cmd: &mut Command, url: &str, what: &str) {
 
 #[test]
 fn official_openai_clients_python_and_node() {
-    let (_server, url) = start();
-    run_suite(Command::new("python3").args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/clients/python"]), &url, "python");
-    run_suite(Command::new("node").args(["--test", "tests/clients/node/"]), &url, "node");
+    let adapter = adapter_file();
+    let (_server, url) = start(&adapter);
+    run_suite(Command::new("python3").args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/clients/python"]), &url, &adapter, "python");
+    run_suite(Command::new("node").args(["--test", "tests/clients/node/"]), &url, &adapter, "node");
+    let _ = std::fs::remove_file(adapter);
 }
