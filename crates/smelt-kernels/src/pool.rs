@@ -240,6 +240,24 @@ impl ThreadPool {
             }
         });
     }
+
+    /// [`ThreadPool::for_rows`], with the rows split as [`ThreadPool::for_parts`] splits items:
+    /// each thread walks a contiguous run of rows (pieces of at least `min_rows`), so work
+    /// whose rows read consecutive memory streams it.
+    pub fn for_row_parts<T: Send>(&self, data: &mut [T], row_len: usize, min_rows: usize, f: &(dyn Fn(usize, &mut [T]) + Sync)) {
+        assert!(row_len > 0 && data.len() % row_len == 0, "rows must tile the slice");
+        let n_rows = data.len() / row_len;
+        let base = SendPtr(data.as_mut_ptr());
+        self.for_parts(n_rows, min_rows, &|rows| {
+            let base = &base;
+            for r in rows {
+                // SAFETY: `for_parts` hands each row index to exactly one thread, rows are
+                // disjoint `row_len`-sized windows of `data`, and `data` outlives the job.
+                let row = unsafe { std::slice::from_raw_parts_mut(base.0.add(r * row_len), row_len) };
+                f(r, row);
+            }
+        });
+    }
 }
 
 struct SendPtr<T>(*mut T);

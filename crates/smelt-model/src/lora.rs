@@ -91,15 +91,6 @@ impl LowRank {
         }
     }
 
-    /// y += c · row `r`, over the column range `cols`.
-    pub fn axpy_row(&self, r: usize, cols: std::ops::Range<usize>, c: f32, y: &mut [f32]) {
-        let (lo, hi) = (r * self.cols + cols.start, r * self.cols + cols.end);
-        match &self.values {
-            Values::F32(v) => ops::axpy_f32(y, c, &v[lo..hi]),
-            Values::F16(v) => ops::axpy_f16(y, c, &v[lo..hi]),
-        }
-    }
-
     /// The values as f32, row-major.
     pub fn to_f32(&self) -> Vec<f32> {
         match &self.values {
@@ -114,26 +105,78 @@ impl LowRank {
             Values::F16(v) => 2 * v.len(),
         }
     }
+}
 
-    /// The transpose (same format, values unchanged).
-    fn transposed(&self) -> LowRank {
-        fn t<T: Copy>(v: &[T], rows: usize, cols: usize) -> Vec<T> {
-            (0..cols * rows).map(|i| v[(i % rows) * cols + i / rows]).collect()
-        }
-        let values = match &self.values {
-            Values::F32(v) => Values::F32(t(v, self.rows, self.cols)),
-            Values::F16(v) => Values::F16(t(v, self.rows, self.cols)),
+/// Output columns per block of an adapter's delta pass.
+pub const DELTA_COLS: usize = 256;
+
+/// Bᵀ [rank × out] in blocks of [`DELTA_COLS`] columns: block c holds columns
+/// c·DELTA_COLS.. of rows 0..rank one after another, so the delta pass, which works a block at
+/// a time, reads the factor in order.
+#[derive(Clone)]
+pub struct BlockedT {
+    pub rank: usize,
+    pub out: usize,
+    pub values: Values,
+}
+
+impl BlockedT {
+    /// From B [out × rank], row-major.
+    fn from_b(b: &LowRank) -> BlockedT {
+        let (out, rank) = (b.rows, b.cols);
+        // Position i of the blocked layout holds B[col][k] for its block c, row k, column j.
+        let src = |i: usize| {
+            let c = i / (DELTA_COLS * rank);
+            let w = DELTA_COLS.min(out - c * DELTA_COLS);
+            let (k, j) = ((i % (DELTA_COLS * rank)) / w, (i % (DELTA_COLS * rank)) % w);
+            (c * DELTA_COLS + j) * rank + k
         };
-        LowRank { rows: self.cols, cols: self.rows, values }
+        let values = match &b.values {
+            Values::F32(v) => Values::F32((0..v.len()).map(|i| v[src(i)]).collect()),
+            Values::F16(v) => Values::F16((0..v.len()).map(|i| v[src(i)]).collect()),
+        };
+        BlockedT { rank, out, values }
+    }
+
+    /// B [out × rank], row-major (what the file holds).
+    pub fn b(&self) -> LowRank {
+        let (out, rank) = (self.out, self.rank);
+        let at = |o: usize, k: usize| {
+            let (c, j) = (o / DELTA_COLS, o % DELTA_COLS);
+            let w = DELTA_COLS.min(out - c * DELTA_COLS);
+            c * DELTA_COLS * rank + k * w + j
+        };
+        let values = match &self.values {
+            Values::F32(v) => Values::F32((0..out * rank).map(|i| v[at(i / rank, i % rank)]).collect()),
+            Values::F16(v) => Values::F16((0..out * rank).map(|i| v[at(i / rank, i % rank)]).collect()),
+        };
+        LowRank { rows: out, cols: rank, values }
+    }
+
+    /// y += c · Bᵀ[k][columns of block `block`] (y holds the block's columns).
+    pub fn axpy(&self, k: usize, block: usize, c: f32, y: &mut [f32]) {
+        let w = DELTA_COLS.min(self.out - block * DELTA_COLS);
+        let at = block * DELTA_COLS * self.rank + k * w;
+        match &self.values {
+            Values::F32(v) => ops::axpy_f32(y, c, &v[at..at + w]),
+            Values::F16(v) => ops::axpy_f16(y, c, &v[at..at + w]),
+        }
+    }
+
+    pub fn bytes(&self) -> usize {
+        match &self.values {
+            Values::F32(v) => 4 * v.len(),
+            Values::F16(v) => 2 * v.len(),
+        }
     }
 }
 
 /// One adapted matrix: `delta = factor · B · A`, A [rank × in], B [out × rank], held as A and
-/// Bᵀ [rank × out] so both products read rows.
+/// Bᵀ in column blocks, so both passes read their factor in order.
 #[derive(Clone)]
 pub struct LoraPair {
     pub a: LowRank,
-    pub bt: LowRank,
+    pub bt: BlockedT,
     /// alpha / rank, or 1 when the file's alpha is 0.
     pub factor: f32,
 }
@@ -339,7 +382,7 @@ fn load_pair(
         Ok(LowRank { rows, cols, values })
     };
     let factor = if alpha == 0.0 { 1.0 } else { alpha / rank as f32 };
-    Ok(LoraPair { a: own(ta, rank, cols)?, bt: own(tb, rows, rank)?.transposed(), factor })
+    Ok(LoraPair { a: own(ta, rank, cols)?, bt: BlockedT::from_b(&own(tb, rows, rank)?), factor })
 }
 
 /// The adapters one sequence runs under, each with its scale (llama.cpp's `--lora-scaled`).
@@ -427,9 +470,8 @@ impl Adapter {
                     let m = model.layer_matrices(il)[t as usize];
                     let (rows, cols) = (m.rows, m.cols);
                     let a: Vec<f32> = (0..rank * cols).map(|_| rng.normal() / (cols as f32).sqrt()).collect();
-                    // Bᵀ directly: [rank × out].
-                    let b: Vec<f32> = (0..rank * rows).map(|_| rng.normal() * b_std).collect();
-                    let pair = LoraPair { a: encode(a, rank, cols, dtype), bt: encode(b, rank, rows, dtype), factor };
+                    let b: Vec<f32> = (0..rows * rank).map(|_| rng.normal() * b_std).collect();
+                    let pair = LoraPair { a: encode(a, rank, cols, dtype), bt: BlockedT::from_b(&encode(b, rows, rank, dtype)), factor };
                     bytes += pair.bytes();
                     pairs[t as usize] = Some(pair);
                 }
@@ -472,7 +514,7 @@ impl Adapter {
         }
         for (base, p) in pairs {
             put(&mut w, &format!("{base}.lora_a"), &p.a);
-            put(&mut w, &format!("{base}.lora_b"), &p.bt.transposed());
+            put(&mut w, &format!("{base}.lora_b"), &p.bt.b());
         }
         w
     }

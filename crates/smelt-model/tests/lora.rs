@@ -88,12 +88,12 @@ fn fold(w: &GgufWriter, adapter: &Adapter, scale: f32) -> GgufWriter {
         tensors: Vec::new(),
     };
     let add = |base: &mut [f32], cols: usize, p: &smelt_model::lora::LoraPair| {
-        let (a, bt, r, rows) = (p.a.to_f32(), p.bt.to_f32(), p.rank(), p.bt.cols);
+        let (a, b, r) = (p.a.to_f32(), p.bt.b().to_f32(), p.rank());
         let c = (scale * p.factor) as f64;
         for (row, out_row) in base.chunks_exact_mut(cols).enumerate() {
             for (col, v) in out_row.iter_mut().enumerate() {
                 let d: f64 = (0..r)
-                    .map(|k| bt[k * rows + row] as f64 * a[k * cols + col] as f64)
+                    .map(|k| b[row * r + k] as f64 * a[k * cols + col] as f64)
                     .sum();
                 *v = (*v as f64 + c * d) as f32;
             }

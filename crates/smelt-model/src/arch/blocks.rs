@@ -6,7 +6,7 @@
 
 use super::{Activation, LayerWeights, Linear, Model, ModelError};
 use crate::kv::KvStore;
-use crate::lora::{LoraPair, LoraSet, Target};
+use crate::lora::{LoraPair, LoraSet, Target, DELTA_COLS};
 use smelt_kernels::ops::{self, attend, rms_norm, rms_norm_inplace};
 use smelt_kernels::pool::ThreadPool;
 use std::cell::RefCell;
@@ -189,8 +189,6 @@ struct LoraScratch<'a> {
     d: &'a mut Vec<f32>,
 }
 
-/// Output columns per work item of an adapter's second product.
-const LORA_COLS: usize = 256;
 
 /// Which pair of an adapter a product takes: a layer's projection, or the output projection.
 #[derive(Clone, Copy)]
@@ -240,7 +238,8 @@ impl Lora<'_> {
         // t[k][i] = A_k · x[i] for each adapter row k, over the batch rows under that adapter.
         fit(s.t, t_rows * n);
         let job_of = |k: usize| jobs.iter().rfind(|j| j.4 <= k).expect("row of some job");
-        pool.for_rows(s.t, n, 1, &|k, trow| {
+        // Contiguous runs of rows per thread: they read A in order.
+        pool.for_row_parts(s.t, n, 1, &|k, trow| {
             let (_, si, p, _, first) = *job_of(k);
             for (i, v) in trow.iter_mut().enumerate() {
                 if self.rows[i] == si {
@@ -249,28 +248,28 @@ impl Lora<'_> {
             }
         });
         // delta[i][block's columns] = Σ_k coef · t[k][i] · Bᵀ_k[block's columns], in blocks of
-        // LORA_COLS columns of each output.
-        let blocks: Vec<(usize, std::ops::Range<usize>)> =
-            outs.iter().enumerate().flat_map(|(o, (_, _, m))| (0..m.div_ceil(LORA_COLS)).map(move |c| (o, c * LORA_COLS..((c + 1) * LORA_COLS).min(*m)))).collect();
-        fit(s.d, blocks.len() * n * LORA_COLS);
+        // DELTA_COLS columns of each output (in order: each factor's blocks are consecutive).
+        let blocks: Vec<(usize, usize, std::ops::Range<usize>)> =
+            outs.iter().enumerate().flat_map(|(o, (_, _, m))| (0..m.div_ceil(DELTA_COLS)).map(move |c| (o, c, c * DELTA_COLS..((c + 1) * DELTA_COLS).min(*m)))).collect();
+        fit(s.d, blocks.len() * n * DELTA_COLS);
         let t: &[f32] = s.t;
-        pool.for_rows(s.d, n * LORA_COLS, 1, &|b, d| {
-            let (o, range) = &blocks[b];
+        pool.for_row_parts(s.d, n * DELTA_COLS, 1, &|b, d| {
+            let (o, c, range) = &blocks[b];
             let w = range.len();
             d.fill(0.0);
             for &(_, si, p, coef, first) in jobs.iter().filter(|j| j.0 == *o) {
                 for i in (0..n).filter(|&i| self.rows[i] == si) {
-                    let di = &mut d[i * LORA_COLS..i * LORA_COLS + w];
+                    let di = &mut d[i * DELTA_COLS..i * DELTA_COLS + w];
                     for k in 0..p.rank() {
-                        p.bt.axpy_row(k, range.clone(), coef * t[(first + k) * n + i], di);
+                        p.bt.axpy(k, *c, coef * t[(first + k) * n + i], di);
                     }
                 }
             }
         });
-        for (b, (o, range)) in blocks.iter().enumerate() {
+        for (b, (o, _, range)) in blocks.iter().enumerate() {
             let (_, out, m) = &mut outs[*o];
             for i in (0..n).filter(|&i| jobs.iter().any(|j| j.0 == *o && j.1 == self.rows[i])) {
-                let d = &s.d[(b * n + i) * LORA_COLS..][..range.len()];
+                let d = &s.d[(b * n + i) * DELTA_COLS..][..range.len()];
                 ops::add_inplace(&mut out[i * *m + range.start..i * *m + range.end], d);
             }
         }
