@@ -324,6 +324,21 @@ impl Model {
         Some((m.rows, m.cols))
     }
 
+    /// Layer `il`'s weights (for training, which runs its own forward and backward passes).
+    pub fn layer(&self, il: usize) -> &LayerWeights {
+        &self.layers[il]
+    }
+
+    /// The token embedding matrix.
+    pub fn token_embd(&self) -> &Linear {
+        &self.token_embd
+    }
+
+    /// The final norm's weights.
+    pub fn output_norm(&self) -> &[f32] {
+        &self.output_norm
+    }
+
     /// A layer's weight matrices (wq, wk, wv, wo, gate, up, down: [`crate::lora::Target`] order).
     pub fn layer_matrices(&self, il: usize) -> [&Linear; 7] {
         self.layers[il].matrices()

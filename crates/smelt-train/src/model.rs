@@ -1,0 +1,364 @@
+//! A model's forward pass over whole training sequences with what the backward pass needs kept,
+//! and the backward pass itself, for every architecture smelt runs (the same blocks as
+//! `smelt_model::arch::blocks`, in the same order). The base weights stay frozen in their
+//! quantized formats; only the LoRA factors get gradients.
+
+use crate::ops::{self, AttnShape};
+use crate::real::{Frozen, Real};
+use smelt_kernels::pool::ThreadPool;
+use smelt_model::arch::Model;
+use smelt_model::lora::Target;
+
+/// Trainable LoRA factors of one matrix: A [rank × in], B [out × rank].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pair<T> {
+    pub a: Vec<T>,
+    pub b: Vec<T>,
+    pub inp: usize,
+    pub out: usize,
+}
+
+/// Trainable LoRA factors of a model (every layer's chosen projections), or their gradients
+/// (the same shape).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Lora<T> {
+    pub rank: usize,
+    pub alpha: f32,
+    pub layers: Vec<[Option<Pair<T>>; 7]>,
+}
+
+impl<T: Real> Lora<T> {
+    /// Factors for `targets` of every layer of `model`: A drawn from `init` (called with the
+    /// number of inputs), B zero — so training starts from the base model, as PEFT does.
+    pub fn new(model: &Model, rank: usize, alpha: f32, targets: &[Target], mut init: impl FnMut(usize) -> T) -> Lora<T> {
+        let layers = (0..model.hp.n_layer)
+            .map(|il| {
+                let mut pairs: [Option<Pair<T>>; 7] = Default::default();
+                for &t in targets {
+                    let w = model.layer_matrices(il)[t as usize];
+                    let a = (0..rank * w.cols).map(|_| init(w.cols)).collect();
+                    pairs[t as usize] = Some(Pair { a, b: vec![T::default(); w.rows * rank], inp: w.cols, out: w.rows });
+                }
+                pairs
+            })
+            .collect();
+        Lora { rank, alpha, layers }
+    }
+
+    /// Zeros of the same shape.
+    pub fn zeros_like(&self) -> Lora<T> {
+        let mut z = self.clone();
+        z.for_each_mut(|v| *v = T::default());
+        z
+    }
+
+    pub fn for_each_mut(&mut self, mut f: impl FnMut(&mut T)) {
+        for p in self.layers.iter_mut().flatten().flatten() {
+            p.a.iter_mut().chain(p.b.iter_mut()).for_each(&mut f);
+        }
+    }
+
+    /// Every value, in a fixed order (A then B of each pair, layer by layer).
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.layers.iter().flatten().flatten().flat_map(|p| p.a.iter().chain(p.b.iter()))
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut T> {
+        self.layers.iter_mut().flatten().flatten().flat_map(|p| p.a.iter_mut().chain(p.b.iter_mut()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.values().count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// alpha / rank
+    pub fn factor(&self) -> T {
+        T::of(if self.alpha == 0.0 { 1.0 } else { self.alpha as f64 / self.rank as f64 })
+    }
+}
+
+/// The frozen matrices of a model, ready for both directions.
+pub struct Frozens {
+    layers: Vec<[Frozen; 7]>,
+    output: Frozen,
+}
+
+impl Frozens {
+    /// `transpose`: keep Q8_0 transposes for the backward products (f32 training); without,
+    /// they are decoded row by row (f64 checks).
+    pub fn new(model: &Model, transpose: bool) -> Frozens {
+        let make = |w: &smelt_model::arch::Linear| if transpose { Frozen::with_transpose(w) } else { Frozen::plain(w) };
+        let layers = (0..model.hp.n_layer).map(|il| model.layer_matrices(il).map(make)).collect();
+        Frozens { layers, output: make(model.output()) }
+    }
+
+    /// Bytes of the transposed copies.
+    pub fn extra_bytes(&self) -> usize {
+        self.layers.iter().flatten().chain([&self.output]).map(|f| f.extra_bytes()).sum()
+    }
+}
+
+/// What one layer's forward pass keeps for the backward pass.
+#[derive(Default)]
+struct LayerCache<T> {
+    x_in: Vec<T>,
+    h1: Vec<T>,
+    inv1: Vec<T>,
+    q_pre: Vec<T>,
+    k_pre: Vec<T>,
+    inv_q: Vec<T>,
+    inv_k: Vec<T>,
+    q: Vec<T>,
+    k: Vec<T>,
+    v: Vec<T>,
+    att: Vec<T>,
+    o_pre: Vec<T>,
+    inv_po: Vec<T>,
+    x_mid: Vec<T>,
+    h2: Vec<T>,
+    inv2: Vec<T>,
+    gate: Vec<T>,
+    up: Vec<T>,
+    act: Vec<T>,
+    dn_pre: Vec<T>,
+    inv_pd: Vec<T>,
+    /// x · Aᵀ of each adapted projection.
+    u: [Vec<T>; 7],
+}
+
+/// y [n × out] = x Wᵀ + factor · (x Aᵀ) Bᵀ; returns x Aᵀ (empty without a pair).
+fn linear<T: Real>(pool: &ThreadPool, w: &Frozen, pair: Option<&Pair<T>>, factor: T, rank: usize, x: &[T], n: usize, y: &mut Vec<T>) -> Vec<T> {
+    y.resize(n * w.w.rows, T::default());
+    T::frozen_forward(pool, w, x, n, y);
+    let Some(p) = pair else { return Vec::new() };
+    let mut u = vec![T::default(); n * rank];
+    for t in 0..n {
+        let xt = &x[t * p.inp..(t + 1) * p.inp];
+        for k in 0..rank {
+            u[t * rank + k] = T::dot(&p.a[k * p.inp..(k + 1) * p.inp], xt);
+        }
+        let yt = &mut y[t * p.out..(t + 1) * p.out];
+        for (o, yo) in yt.iter_mut().enumerate() {
+            *yo += factor * T::dot(&p.b[o * rank..(o + 1) * rank], &u[t * rank..(t + 1) * rank]);
+        }
+    }
+    u
+}
+
+/// Backward of [`linear`]: dx += dy W + factor · (dy B) A; the pair's gradients accumulate.
+#[allow(clippy::too_many_arguments)]
+fn linear_back<T: Real>(pool: &ThreadPool, w: &Frozen, pair: Option<&Pair<T>>, grad: Option<&mut Pair<T>>, factor: T, rank: usize, x: &[T], u: &[T], dy: &[T], n: usize, dx: &mut [T]) {
+    T::frozen_backward(pool, w, dy, n, dx);
+    let (Some(p), Some(g)) = (pair, grad) else { return };
+    let mut du = vec![T::default(); rank];
+    for t in 0..n {
+        let dyt = &dy[t * p.out..(t + 1) * p.out];
+        let ut = &u[t * rank..(t + 1) * rank];
+        du.iter_mut().for_each(|v| *v = T::default());
+        for (o, &d) in dyt.iter().enumerate() {
+            let c = factor * d;
+            // dB[o] += factor · dy[o] · u; du += factor · dy[o] · B[o]
+            T::axpy(&mut g.b[o * rank..(o + 1) * rank], c, ut);
+            T::axpy(&mut du, c, &p.b[o * rank..(o + 1) * rank]);
+        }
+        let xt = &x[t * p.inp..(t + 1) * p.inp];
+        let dxt = &mut dx[t * p.inp..(t + 1) * p.inp];
+        for (k, &dk) in du.iter().enumerate() {
+            T::axpy(&mut g.a[k * p.inp..(k + 1) * p.inp], dk, xt);
+            T::axpy(dxt, dk, &p.a[k * p.inp..(k + 1) * p.inp]);
+        }
+    }
+}
+
+/// One training sequence: its tokens, and for each position the token the model should predict
+/// there (None: not trained on, as for prompt tokens).
+pub struct Example {
+    pub tokens: Vec<u32>,
+    pub targets: Vec<Option<u32>>,
+}
+
+impl Example {
+    pub fn counted(&self) -> usize {
+        self.targets.iter().filter(|t| t.is_some()).count()
+    }
+}
+
+/// Tokens whose logits are computed together in the loss (bounds the logits' memory).
+const LOSS_ROWS: usize = 32;
+
+/// The loss of `ex` (summed over its counted tokens) and, when `grad` is given, the gradient of
+/// `weight` × that sum accumulated into it.
+pub fn forward_backward<T: Real>(model: &Model, frozen: &Frozens, pool: &ThreadPool, lora: &Lora<T>, ex: &Example, weight: T, mut grad: Option<&mut Lora<T>>) -> f64 {
+    let hp = &model.hp;
+    let spec = model.spec();
+    let (n, e, d, nh, nkv) = (ex.tokens.len(), hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv);
+    let (factor, rank) = (lora.factor(), lora.rank);
+    let eps = hp.norm_eps;
+    // Embeddings.
+    let mut x = vec![T::default(); n * e];
+    let mut row = vec![0f32; e];
+    let scale = if spec.scale_embeddings { (e as f64).sqrt() } else { 1.0 };
+    for (t, &tok) in ex.tokens.iter().enumerate() {
+        model.token_embd().row_f32(tok as usize, &mut row);
+        for (xv, &r) in x[t * e..(t + 1) * e].iter_mut().zip(&row) {
+            *xv = T::of(r as f64 * scale);
+        }
+    }
+    // Rotation angles per layer and token.
+    let angles = |il: usize| -> Vec<(f32, f32)> {
+        let mut a = Vec::new();
+        for p in 0..n {
+            hp.rope[il].angles(p, &mut a);
+        }
+        a
+    };
+    let half = |il: usize| hp.rope[il].n_rot / 2;
+    let act = spec.activation;
+    let mut caches: Vec<LayerCache<T>> = Vec::with_capacity(hp.n_layer);
+    for il in 0..hp.n_layer {
+        let w = model.layer(il);
+        let fz = &frozen.layers[il];
+        let pairs = &lora.layers[il];
+        let pair = |t: Target| pairs[t as usize].as_ref();
+        let mut c = LayerCache::<T> { x_in: x.clone(), ..Default::default() };
+        c.h1 = vec![T::default(); n * e];
+        c.inv1 = ops::rms_norm(&c.x_in, &w.attn_norm, eps, &mut c.h1);
+        let mut q = Vec::new();
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        c.u[Target::Q as usize] = linear(pool, &fz[0], pair(Target::Q), factor, rank, &c.h1, n, &mut q);
+        c.u[Target::K as usize] = linear(pool, &fz[1], pair(Target::K), factor, rank, &c.h1, n, &mut k);
+        c.u[Target::V as usize] = linear(pool, &fz[2], pair(Target::V), factor, rank, &c.h1, n, &mut v);
+        for (buf, b) in [(&mut q, &w.bq), (&mut k, &w.bk), (&mut v, &w.bv)] {
+            if let Some(b) = b {
+                for r in buf.chunks_exact_mut(b.len()) {
+                    for (x, &bv) in r.iter_mut().zip(b) {
+                        *x += T::of(bv as f64);
+                    }
+                }
+            }
+        }
+        if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
+            c.q_pre = q.clone();
+            c.k_pre = k.clone();
+            c.inv_q = ops::rms_norm(&c.q_pre, qn, eps, &mut q);
+            c.inv_k = ops::rms_norm(&c.k_pre, kn, eps, &mut k);
+        }
+        let ang = angles(il);
+        let hf = half(il);
+        for t in 0..n {
+            ops::rope(&hp.rope[il], &mut q[t * nh * d..(t + 1) * nh * d], d, &ang[t * hf..(t + 1) * hf], false);
+            ops::rope(&hp.rope[il], &mut k[t * nkv * d..(t + 1) * nkv * d], d, &ang[t * hf..(t + 1) * hf], false);
+        }
+        let sh = AttnShape { t: n, nh, nkv, d, window: hp.window[il], scale: hp.attn_scale };
+        c.att = vec![T::default(); n * nh * d];
+        ops::attention(&sh, &q, &k, &v, &mut c.att);
+        (c.q, c.k, c.v) = (q, k, v);
+        let mut o = Vec::new();
+        c.u[Target::O as usize] = linear(pool, &fz[3], pair(Target::O), factor, rank, &c.att, n, &mut o);
+        if let Some(pn) = &w.post_attn_norm {
+            c.o_pre = o.clone();
+            c.inv_po = ops::rms_norm(&c.o_pre, pn, eps, &mut o);
+        }
+        for (xv, ov) in x.iter_mut().zip(&o) {
+            *xv += *ov;
+        }
+        c.x_mid = x.clone();
+        c.h2 = vec![T::default(); n * e];
+        c.inv2 = ops::rms_norm(&c.x_mid, &w.ffn_norm, eps, &mut c.h2);
+        c.u[Target::Gate as usize] = linear(pool, &fz[4], pair(Target::Gate), factor, rank, &c.h2, n, &mut c.gate);
+        c.u[Target::Up as usize] = linear(pool, &fz[5], pair(Target::Up), factor, rank, &c.h2, n, &mut c.up);
+        c.act = vec![T::default(); c.gate.len()];
+        ops::gated(act, &c.gate, &c.up, &mut c.act);
+        let mut dn = Vec::new();
+        c.u[Target::Down as usize] = linear(pool, &fz[6], pair(Target::Down), factor, rank, &c.act, n, &mut dn);
+        if let Some(pn) = &w.post_ffn_norm {
+            c.dn_pre = dn.clone();
+            c.inv_pd = ops::rms_norm(&c.dn_pre, pn, eps, &mut dn);
+        }
+        for (xv, dv) in x.iter_mut().zip(&dn) {
+            *xv += *dv;
+        }
+        caches.push(c);
+    }
+    // Final norm, logits and loss, a few rows at a time; the gradient of the final hidden states.
+    let mut hn = vec![T::default(); n * e];
+    let inv_n = ops::rms_norm(&x, model.output_norm(), eps, &mut hn);
+    let vocab = model.output().rows;
+    let mut dhn = vec![T::default(); n * e];
+    let mut loss = 0.0;
+    let mut logits = Vec::new();
+    for r0 in (0..n).step_by(LOSS_ROWS) {
+        let r1 = (r0 + LOSS_ROWS).min(n);
+        if ex.targets[r0..r1].iter().all(|t| t.is_none()) {
+            continue;
+        }
+        linear(pool, &frozen.output, None, factor, rank, &hn[r0 * e..r1 * e], r1 - r0, &mut logits);
+        loss += ops::cross_entropy(&mut logits, vocab, &ex.targets[r0..r1], weight);
+        if grad.is_some() {
+            T::frozen_backward(pool, &frozen.output, &logits, r1 - r0, &mut dhn[r0 * e..r1 * e]);
+        }
+    }
+    let Some(grad) = grad.as_deref_mut() else { return loss };
+    let mut dx = vec![T::default(); n * e];
+    ops::rms_norm_back(&x, model.output_norm(), &inv_n, &dhn, &mut dx);
+    for il in (0..hp.n_layer).rev() {
+        let w = model.layer(il);
+        let fz = &frozen.layers[il];
+        let c = &caches[il];
+        let pairs = &lora.layers[il];
+        let gl = &mut grad.layers[il];
+        // FFN: x_out = x_mid + post(down(act(gate(h2), up(h2)))).
+        let mut d_dn = dx.clone();
+        if let Some(pn) = &w.post_ffn_norm {
+            let mut t = vec![T::default(); d_dn.len()];
+            ops::rms_norm_back(&c.dn_pre, pn, &c.inv_pd, &d_dn, &mut t);
+            d_dn = t;
+        }
+        let mut d_act = vec![T::default(); c.act.len()];
+        let (p, g) = (pairs[6].as_ref(), gl[6].as_mut());
+        linear_back(pool, &fz[6], p, g, factor, rank, &c.act, &c.u[6], &d_dn, n, &mut d_act);
+        let (mut d_gate, mut d_up) = (vec![T::default(); c.gate.len()], vec![T::default(); c.up.len()]);
+        ops::gated_back(act, &c.gate, &c.up, &d_act, &mut d_gate, &mut d_up);
+        let mut d_h2 = vec![T::default(); n * e];
+        let [_, _, _, _, g4, g5, _] = &mut *gl;
+        linear_back(pool, &fz[4], pairs[4].as_ref(), g4.as_mut(), factor, rank, &c.h2, &c.u[4], &d_gate, n, &mut d_h2);
+        linear_back(pool, &fz[5], pairs[5].as_ref(), g5.as_mut(), factor, rank, &c.h2, &c.u[5], &d_up, n, &mut d_h2);
+        ops::rms_norm_back(&c.x_mid, &w.ffn_norm, &c.inv2, &d_h2, &mut dx);
+        // Attention: x_mid = x_in + post(o(attention(rope(norm(q(h1))), rope(norm(k(h1))), v(h1)))).
+        let mut d_o = dx.clone();
+        if let Some(pn) = &w.post_attn_norm {
+            let mut t = vec![T::default(); d_o.len()];
+            ops::rms_norm_back(&c.o_pre, pn, &c.inv_po, &d_o, &mut t);
+            d_o = t;
+        }
+        let mut d_att = vec![T::default(); c.att.len()];
+        linear_back(pool, &fz[3], pairs[3].as_ref(), gl[3].as_mut(), factor, rank, &c.att, &c.u[3], &d_o, n, &mut d_att);
+        let (mut dq, mut dk, mut dv) = (vec![T::default(); c.q.len()], vec![T::default(); c.k.len()], vec![T::default(); c.v.len()]);
+        let sh = AttnShape { t: n, nh, nkv, d, window: hp.window[il], scale: hp.attn_scale };
+        ops::attention_back(&sh, &c.q, &c.k, &c.v, &d_att, &mut dq, &mut dk, &mut dv);
+        let ang = angles(il);
+        let hf = half(il);
+        for t in 0..n {
+            ops::rope(&hp.rope[il], &mut dq[t * nh * d..(t + 1) * nh * d], d, &ang[t * hf..(t + 1) * hf], true);
+            ops::rope(&hp.rope[il], &mut dk[t * nkv * d..(t + 1) * nkv * d], d, &ang[t * hf..(t + 1) * hf], true);
+        }
+        if let (Some(qn), Some(kn)) = (&w.q_norm, &w.k_norm) {
+            let (mut tq, mut tk) = (vec![T::default(); dq.len()], vec![T::default(); dk.len()]);
+            ops::rms_norm_back(&c.q_pre, qn, &c.inv_q, &dq, &mut tq);
+            ops::rms_norm_back(&c.k_pre, kn, &c.inv_k, &dk, &mut tk);
+            (dq, dk) = (tq, tk);
+        }
+        let mut d_h1 = vec![T::default(); n * e];
+        let [g0, g1, g2, ..] = &mut *gl;
+        linear_back(pool, &fz[0], pairs[0].as_ref(), g0.as_mut(), factor, rank, &c.h1, &c.u[0], &dq, n, &mut d_h1);
+        linear_back(pool, &fz[1], pairs[1].as_ref(), g1.as_mut(), factor, rank, &c.h1, &c.u[1], &dk, n, &mut d_h1);
+        linear_back(pool, &fz[2], pairs[2].as_ref(), g2.as_mut(), factor, rank, &c.h1, &c.u[2], &dv, n, &mut d_h1);
+        ops::rms_norm_back(&c.x_in, &w.attn_norm, &c.inv1, &d_h1, &mut dx);
+    }
+    loss
+}
