@@ -519,3 +519,32 @@ impl Adapter {
         w
     }
 }
+
+impl Adapter {
+    /// An adapter from trained factors: per layer and [`Target`], A [rank × in] and B
+    /// [out × rank] in f32, checked against `model`'s shapes.
+    pub fn from_factors(model: &Model, name: &str, alpha: f32, rank: usize, layers: Vec<[Option<(Vec<f32>, Vec<f32>)>; 7]>) -> Result<Adapter, ModelError> {
+        if layers.len() != model.hp.n_layer || rank == 0 {
+            return Err(ModelError::Invalid(format!("{} layers of rank {rank} for a model of {} layers", layers.len(), model.hp.n_layer)));
+        }
+        let factor = if alpha == 0.0 { 1.0 } else { alpha / rank as f32 };
+        let mut bytes = 0;
+        let mut out = Vec::with_capacity(layers.len());
+        for (il, layer) in layers.into_iter().enumerate() {
+            let mut pairs: [Option<LoraPair>; 7] = Default::default();
+            for (t, f) in layer.into_iter().enumerate() {
+                let Some((a, b)) = f else { continue };
+                let m = model.layer_matrices(il)[t];
+                if a.len() != rank * m.cols || b.len() != m.rows * rank {
+                    return Err(ModelError::Invalid(format!("layer {il} {}: factors of {} and {} values do not fit [{rank} × {}] and [{} × {rank}]", Target::ALL[t].tensor(), a.len(), b.len(), m.cols, m.rows)));
+                }
+                let pair = LoraPair { a: encode(a, rank, m.cols, DType::F32), bt: BlockedT::from_b(&encode(b, m.rows, rank, DType::F32)), factor };
+                bytes += pair.bytes();
+                pairs[t] = Some(pair);
+            }
+            out.push(pairs);
+        }
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(Adapter { name: name.to_string(), id, arch: model.spec().name.to_string(), alpha, layers: out, output: None, bytes })
+    }
+}

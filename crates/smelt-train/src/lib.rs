@@ -6,7 +6,11 @@
 //! - [`ops`]: each operation of a layer with its backward pass.
 //! - [`model`]: the forward pass over training sequences and the backward pass to the LoRA
 //!   factors, for every architecture.
+//! - [`data`]: JSONL datasets (chat or prompt/completion) as training examples.
+//! - [`train`]: the loop — AdamW, the data plan, validation, checkpoints.
 
 pub mod model;
 pub mod ops;
 pub mod real;
+pub mod data;
+pub mod train;

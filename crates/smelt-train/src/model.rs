@@ -126,18 +126,52 @@ struct LayerCache<T> {
     act: Vec<T>,
     dn_pre: Vec<T>,
     inv_pd: Vec<T>,
-    /// x · Aᵀ of each adapted projection.
+    /// x · Aᵀ of each adapted projection (of the dropped-out x, when training with dropout).
     u: [Vec<T>; 7],
+    /// The dropout mask of each adapted projection's LoRA input (0 or 1 / (1 - p)), if any.
+    mask: [Vec<T>; 7],
 }
 
-/// y [n × out] = x Wᵀ + factor · (x Aᵀ) Bᵀ; returns x Aᵀ (empty without a pair).
-fn linear<T: Real>(pool: &ThreadPool, w: &Frozen, pair: Option<&Pair<T>>, factor: T, rank: usize, x: &[T], n: usize, y: &mut Vec<T>) -> Vec<T> {
+/// LoRA dropout: each adapted projection's LoRA branch sees its input with elements zeroed at
+/// rate `p` (the rest scaled by 1 / (1 - p)); the masks come from `seed`, so a step is
+/// reproducible.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl Dropout {
+    fn mask<T: Real>(&self, il: usize, target: Target, len: usize) -> Vec<T> {
+        let mut s = self.seed ^ ((il as u64 + 1) << 32) ^ ((target as u64 + 1) << 48) ^ 0x9e37_79b9_7f4a_7c15;
+        let keep = T::of(1.0 / (1.0 - self.p as f64));
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                if ((s >> 40) as f32 / (1u64 << 24) as f32) < self.p { T::default() } else { keep }
+            })
+            .collect()
+    }
+}
+
+/// y [n × out] = x Wᵀ + factor · (x' Aᵀ) Bᵀ, x' = x ⊙ `mask` (x without one); returns x' Aᵀ
+/// (empty without a pair).
+#[allow(clippy::too_many_arguments)]
+fn linear<T: Real>(pool: &ThreadPool, w: &Frozen, pair: Option<&Pair<T>>, factor: T, rank: usize, x: &[T], mask: &[T], n: usize, y: &mut Vec<T>) -> Vec<T> {
     y.resize(n * w.w.rows, T::default());
     T::frozen_forward(pool, w, x, n, y);
     let Some(p) = pair else { return Vec::new() };
     let mut u = vec![T::default(); n * rank];
+    let mut dropped = Vec::new();
     for t in 0..n {
-        let xt = &x[t * p.inp..(t + 1) * p.inp];
+        let mut xt = &x[t * p.inp..(t + 1) * p.inp];
+        if !mask.is_empty() {
+            dropped.clear();
+            dropped.extend(xt.iter().zip(&mask[t * p.inp..(t + 1) * p.inp]).map(|(a, b)| *a * *b));
+            xt = &dropped;
+        }
         for k in 0..rank {
             u[t * rank + k] = T::dot(&p.a[k * p.inp..(k + 1) * p.inp], xt);
         }
@@ -149,12 +183,14 @@ fn linear<T: Real>(pool: &ThreadPool, w: &Frozen, pair: Option<&Pair<T>>, factor
     u
 }
 
-/// Backward of [`linear`]: dx += dy W + factor · (dy B) A; the pair's gradients accumulate.
+/// Backward of [`linear`]: dx += dy W + factor · ((dy B) A) ⊙ mask; the pair's gradients
+/// accumulate.
 #[allow(clippy::too_many_arguments)]
-fn linear_back<T: Real>(pool: &ThreadPool, w: &Frozen, pair: Option<&Pair<T>>, grad: Option<&mut Pair<T>>, factor: T, rank: usize, x: &[T], u: &[T], dy: &[T], n: usize, dx: &mut [T]) {
+fn linear_back<T: Real>(pool: &ThreadPool, w: &Frozen, pair: Option<&Pair<T>>, grad: Option<&mut Pair<T>>, factor: T, rank: usize, x: &[T], mask: &[T], u: &[T], dy: &[T], n: usize, dx: &mut [T]) {
     T::frozen_backward(pool, w, dy, n, dx);
     let (Some(p), Some(g)) = (pair, grad) else { return };
     let mut du = vec![T::default(); rank];
+    let (mut xd, mut dxl) = (Vec::new(), vec![T::default(); p.inp]);
     for t in 0..n {
         let dyt = &dy[t * p.out..(t + 1) * p.out];
         let ut = &u[t * rank..(t + 1) * rank];
@@ -165,17 +201,32 @@ fn linear_back<T: Real>(pool: &ThreadPool, w: &Frozen, pair: Option<&Pair<T>>, g
             T::axpy(&mut g.b[o * rank..(o + 1) * rank], c, ut);
             T::axpy(&mut du, c, &p.b[o * rank..(o + 1) * rank]);
         }
-        let xt = &x[t * p.inp..(t + 1) * p.inp];
-        let dxt = &mut dx[t * p.inp..(t + 1) * p.inp];
+        let mut xt = &x[t * p.inp..(t + 1) * p.inp];
+        let mt = if mask.is_empty() { &[][..] } else { &mask[t * p.inp..(t + 1) * p.inp] };
+        if !mt.is_empty() {
+            xd.clear();
+            xd.extend(xt.iter().zip(mt).map(|(a, b)| *a * *b));
+            xt = &xd;
+        }
+        dxl.iter_mut().for_each(|v| *v = T::default());
         for (k, &dk) in du.iter().enumerate() {
             T::axpy(&mut g.a[k * p.inp..(k + 1) * p.inp], dk, xt);
-            T::axpy(dxt, dk, &p.a[k * p.inp..(k + 1) * p.inp]);
+            T::axpy(&mut dxl, dk, &p.a[k * p.inp..(k + 1) * p.inp]);
+        }
+        let dxt = &mut dx[t * p.inp..(t + 1) * p.inp];
+        if mt.is_empty() {
+            T::axpy(dxt, T::of(1.0), &dxl);
+        } else {
+            for ((o, &v), &m) in dxt.iter_mut().zip(&dxl).zip(mt) {
+                *o += v * m;
+            }
         }
     }
 }
 
 /// One training sequence: its tokens, and for each position the token the model should predict
 /// there (None: not trained on, as for prompt tokens).
+#[derive(Clone, Debug)]
 pub struct Example {
     pub tokens: Vec<u32>,
     pub targets: Vec<Option<u32>>,
@@ -192,7 +243,8 @@ const LOSS_ROWS: usize = 32;
 
 /// The loss of `ex` (summed over its counted tokens) and, when `grad` is given, the gradient of
 /// `weight` × that sum accumulated into it.
-pub fn forward_backward<T: Real>(model: &Model, frozen: &Frozens, pool: &ThreadPool, lora: &Lora<T>, ex: &Example, weight: T, mut grad: Option<&mut Lora<T>>) -> f64 {
+#[allow(clippy::too_many_arguments)]
+pub fn forward_backward<T: Real>(model: &Model, frozen: &Frozens, pool: &ThreadPool, lora: &Lora<T>, ex: &Example, weight: T, dropout: Option<Dropout>, mut grad: Option<&mut Lora<T>>) -> f64 {
     let hp = &model.hp;
     let spec = model.spec();
     let (n, e, d, nh, nkv) = (ex.tokens.len(), hp.n_embd, hp.head_dim, hp.n_head, hp.n_head_kv);
@@ -225,14 +277,21 @@ pub fn forward_backward<T: Real>(model: &Model, frozen: &Frozens, pool: &ThreadP
         let pairs = &lora.layers[il];
         let pair = |t: Target| pairs[t as usize].as_ref();
         let mut c = LayerCache::<T> { x_in: x.clone(), ..Default::default() };
+        if let Some(dr) = dropout.filter(|d| d.p > 0.0) {
+            for t in Target::ALL {
+                if let Some(p) = pair(t) {
+                    c.mask[t as usize] = dr.mask(il, t, n * p.inp);
+                }
+            }
+        }
         c.h1 = vec![T::default(); n * e];
         c.inv1 = ops::rms_norm(&c.x_in, &w.attn_norm, eps, &mut c.h1);
         let mut q = Vec::new();
         let mut k = Vec::new();
         let mut v = Vec::new();
-        c.u[Target::Q as usize] = linear(pool, &fz[0], pair(Target::Q), factor, rank, &c.h1, n, &mut q);
-        c.u[Target::K as usize] = linear(pool, &fz[1], pair(Target::K), factor, rank, &c.h1, n, &mut k);
-        c.u[Target::V as usize] = linear(pool, &fz[2], pair(Target::V), factor, rank, &c.h1, n, &mut v);
+        c.u[Target::Q as usize] = linear(pool, &fz[0], pair(Target::Q), factor, rank, &c.h1, &c.mask[Target::Q as usize], n, &mut q);
+        c.u[Target::K as usize] = linear(pool, &fz[1], pair(Target::K), factor, rank, &c.h1, &c.mask[Target::K as usize], n, &mut k);
+        c.u[Target::V as usize] = linear(pool, &fz[2], pair(Target::V), factor, rank, &c.h1, &c.mask[Target::V as usize], n, &mut v);
         for (buf, b) in [(&mut q, &w.bq), (&mut k, &w.bk), (&mut v, &w.bv)] {
             if let Some(b) = b {
                 for r in buf.chunks_exact_mut(b.len()) {
@@ -259,7 +318,7 @@ pub fn forward_backward<T: Real>(model: &Model, frozen: &Frozens, pool: &ThreadP
         ops::attention(&sh, &q, &k, &v, &mut c.att);
         (c.q, c.k, c.v) = (q, k, v);
         let mut o = Vec::new();
-        c.u[Target::O as usize] = linear(pool, &fz[3], pair(Target::O), factor, rank, &c.att, n, &mut o);
+        c.u[Target::O as usize] = linear(pool, &fz[3], pair(Target::O), factor, rank, &c.att, &c.mask[Target::O as usize], n, &mut o);
         if let Some(pn) = &w.post_attn_norm {
             c.o_pre = o.clone();
             c.inv_po = ops::rms_norm(&c.o_pre, pn, eps, &mut o);
@@ -270,12 +329,12 @@ pub fn forward_backward<T: Real>(model: &Model, frozen: &Frozens, pool: &ThreadP
         c.x_mid = x.clone();
         c.h2 = vec![T::default(); n * e];
         c.inv2 = ops::rms_norm(&c.x_mid, &w.ffn_norm, eps, &mut c.h2);
-        c.u[Target::Gate as usize] = linear(pool, &fz[4], pair(Target::Gate), factor, rank, &c.h2, n, &mut c.gate);
-        c.u[Target::Up as usize] = linear(pool, &fz[5], pair(Target::Up), factor, rank, &c.h2, n, &mut c.up);
+        c.u[Target::Gate as usize] = linear(pool, &fz[4], pair(Target::Gate), factor, rank, &c.h2, &c.mask[Target::Gate as usize], n, &mut c.gate);
+        c.u[Target::Up as usize] = linear(pool, &fz[5], pair(Target::Up), factor, rank, &c.h2, &c.mask[Target::Up as usize], n, &mut c.up);
         c.act = vec![T::default(); c.gate.len()];
         ops::gated(act, &c.gate, &c.up, &mut c.act);
         let mut dn = Vec::new();
-        c.u[Target::Down as usize] = linear(pool, &fz[6], pair(Target::Down), factor, rank, &c.act, n, &mut dn);
+        c.u[Target::Down as usize] = linear(pool, &fz[6], pair(Target::Down), factor, rank, &c.act, &c.mask[Target::Down as usize], n, &mut dn);
         if let Some(pn) = &w.post_ffn_norm {
             c.dn_pre = dn.clone();
             c.inv_pd = ops::rms_norm(&c.dn_pre, pn, eps, &mut dn);
@@ -297,7 +356,7 @@ pub fn forward_backward<T: Real>(model: &Model, frozen: &Frozens, pool: &ThreadP
         if ex.targets[r0..r1].iter().all(|t| t.is_none()) {
             continue;
         }
-        linear(pool, &frozen.output, None, factor, rank, &hn[r0 * e..r1 * e], r1 - r0, &mut logits);
+        linear(pool, &frozen.output, None, factor, rank, &hn[r0 * e..r1 * e], &[], r1 - r0, &mut logits);
         loss += ops::cross_entropy(&mut logits, vocab, &ex.targets[r0..r1], weight);
         if grad.is_some() {
             T::frozen_backward(pool, &frozen.output, &logits, r1 - r0, &mut dhn[r0 * e..r1 * e]);
@@ -321,13 +380,13 @@ pub fn forward_backward<T: Real>(model: &Model, frozen: &Frozens, pool: &ThreadP
         }
         let mut d_act = vec![T::default(); c.act.len()];
         let (p, g) = (pairs[6].as_ref(), gl[6].as_mut());
-        linear_back(pool, &fz[6], p, g, factor, rank, &c.act, &c.u[6], &d_dn, n, &mut d_act);
+        linear_back(pool, &fz[6], p, g, factor, rank, &c.act, &c.mask[6], &c.u[6], &d_dn, n, &mut d_act);
         let (mut d_gate, mut d_up) = (vec![T::default(); c.gate.len()], vec![T::default(); c.up.len()]);
         ops::gated_back(act, &c.gate, &c.up, &d_act, &mut d_gate, &mut d_up);
         let mut d_h2 = vec![T::default(); n * e];
         let [_, _, _, _, g4, g5, _] = &mut *gl;
-        linear_back(pool, &fz[4], pairs[4].as_ref(), g4.as_mut(), factor, rank, &c.h2, &c.u[4], &d_gate, n, &mut d_h2);
-        linear_back(pool, &fz[5], pairs[5].as_ref(), g5.as_mut(), factor, rank, &c.h2, &c.u[5], &d_up, n, &mut d_h2);
+        linear_back(pool, &fz[4], pairs[4].as_ref(), g4.as_mut(), factor, rank, &c.h2, &c.mask[4], &c.u[4], &d_gate, n, &mut d_h2);
+        linear_back(pool, &fz[5], pairs[5].as_ref(), g5.as_mut(), factor, rank, &c.h2, &c.mask[5], &c.u[5], &d_up, n, &mut d_h2);
         ops::rms_norm_back(&c.x_mid, &w.ffn_norm, &c.inv2, &d_h2, &mut dx);
         // Attention: x_mid = x_in + post(o(attention(rope(norm(q(h1))), rope(norm(k(h1))), v(h1)))).
         let mut d_o = dx.clone();
@@ -337,7 +396,7 @@ pub fn forward_backward<T: Real>(model: &Model, frozen: &Frozens, pool: &ThreadP
             d_o = t;
         }
         let mut d_att = vec![T::default(); c.att.len()];
-        linear_back(pool, &fz[3], pairs[3].as_ref(), gl[3].as_mut(), factor, rank, &c.att, &c.u[3], &d_o, n, &mut d_att);
+        linear_back(pool, &fz[3], pairs[3].as_ref(), gl[3].as_mut(), factor, rank, &c.att, &c.mask[3], &c.u[3], &d_o, n, &mut d_att);
         let (mut dq, mut dk, mut dv) = (vec![T::default(); c.q.len()], vec![T::default(); c.k.len()], vec![T::default(); c.v.len()]);
         let sh = AttnShape { t: n, nh, nkv, d, window: hp.window[il], scale: hp.attn_scale };
         ops::attention_back(&sh, &c.q, &c.k, &c.v, &d_att, &mut dq, &mut dk, &mut dv);
@@ -355,9 +414,9 @@ pub fn forward_backward<T: Real>(model: &Model, frozen: &Frozens, pool: &ThreadP
         }
         let mut d_h1 = vec![T::default(); n * e];
         let [g0, g1, g2, ..] = &mut *gl;
-        linear_back(pool, &fz[0], pairs[0].as_ref(), g0.as_mut(), factor, rank, &c.h1, &c.u[0], &dq, n, &mut d_h1);
-        linear_back(pool, &fz[1], pairs[1].as_ref(), g1.as_mut(), factor, rank, &c.h1, &c.u[1], &dk, n, &mut d_h1);
-        linear_back(pool, &fz[2], pairs[2].as_ref(), g2.as_mut(), factor, rank, &c.h1, &c.u[2], &dv, n, &mut d_h1);
+        linear_back(pool, &fz[0], pairs[0].as_ref(), g0.as_mut(), factor, rank, &c.h1, &c.mask[0], &c.u[0], &dq, n, &mut d_h1);
+        linear_back(pool, &fz[1], pairs[1].as_ref(), g1.as_mut(), factor, rank, &c.h1, &c.mask[1], &c.u[1], &dk, n, &mut d_h1);
+        linear_back(pool, &fz[2], pairs[2].as_ref(), g2.as_mut(), factor, rank, &c.h1, &c.mask[2], &c.u[2], &dv, n, &mut d_h1);
         ops::rms_norm_back(&c.x_in, &w.attn_norm, &c.inv1, &d_h1, &mut dx);
     }
     loss

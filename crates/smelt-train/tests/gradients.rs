@@ -7,7 +7,7 @@ use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{Activation, Model};
 use smelt_model::lora::Target;
 use smelt_model::synthetic::{tiny_model, TinySpec};
-use smelt_train::model::{forward_backward, Example, Frozens, Lora};
+use smelt_train::model::{forward_backward, Dropout, Example, Frozens, Lora};
 use smelt_train::ops::{self, AttnShape};
 
 struct Rng(u64);
@@ -169,27 +169,31 @@ fn the_whole_model_backward_on_every_architecture() {
             p.b.iter_mut().for_each(|v| *v = r2.f() * 0.3);
         }
         let ex = Example { tokens: vec![5, 17, 42, 99, 7, 250, 3], targets: vec![None, None, Some(99), Some(7), None, Some(3), Some(11)] };
-        let mut grad = lora.zeros_like();
-        let loss = forward_backward(&model, &frozen, &pool, &lora, &ex, 1.0, Some(&mut grad));
-        assert!(loss.is_finite() && loss > 0.0);
-        // Check a spread of parameters of every pair (all of them would take long).
-        let all: Vec<f64> = lora.values().copied().collect();
-        let g: Vec<f64> = grad.values().copied().collect();
-        let picks: Vec<usize> = (0..all.len()).step_by(all.len() / 60 + 1).collect();
-        let loss_at = |vals: &[f64]| {
-            let mut l = lora.clone();
-            let mut all2 = all.clone();
-            for (&i, &v) in picks.iter().zip(vals) {
-                all2[i] = v;
-            }
-            for (dst, src) in l.values_mut().zip(&all2) {
-                *dst = *src;
-            }
-            forward_backward(&model, &frozen, &pool, &l, &ex, 1.0, None)
-        };
-        let x: Vec<f64> = picks.iter().map(|&i| all[i]).collect();
-        let gx: Vec<f64> = picks.iter().map(|&i| g[i]).collect();
-        check(&format!("{arch} model"), &x, &gx, &loss_at);
+        // Without dropout, then with (its masks are fixed by the seed, so the loss is still a
+        // function of the factors alone).
+        for dropout in [None, Some(Dropout { p: 0.3, seed: 9 })] {
+            let mut grad = lora.zeros_like();
+            let loss = forward_backward(&model, &frozen, &pool, &lora, &ex, 1.0, dropout, Some(&mut grad));
+            assert!(loss.is_finite() && loss > 0.0);
+            // Check a spread of parameters of every pair (all of them would take long).
+            let all: Vec<f64> = lora.values().copied().collect();
+            let g: Vec<f64> = grad.values().copied().collect();
+            let picks: Vec<usize> = (0..all.len()).step_by(all.len() / 60 + 1).collect();
+            let loss_at = |vals: &[f64]| {
+                let mut l = lora.clone();
+                let mut all2 = all.clone();
+                for (&i, &v) in picks.iter().zip(vals) {
+                    all2[i] = v;
+                }
+                for (dst, src) in l.values_mut().zip(&all2) {
+                    *dst = *src;
+                }
+                forward_backward(&model, &frozen, &pool, &l, &ex, 1.0, dropout, None)
+            };
+            let x: Vec<f64> = picks.iter().map(|&i| all[i]).collect();
+            let gx: Vec<f64> = picks.iter().map(|&i| g[i]).collect();
+            check(&format!("{arch} model, dropout {dropout:?}"), &x, &gx, &loss_at);
+        }
     }
 }
 
@@ -207,7 +211,7 @@ fn the_training_forward_pass_is_the_served_model() {
         let tokens: Vec<u32> = vec![5, 17, 42, 99, 7, 250, 3, 60];
         let targets: Vec<Option<u32>> = tokens[1..].iter().map(|&t| Some(t)).chain([None]).collect();
         let ex = Example { tokens: tokens.clone(), targets: targets.clone() };
-        let trained = forward_backward(&model, &frozen, &pool, &lora, &ex, 1.0, None);
+        let trained = forward_backward(&model, &frozen, &pool, &lora, &ex, 1.0, None, None);
         let mut ws = Workspace::new(pool);
         let mut caches = vec![model.new_cache(16, 16)];
         let batch: Vec<BatchToken> = tokens.iter().enumerate().map(|(pos, &token)| BatchToken { token, pos, seq: 0, logits: true }).collect();

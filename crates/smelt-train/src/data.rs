@@ -1,0 +1,162 @@
+//! Training data: JSONL files in OpenAI's chat fine-tuning format (`{"messages": [...]}` per
+//! line, optional `"weight": 0|1` on assistant messages, optional `"tools"`), rendered with the
+//! model's own chat template, with the loss on assistant tokens only; or `{"prompt",
+//! "completion"}` lines for base models (the loss on the completion and the end-of-sequence
+//! token). Every line is checked before training starts, and every bad line is reported with its
+//! number.
+
+use crate::model::Example;
+use serde_json::{json, Value};
+use smelt_model::arch::Model;
+
+/// A line that cannot be trained on: its number (from 1) and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LineError {
+    pub line: usize,
+    pub message: String,
+}
+
+impl std::fmt::Display for LineError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "line {}: {}", self.line, self.message)
+    }
+}
+
+/// Normalize one message for the template; Err says what is wrong with it.
+fn template_message(i: usize, m: &Value) -> Result<(Value, bool), String> {
+    let obj = m.as_object().ok_or_else(|| format!("messages[{i}] is not an object"))?;
+    let role = match obj.get("role").and_then(Value::as_str) {
+        Some("system" | "developer") => "system",
+        Some(r @ ("user" | "assistant" | "tool")) => r,
+        Some(r) => return Err(format!("messages[{i}].role {r:?} is not one of system, developer, user, assistant, tool")),
+        None => return Err(format!("messages[{i}] has no role")),
+    };
+    let content = match obj.get("content") {
+        None | Some(Value::Null) => String::new(),
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => {
+            let mut text = String::new();
+            for p in parts {
+                match (p.get("type").and_then(Value::as_str), p.get("text").and_then(Value::as_str)) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    _ => return Err(format!("messages[{i}].content: only text parts are supported")),
+                }
+            }
+            text
+        }
+        Some(_) => return Err(format!("messages[{i}].content must be a string or text parts")),
+    };
+    let mut out = json!({"role": role, "content": content});
+    if let Some(calls) = obj.get("tool_calls") {
+        let mut calls = calls.clone();
+        let list = calls.as_array_mut().ok_or_else(|| format!("messages[{i}].tool_calls must be an array"))?;
+        for c in list.iter_mut() {
+            // Templates read the arguments as an object; the API sends them as a JSON string.
+            if let Some(args) = c.pointer_mut("/function/arguments") {
+                if let Some(parsed) = args.as_str().and_then(|s| serde_json::from_str::<Value>(s).ok()) {
+                    *args = parsed;
+                }
+            }
+        }
+        out["tool_calls"] = calls;
+    } else if obj.get("content").is_none_or(Value::is_null) {
+        return Err(format!("messages[{i}] needs content"));
+    }
+    if let Some(id) = obj.get("tool_call_id") {
+        out["tool_call_id"] = id.clone();
+    }
+    let weight = match obj.get("weight") {
+        None => true,
+        Some(w) if role == "assistant" && (w == 0 || w == 1) => w == 1,
+        Some(w) => return Err(format!("messages[{i}].weight must be 0 or 1 on an assistant message, got {w}")),
+    };
+    Ok((out, role == "assistant" && weight))
+}
+
+/// One line of a dataset as a training example for `model`, no longer than `max_tokens`.
+pub fn example(model: &Model, line: &str, max_tokens: usize) -> Result<Example, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    let tok = &model.tokenizer;
+    let (tokens, targets) = if let Some(messages) = v.get("messages") {
+        let messages = messages.as_array().filter(|m| !m.is_empty()).ok_or("\"messages\" must be a non-empty array")?;
+        let tools = v.get("tools");
+        if tools.is_some_and(|t| !t.is_array()) {
+            return Err("\"tools\" must be an array".into());
+        }
+        let template = model.chat_template().map_err(|e| e.to_string())?;
+        let mut msgs = Vec::new();
+        let mut trained = Vec::new();
+        for (i, m) in messages.iter().enumerate() {
+            let (m, t) = template_message(i, m)?;
+            msgs.push(m);
+            trained.push(t);
+        }
+        if !trained.iter().any(|&t| t) {
+            return Err("no assistant message to train on (all missing or weight 0)".into());
+        }
+        // The conversation in pieces: the text before each assistant message (the template's
+        // prompt for it), and the message as the template renders it, end of turn included.
+        let render = |upto: usize, gen: bool| template.render(&Value::Array(msgs[..upto].to_vec()), tools, gen).map_err(|e| e.to_string());
+        let (mut tokens, mut targets_of) = (Vec::new(), Vec::new());
+        let mut done = String::new();
+        for (i, m) in msgs.iter().enumerate() {
+            if m["role"] != "assistant" {
+                continue;
+            }
+            let before = render(i, true)?;
+            let after = render(i + 1, false)?;
+            let (Some(prompt_part), true) = (before.strip_prefix(done.as_str()), after.starts_with(&before)) else {
+                return Err("the chat template does not render this conversation turn by turn; cannot tell the assistant's tokens apart".into());
+            };
+            let reply = &after[before.len()..];
+            for (text, train) in [(prompt_part, false), (reply, trained[i])] {
+                let ids = if tokens.is_empty() { tok.encode_prompt(text) } else { tok.encode(text, false, true) };
+                targets_of.extend(std::iter::repeat_n(train, ids.len()));
+                tokens.extend(ids);
+            }
+            done = after;
+        }
+        (tokens, targets_of)
+    } else if let (Some(prompt), Some(completion)) = (v.get("prompt"), v.get("completion")) {
+        let (Some(p), Some(c)) = (prompt.as_str(), completion.as_str()) else {
+            return Err("\"prompt\" and \"completion\" must be strings".into());
+        };
+        let mut tokens = tok.encode_prompt(p);
+        let n_prompt = tokens.len();
+        tokens.extend(tok.encode(c, false, true));
+        tokens.extend(tok.eos);
+        let n = tokens.len();
+        if n == n_prompt {
+            return Err("the completion is empty".into());
+        }
+        (tokens, (0..n).map(|i| i >= n_prompt).collect())
+    } else {
+        return Err("expected {\"messages\": [...]} or {\"prompt\", \"completion\"}".into());
+    };
+    if tokens.len() > max_tokens {
+        return Err(format!("{} tokens, more than the context of {max_tokens} (raise --ctx or shorten it)", tokens.len()));
+    }
+    // Position p predicts token p + 1: it is trained where that token is.
+    let targets = (0..tokens.len()).map(|p| (p + 1 < tokens.len() && targets[p + 1]).then(|| tokens[p + 1])).collect();
+    Ok(Example { tokens, targets })
+}
+
+/// Every line of a JSONL dataset as examples, or every bad line's error (blank lines are
+/// skipped; nothing else is).
+pub fn dataset(model: &Model, text: &str, max_tokens: usize) -> Result<Vec<Example>, Vec<LineError>> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match example(model, line, max_tokens) {
+            Ok(ex) => out.push(ex),
+            Err(message) => errors.push(LineError { line: i + 1, message }),
+        }
+    }
+    if out.is_empty() && errors.is_empty() {
+        errors.push(LineError { line: 0, message: "the file holds no examples".into() });
+    }
+    if errors.is_empty() { Ok(out) } else { Err(errors) }
+}
