@@ -112,7 +112,8 @@ def main():
                     results.setdefault(text, []).append([t for t, _ in cont])
                 results[label] = compare(pairs)
             changed = sum(1 for t in PROMPTS if results[t][0] != results[t][1])
-            print(f"{m}: rank {a.rank} adapter on every projection; it changes llama.cpp's greedy output on {changed} of {len(PROMPTS)} prompts")
+            what = f"adapter {a.adapter}" if a.adapter else f"random rank-{a.rank} adapter on every projection"
+            print(f"{m}: {what}; it changes llama.cpp's greedy output on {changed} of {len(PROMPTS)} prompts")
             print("| | positions | argmax agreement | |Δ logprob| median | p95 | max |")
             print("|---|---|---|---|---|---|")
             for label in ["adapter", "base"]:

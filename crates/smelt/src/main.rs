@@ -24,6 +24,8 @@ enum Command {
     Serve(cmd::serve::Args),
     /// Measure prompt-processing and generation speed (like llama-bench).
     Bench(cmd::bench::Args),
+    /// Fine-tune a LoRA adapter from a JSONL dataset (OpenAI chat format or prompt/completion).
+    Tune(cmd::tune::Args),
     /// Download a model into the local store.
     Pull(cmd::store::PullArgs),
     /// List the models in the local store.
@@ -40,6 +42,7 @@ fn main() {
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Tune(a) => cmd::tune::run(a),
         Command::Pull(a) => cmd::store::pull(a),
         Command::List(a) => cmd::store::list(a),
         Command::Rm(a) => cmd::store::rm(a),

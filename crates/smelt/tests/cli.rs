@@ -288,3 +288,73 @@ fn bench_json_has_llama_bench_keys_and_the_bandwidth_share() {
     assert!((frac - bytes * avg / 1e9 / mean).abs() < 1e-9 * frac.max(1.0), "{g}");
     assert!(g["bandwidth_fraction_of_best"].as_f64().unwrap() <= frac, "{g}");
 }
+
+/// The `train_loss` of each step event `smelt tune --json` printed, by step.
+fn tune_losses(out: &str) -> Vec<(u64, f64)> {
+    out.lines().filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok()).map(|v| (v["step"].as_u64().unwrap(), v["train_loss"].as_f64().unwrap())).collect()
+}
+
+#[test]
+fn tune_then_generate_with_the_adapter_and_resume_after_kill_9() {
+    let dir = temp("tune");
+    let model = dir.join("tiny.gguf");
+    std::fs::write(&model, smelt_model::synthetic::tiny_model(&smelt_model::synthetic::TinySpec::new("qwen2")).to_bytes()).unwrap();
+    // Made-up facts in the tiny vocabulary: " w28N is" → " w29M" (then the end of the text).
+    let lines: Vec<String> = (0..8).map(|i| serde_json::json!({"prompt": format!(" w{} is", 281 + i), "completion": format!(" w{}", 299 - (i * 3) % 11)}).to_string()).collect();
+    let data = dir.join("facts.jsonl");
+    std::fs::write(&data, lines.join("\n")).unwrap();
+    let (m, d) = (model.to_str().unwrap(), data.to_str().unwrap());
+    let out = dir.join("facts.gguf");
+    let args = |out: &std::path::Path| -> Vec<String> {
+        ["tune", "-m", m, "--data", d, "--out", out.to_str().unwrap(), "--epochs", "20", "--lr", "0.003", "--batch-tokens", "20", "--rank", "4", "--warmup", "2", "--json", "-t", "2", "--checkpoint-every", "1", "--dropout", "0.05"].map(String::from).to_vec()
+    };
+    let whole = smelt(&args(&out).iter().map(String::as_str).collect::<Vec<_>>()).output().unwrap();
+    assert!(whole.status.success(), "{}", stderr(&whole));
+    let losses = tune_losses(&stdout(&whole));
+    assert!(losses.len() >= 20, "{} steps", losses.len());
+    let (first, last) = (losses[0].1, losses.last().unwrap().1);
+    assert!(last < 0.3 && first > 2.0, "loss {first} → {last}");
+    // The adapter answers the facts through generate.
+    for i in [0, 5] {
+        let o = run(&["generate", "-m", m, "--lora", out.to_str().unwrap(), "-p", &format!(" w{} is", 281 + i), "-n", "8", "--temperature", "0", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        assert_eq!(v["text"].as_str().unwrap().trim(), format!("w{}", 299 - (i * 3) % 11));
+    }
+    // Killed (SIGKILL) mid-run, then resumed: the same losses as the uninterrupted run.
+    // Same file name in another directory: the adapter's name (its file stem) is in the file.
+    std::fs::create_dir_all(dir.join("again")).unwrap();
+    let out2 = dir.join("again/facts.gguf");
+    let mut child = smelt(&args(&out2).iter().map(String::as_str).collect::<Vec<_>>()).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for _ in 0..7 {
+        lines.next().unwrap().unwrap();
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!out2.exists());
+    let ckpt = format!("{}.ckpt", out2.display());
+    let resumed = run(&["tune", "--resume", &ckpt, "--json", "-t", "2"]);
+    assert!(resumed.status.success(), "{}", stderr(&resumed));
+    let after = tune_losses(&stdout(&resumed));
+    assert!(after.first().unwrap().0 <= 9 && after.last().unwrap().0 == losses.last().unwrap().0, "{after:?}");
+    for (step, loss) in after {
+        assert_eq!(loss, losses[step as usize - 1].1, "step {step}");
+    }
+    assert!(std::fs::read(&out2).unwrap() == std::fs::read(&out).unwrap(), "the resumed run's adapter differs");
+    // Bad lines: all reported with their numbers, nothing trained.
+    std::fs::write(&data, format!("{}\nnot json\n{{\"prompt\": 3}}\n", lines_first(&lines_of(&d)))).unwrap();
+    let o = run(&["tune", "-m", m, "--data", d, "--out", dir.join("bad.gguf").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(e.contains("line 2: not JSON") && e.contains("line 3:") && e.contains("2 bad line(s)"), "{e}");
+    assert!(!dir.join("bad.gguf").exists());
+}
+
+fn lines_of(path: &str) -> String {
+    std::fs::read_to_string(path).unwrap()
+}
+
+fn lines_first(text: &str) -> String {
+    text.lines().next().unwrap().to_string()
+}

@@ -4,3 +4,4 @@ pub mod run;
 pub mod serve;
 pub mod store;
 pub mod tokenize;
+pub mod tune;
