@@ -92,8 +92,33 @@ impl Frozens {
     /// they are decoded row by row (f64 checks).
     pub fn new(model: &Model, transpose: bool) -> Frozens {
         let make = |w: &smelt_model::arch::Linear| if transpose { Frozen::with_transpose(w) } else { Frozen::plain(w) };
-        let layers = (0..model.hp.n_layer).map(|il| model.layer_matrices(il).map(make)).collect();
-        Frozens { layers, output: make(model.output()) }
+        // Every matrix, the output first (the largest), made on all cores.
+        let mut all: Vec<&smelt_model::arch::Linear> = vec![model.output()];
+        for il in 0..model.hp.n_layer {
+            all.extend(model.layer_matrices(il));
+        }
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let mut made: Vec<(usize, Frozen)> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(w) = all.get(i) else { return mine };
+                            mine.push((i, make(w)));
+                        }
+                    })
+                })
+                .collect();
+            workers.into_iter().flat_map(|h| h.join().expect("transpose thread")).collect()
+        });
+        made.sort_by_key(|(i, _)| *i);
+        let mut it = made.into_iter().map(|(_, f)| f);
+        let output = it.next().expect("the output matrix");
+        let layers = (0..model.hp.n_layer).map(|_| std::array::from_fn(|_| it.next().expect("seven per layer"))).collect();
+        Frozens { layers, output }
     }
 
     /// Bytes of the transposed copies.
@@ -163,65 +188,82 @@ fn linear<T: Real>(pool: &ThreadPool, w: &Frozen, pair: Option<&Pair<T>>, factor
     y.resize(n * w.w.rows, T::default());
     T::frozen_forward(pool, w, x, n, y);
     let Some(p) = pair else { return Vec::new() };
+    let xd = dropped(x, mask);
+    let xd: &[T] = xd.as_deref().unwrap_or(x);
+    // u[t] = A x'[t]; y[t] += factor · B u[t] — rows of tokens in parallel.
     let mut u = vec![T::default(); n * rank];
-    let mut dropped = Vec::new();
-    for t in 0..n {
-        let mut xt = &x[t * p.inp..(t + 1) * p.inp];
-        if !mask.is_empty() {
-            dropped.clear();
-            dropped.extend(xt.iter().zip(&mask[t * p.inp..(t + 1) * p.inp]).map(|(a, b)| *a * *b));
-            xt = &dropped;
+    pool.for_rows(&mut u, rank, 1, &|t, ut| {
+        for (k, v) in ut.iter_mut().enumerate() {
+            *v = T::dot(&p.a[k * p.inp..(k + 1) * p.inp], &xd[t * p.inp..(t + 1) * p.inp]);
         }
-        for k in 0..rank {
-            u[t * rank + k] = T::dot(&p.a[k * p.inp..(k + 1) * p.inp], xt);
-        }
-        let yt = &mut y[t * p.out..(t + 1) * p.out];
+    });
+    pool.for_rows(&mut y[..n * p.out], p.out, 1, &|t, yt| {
+        let ut = &u[t * rank..(t + 1) * rank];
         for (o, yo) in yt.iter_mut().enumerate() {
-            *yo += factor * T::dot(&p.b[o * rank..(o + 1) * rank], &u[t * rank..(t + 1) * rank]);
+            let mut s = T::default();
+            for (b, u) in p.b[o * rank..(o + 1) * rank].iter().zip(ut) {
+                s += *b * *u;
+            }
+            *yo += factor * s;
         }
-    }
+    });
     u
 }
 
+/// x ⊙ mask, when there is a mask.
+fn dropped<T: Real>(x: &[T], mask: &[T]) -> Option<Vec<T>> {
+    (!mask.is_empty()).then(|| x.iter().zip(mask).map(|(a, b)| *a * *b).collect())
+}
+
 /// Backward of [`linear`]: dx += dy W + factor · ((dy B) A) ⊙ mask; the pair's gradients
-/// accumulate.
+/// accumulate. Every product runs over rows in parallel, each row summed in a fixed order, so
+/// the result does not depend on how the rows are split.
 #[allow(clippy::too_many_arguments)]
 fn linear_back<T: Real>(pool: &ThreadPool, w: &Frozen, pair: Option<&Pair<T>>, grad: Option<&mut Pair<T>>, factor: T, rank: usize, x: &[T], mask: &[T], u: &[T], dy: &[T], n: usize, dx: &mut [T]) {
     T::frozen_backward(pool, w, dy, n, dx);
     let (Some(p), Some(g)) = (pair, grad) else { return };
-    let mut du = vec![T::default(); rank];
-    let (mut xd, mut dxl) = (Vec::new(), vec![T::default(); p.inp]);
-    for t in 0..n {
-        let dyt = &dy[t * p.out..(t + 1) * p.out];
-        let ut = &u[t * rank..(t + 1) * rank];
-        du.iter_mut().for_each(|v| *v = T::default());
-        for (o, &d) in dyt.iter().enumerate() {
+    let xd = dropped(x, mask);
+    let xd: &[T] = xd.as_deref().unwrap_or(x);
+    let (inp, out) = (p.inp, p.out);
+    // du[t] = factor · Bᵀ dy[t]
+    let mut du = vec![T::default(); n * rank];
+    pool.for_rows(&mut du, rank, 1, &|t, dut| {
+        for (o, &d) in dy[t * out..(t + 1) * out].iter().enumerate() {
             let c = factor * d;
-            // dB[o] += factor · dy[o] · u; du += factor · dy[o] · B[o]
-            T::axpy(&mut g.b[o * rank..(o + 1) * rank], c, ut);
-            T::axpy(&mut du, c, &p.b[o * rank..(o + 1) * rank]);
+            for (v, b) in dut.iter_mut().zip(&p.b[o * rank..(o + 1) * rank]) {
+                *v += c * *b;
+            }
         }
-        let mut xt = &x[t * p.inp..(t + 1) * p.inp];
-        let mt = if mask.is_empty() { &[][..] } else { &mask[t * p.inp..(t + 1) * p.inp] };
-        if !mt.is_empty() {
-            xd.clear();
-            xd.extend(xt.iter().zip(mt).map(|(a, b)| *a * *b));
-            xt = &xd;
+    });
+    // dB[o] += factor · Σ_t dy[t][o] u[t]
+    pool.for_rows(&mut g.b, rank, 16, &|o, gb| {
+        for t in 0..n {
+            let c = factor * dy[t * out + o];
+            for (v, uv) in gb.iter_mut().zip(&u[t * rank..(t + 1) * rank]) {
+                *v += c * *uv;
+            }
         }
-        dxl.iter_mut().for_each(|v| *v = T::default());
-        for (k, &dk) in du.iter().enumerate() {
-            T::axpy(&mut g.a[k * p.inp..(k + 1) * p.inp], dk, xt);
-            T::axpy(&mut dxl, dk, &p.a[k * p.inp..(k + 1) * p.inp]);
+    });
+    // dA[k] += Σ_t du[t][k] x'[t]
+    pool.for_rows(&mut g.a, inp, 1, &|k, ga| {
+        for t in 0..n {
+            T::axpy(ga, du[t * rank + k], &xd[t * inp..(t + 1) * inp]);
         }
-        let dxt = &mut dx[t * p.inp..(t + 1) * p.inp];
-        if mt.is_empty() {
+    });
+    // dx[t] += (Σ_k du[t][k] A[k]) ⊙ mask
+    pool.for_rows(&mut dx[..n * inp], inp, 1, &|t, dxt| {
+        let mut dxl = vec![T::default(); inp];
+        for k in 0..rank {
+            T::axpy(&mut dxl, du[t * rank + k], &p.a[k * inp..(k + 1) * inp]);
+        }
+        if mask.is_empty() {
             T::axpy(dxt, T::of(1.0), &dxl);
         } else {
-            for ((o, &v), &m) in dxt.iter_mut().zip(&dxl).zip(mt) {
+            for ((o, &v), &m) in dxt.iter_mut().zip(&dxl).zip(&mask[t * inp..(t + 1) * inp]) {
                 *o += v * m;
             }
         }
-    }
+    });
 }
 
 /// One training sequence: its tokens, and for each position the token the model should predict

@@ -2,7 +2,7 @@
 //! inference kernels, their transposes held in Q8_0), f64 for the gradient checks (every product
 //! exact from the dequantized weights), with the same model code for both.
 
-use smelt_kernels::formats::{dequantize_row, quantize_row, DType};
+use smelt_kernels::formats::{dequantize_row, DType};
 use smelt_kernels::ops::{self, Matrix};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::Linear;
@@ -36,6 +36,7 @@ impl Frozen {
         let mut block = vec![0f32; ROWS * inp];
         let mut part = [0f32; ROWS];
         let bytes_per = |n: usize| dtype.row_bytes(n).expect("whole blocks");
+        let quant = smelt_kernels::dispatch::kernels().quantize(dtype);
         for r0 in (0..out).step_by(ROWS) {
             let nr = ROWS.min(out - r0);
             for r in 0..nr {
@@ -46,7 +47,7 @@ impl Frozen {
                 for r in 0..nr {
                     part[r] = block[r * inp + i];
                 }
-                quantize_row(dtype, &part[..nr], &mut data[i * rb + at..i * rb + at + bytes_per(nr)]);
+                quant(&part[..nr], &mut data[i * rb + at..i * rb + at + bytes_per(nr)]);
             }
         }
         Frozen { w: w.clone(), wt: Some((dtype, data)) }
