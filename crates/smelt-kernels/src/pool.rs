@@ -123,6 +123,17 @@ const SPIN_ITERS: usize = 50_000;
 impl ThreadPool {
     /// A pool with `n_threads` threads in all, the calling thread included.
     pub fn new(n_threads: usize) -> ThreadPool {
+        ThreadPool::build(n_threads, false)
+    }
+
+    /// A pool whose worker threads run at the lowest CPU priority (background work such as
+    /// training beside a server gets the cores the serving threads leave idle). The calling
+    /// thread keeps its own priority.
+    pub fn new_background(n_threads: usize) -> ThreadPool {
+        ThreadPool::build(n_threads, true)
+    }
+
+    fn build(n_threads: usize, background: bool) -> ThreadPool {
         let n_threads = n_threads.max(1);
         let shared = Arc::new(Shared {
             state: AtomicUsize::new(0),
@@ -139,7 +150,12 @@ impl ThreadPool {
                 let shared = shared.clone();
                 std::thread::Builder::new()
                     .name(format!("smelt-worker-{i}"))
-                    .spawn(move || worker_loop(&shared, i))
+                    .spawn(move || {
+                        if background {
+                            lower_this_thread_priority();
+                        }
+                        worker_loop(&shared, i)
+                    })
                     .expect("spawning a worker thread")
             })
             .collect();
@@ -265,6 +281,17 @@ struct SendPtr<T>(*mut T);
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 /// The loop of worker `me` (1..n_threads; the calling thread is 0).
+/// Give the calling thread the lowest scheduling priority (nice 19); nothing elsewhere than Linux.
+pub fn lower_this_thread_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take no pointers; on Linux PRIO_PROCESS with a thread id
+    // changes that thread alone.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+    }
+}
+
 fn worker_loop(s: &Shared, me: usize) {
     let mut last_epoch = 0usize;
     let mut spins = 0usize;

@@ -81,8 +81,8 @@ pub async fn load(State(state): State<AppState>, body: Bytes) -> Result<Response
 /// DELETE /v1/adapters/BASE:NAME
 pub async fn unload(State(state): State<AppState>, Path(id): Path<String>) -> Result<Response, ApiError> {
     let r = state.resolve(Some(&id))?;
-    let name = id.strip_prefix(&format!("{}:", r.entry.id)).filter(|_| !r.lora.adapters.is_empty()).ok_or_else(|| ApiError::invalid("model", format!("'{id}' is a base model, not an adapter")))?;
-    let removed = r.entry.adapters.write().unwrap_or_else(|e| e.into_inner()).remove(name);
+    let name = r.adapter.ok_or_else(|| ApiError::invalid("model", format!("'{id}' is a base model, not an adapter")))?;
+    let removed = r.entry.adapters.write().unwrap_or_else(|e| e.into_inner()).remove(&name);
     match removed {
         Some(_) => Ok(axum::Json(json!({"id": id, "object": "model", "deleted": true})).into_response()),
         None => Err(ApiError::model_not_found(&id)),

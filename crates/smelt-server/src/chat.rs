@@ -90,7 +90,7 @@ fn logprob_entry(entry: &ModelEntry, step: &Step) -> Value {
 pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<Meter>, body: Bytes) -> Result<Response, ApiError> {
     let start = Instant::now();
     let req: ChatRequest = parse_json(&body)?;
-    let Resolved { entry, lora, id: model_id } = state.resolve(req.model.as_deref())?;
+    let Resolved { entry, lora, id: model_id, .. } = state.resolve(req.model.as_deref())?;
     let model = &entry.engine.model;
     let want_logprobs = req.logprobs.unwrap_or(false);
     let top = match (want_logprobs, req.top_logprobs) {

@@ -109,7 +109,7 @@ impl LegacyLogprobs {
 pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<Meter>, body: Bytes) -> Result<Response, ApiError> {
     let start = Instant::now();
     let req: CompletionRequest = parse_json(&body)?;
-    let Resolved { entry, lora, id: model_id } = state.resolve(req.model.as_deref())?;
+    let Resolved { entry, lora, id: model_id, .. } = state.resolve(req.model.as_deref())?;
     let model = &entry.engine.model;
     let k = match req.logprobs {
         Some(k) if !(0..=20).contains(&k) => return Err(ApiError::invalid("logprobs", format!("logprobs must be between 0 and 20, got {k}"))),

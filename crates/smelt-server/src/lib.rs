@@ -8,6 +8,7 @@ mod adapters;
 mod chat;
 mod completions;
 mod embeddings;
+pub mod fine_tuning;
 pub mod error;
 mod generation;
 pub mod keys;
@@ -183,8 +184,12 @@ impl http_body::Body for Held {
     }
 }
 
+/// Largest file upload (`/v1/files`), unless `max_body` is larger.
+pub const FILE_LIMIT: usize = 256 << 20;
+
 async fn limit_body(state: &AppState, req: Request, next: Next) -> Response {
-    let limit = state.config().max_body;
+    // Uploads of training files may be larger than any request.
+    let limit = if req.uri().path() == "/v1/files" { state.config().max_body.max(FILE_LIMIT) } else { state.config().max_body };
     // A declared length over the limit is refused at once, without reading the body.
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
@@ -215,6 +220,14 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/models/{*id}", get(misc::get_model))
         .route("/v1/adapters", get(adapters::list).post(adapters::load))
         .route("/v1/adapters/{*id}", axum::routing::delete(adapters::unload))
+        .route("/v1/files", get(fine_tuning::list_files).post(fine_tuning::upload))
+        .route("/v1/files/{id}", get(fine_tuning::get_file).delete(fine_tuning::delete_file))
+        .route("/v1/files/{id}/content", get(fine_tuning::file_content))
+        .route("/v1/fine_tuning/jobs", get(fine_tuning::list_jobs).post(fine_tuning::create_job))
+        .route("/v1/fine_tuning/jobs/{id}", get(fine_tuning::get_job))
+        .route("/v1/fine_tuning/jobs/{id}/cancel", post(fine_tuning::cancel_job))
+        .route("/v1/fine_tuning/jobs/{id}/events", get(fine_tuning::job_events))
+        .route("/v1/fine_tuning/jobs/{id}/checkpoints", get(fine_tuning::job_checkpoints))
         .route("/tokenize", post(misc::tokenize))
         .route("/detokenize", post(misc::detokenize))
         .route("/health", get(misc::health))

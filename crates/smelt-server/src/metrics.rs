@@ -68,6 +68,10 @@ pub fn route_label(path: &str) -> &'static str {
         "/v1/adapters" => "/v1/adapters",
         p if p.starts_with("/v1/models/") => "/v1/models/{id}",
         p if p.starts_with("/v1/adapters/") => "/v1/adapters/{id}",
+        "/v1/files" => "/v1/files",
+        p if p.starts_with("/v1/files/") => "/v1/files/{id}",
+        "/v1/fine_tuning/jobs" => "/v1/fine_tuning/jobs",
+        p if p.starts_with("/v1/fine_tuning/jobs/") => "/v1/fine_tuning/jobs/{id}",
         _ => "other",
     }
 }

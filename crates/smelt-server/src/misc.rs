@@ -30,9 +30,9 @@ pub async fn get_model(State(state): State<AppState>, Path(id): Path<String>) ->
         return Ok(axum::Json(model_json(&m)).into_response());
     }
     let r = state.resolve(Some(&id))?;
-    let name = &id[r.entry.id.len() + 1..];
-    let a = r.entry.adapters().into_iter().find(|(n, _)| n == name).map(|(_, a)| a).ok_or_else(|| ApiError::model_not_found(&id))?;
-    Ok(axum::Json(crate::adapters::adapter_json(&r.entry, name, &a)).into_response())
+    let name = r.adapter.ok_or_else(|| ApiError::model_not_found(&id))?;
+    let a = r.entry.adapters().into_iter().find(|(n, _)| *n == name).map(|(_, a)| a).ok_or_else(|| ApiError::model_not_found(&id))?;
+    Ok(axum::Json(crate::adapters::adapter_json(&r.entry, &name, &a)).into_response())
 }
 
 pub async fn tokenize(State(state): State<AppState>, body: Bytes) -> Result<Response, ApiError> {

@@ -34,9 +34,9 @@ impl ModelEntry {
         self.adapters.read().unwrap_or_else(|e| e.into_inner()).iter().map(|(k, v)| (k.clone(), v.clone())).collect()
     }
 
-    /// The API id of one of this model's adapters.
+    /// The API id of one of this model's adapters (a fine-tuned model's name is its id).
     pub fn adapter_id(&self, name: &str) -> String {
-        format!("{}:{name}", self.id)
+        if name.starts_with("ft:") { name.to_string() } else { format!("{}:{name}", self.id) }
     }
 }
 
@@ -51,6 +51,8 @@ pub struct Resolved {
     pub entry: Arc<ModelEntry>,
     pub lora: LoraSet,
     pub id: String,
+    /// The adapter's name among the base's adapters, when the id names one.
+    pub adapter: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -66,6 +68,8 @@ struct Inner {
     ready: AtomicBool,
     config: ServerConfig,
     metrics: Metrics,
+    /// Files and fine-tuning jobs, when the server keeps them.
+    jobs: std::sync::OnceLock<Arc<smelt_train::jobs::JobStore>>,
 }
 
 #[derive(Clone)]
@@ -73,7 +77,7 @@ pub struct AppState(Arc<Inner>);
 
 impl AppState {
     pub fn new(config: ServerConfig) -> AppState {
-        AppState(Arc::new(Inner { models: RwLock::new(Vec::new()), ready: AtomicBool::new(false), config, metrics: Metrics::default() }))
+        AppState(Arc::new(Inner { models: RwLock::new(Vec::new()), ready: AtomicBool::new(false), config, metrics: Metrics::default(), jobs: std::sync::OnceLock::new() }))
     }
 
     pub fn add_model(&self, entry: ModelEntry) {
@@ -93,6 +97,14 @@ impl AppState {
         &self.0.config
     }
 
+    pub fn set_jobs(&self, store: Arc<smelt_train::jobs::JobStore>) {
+        let _ = self.0.jobs.set(store);
+    }
+
+    pub fn jobs(&self) -> Option<Arc<smelt_train::jobs::JobStore>> {
+        self.0.jobs.get().cloned()
+    }
+
     pub fn metrics(&self) -> &Metrics {
         &self.0.metrics
     }
@@ -101,28 +113,36 @@ impl AppState {
         self.0.models.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// The model a request names: a served model's id, or `BASE:ADAPTER` for one of its
-    /// adapters (the first served model when it names none).
+    /// The model a request names: a served model's id, `BASE:ADAPTER` for one of its adapters,
+    /// or a fine-tuned model's `ft:` id (the first served model when it names none).
     pub fn resolve(&self, name: Option<&str>) -> Result<Resolved, ApiError> {
         let entry = match self.model(name) {
             Ok(entry) => entry,
             Err(not_found) => {
                 let Some(name) = name else { return Err(not_found) };
                 let models = self.models();
+                if name.starts_with("ft:") {
+                    for m in &models {
+                        if let Some(a) = m.adapters.read().unwrap_or_else(|e| e.into_inner()).get(name) {
+                            return Ok(Resolved { entry: m.clone(), lora: LoraSet::one(a.adapter.clone(), 1.0), id: name.to_string(), adapter: Some(name.to_string()) });
+                        }
+                    }
+                    return Err(not_found);
+                }
                 // The longest base id that prefixes the name (ids may contain ':' themselves).
                 let mut bases: Vec<&Arc<ModelEntry>> = models.iter().filter(|m| name.len() > m.id.len() + 1 && name.starts_with(&m.id) && name.as_bytes()[m.id.len()] == b':').collect();
                 bases.sort_by_key(|m| std::cmp::Reverse(m.id.len()));
                 for m in bases {
                     let adapters = m.adapters.read().unwrap_or_else(|e| e.into_inner());
                     if let Some(a) = adapters.get(&name[m.id.len() + 1..]) {
-                        return Ok(Resolved { entry: m.clone(), lora: LoraSet::one(a.adapter.clone(), 1.0), id: name.to_string() });
+                        return Ok(Resolved { entry: m.clone(), lora: LoraSet::one(a.adapter.clone(), 1.0), id: name.to_string(), adapter: Some(name[m.id.len() + 1..].to_string()) });
                     }
                 }
                 return Err(not_found);
             }
         };
         let id = entry.id.clone();
-        Ok(Resolved { entry, lora: LoraSet::default(), id })
+        Ok(Resolved { entry, lora: LoraSet::default(), id, adapter: None })
     }
 
     /// The served model a request names, without adapters (the first when it names none).

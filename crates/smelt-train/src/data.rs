@@ -73,6 +73,35 @@ fn template_message(i: usize, m: &Value) -> Result<(Value, bool), String> {
     Ok((out, role == "assistant" && weight))
 }
 
+/// Check one line's shape without a model: a JSON object with a well-formed non-empty
+/// `messages` array that has an assistant message to train on, or `prompt` and `completion`
+/// strings.
+pub fn check_line(line: &str) -> Result<(), String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+    if let Some(messages) = v.get("messages") {
+        let messages = messages.as_array().filter(|m| !m.is_empty()).ok_or("\"messages\" must be a non-empty array")?;
+        if v.get("tools").is_some_and(|t| !t.is_array()) {
+            return Err("\"tools\" must be an array".into());
+        }
+        let mut trained = false;
+        for (i, m) in messages.iter().enumerate() {
+            trained |= template_message(i, m)?.1;
+        }
+        if !trained {
+            return Err("no assistant message to train on (all missing or weight 0)".into());
+        }
+        Ok(())
+    } else if let (Some(p), Some(c)) = (v.get("prompt"), v.get("completion")) {
+        match (p.as_str(), c.as_str()) {
+            (Some(_), Some("")) => Err("the completion is empty".into()),
+            (Some(_), Some(_)) => Ok(()),
+            _ => Err("\"prompt\" and \"completion\" must be strings".into()),
+        }
+    } else {
+        Err("expected {\"messages\": [...]} or {\"prompt\", \"completion\"}".into())
+    }
+}
+
 /// One line of a dataset as a training example for `model`, no longer than `max_tokens`.
 pub fn example(model: &Model, line: &str, max_tokens: usize) -> Result<Example, String> {
     let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;

@@ -8,9 +8,12 @@
 //!   factors, for every architecture.
 //! - [`data`]: JSONL datasets (chat or prompt/completion) as training examples.
 //! - [`train`]: the loop — AdamW, the data plan, validation, checkpoints.
+//! - [`jobs`]: fine-tuning jobs and their files on disk, run on a background thread (what
+//!   the server's OpenAI fine-tuning API serves).
 
 pub mod model;
 pub mod ops;
 pub mod real;
 pub mod data;
 pub mod train;
+pub mod jobs;

@@ -23,6 +23,9 @@ pub struct TuneConfig {
     pub lr: f32,
     /// Tokens per optimizer step (examples are packed until they reach it; at least one).
     pub batch_tokens: usize,
+    /// Examples per optimizer step instead, when not 0 (OpenAI's `batch_size`).
+    #[serde(default)]
+    pub batch_examples: usize,
     /// Steps of linear warmup; the learning rate then decays linearly to 0.
     pub warmup: usize,
     pub weight_decay: f32,
@@ -41,6 +44,7 @@ impl Default for TuneConfig {
             epochs: 3,
             lr: 2e-4,
             batch_tokens: 2048,
+            batch_examples: 0,
             warmup: 10,
             weight_decay: 0.0,
             seed: 42,
@@ -117,8 +121,8 @@ fn shuffle(n: usize, seed: u64) -> Vec<usize> {
 }
 
 /// The examples of every step of the run, epoch by epoch: each epoch's order shuffled from the
-/// seed, packed into steps of about `batch_tokens` tokens. Deterministic, so a resumed run
-/// finds its place.
+/// seed, packed into steps of about `batch_tokens` tokens (or of `batch_examples` examples).
+/// Deterministic, so a resumed run finds its place.
 pub fn plan(examples: &[Example], cfg: &TuneConfig) -> Vec<(usize, Vec<usize>)> {
     let mut steps = Vec::new();
     for epoch in 0..cfg.epochs {
@@ -126,7 +130,11 @@ pub fn plan(examples: &[Example], cfg: &TuneConfig) -> Vec<(usize, Vec<usize>)> 
         let mut cur: Vec<usize> = Vec::new();
         let mut tokens = 0;
         for i in order {
-            if !cur.is_empty() && tokens + examples[i].tokens.len() > cfg.batch_tokens {
+            let full = match cfg.batch_examples {
+                0 => tokens + examples[i].tokens.len() > cfg.batch_tokens,
+                n => cur.len() >= n,
+            };
+            if !cur.is_empty() && full {
                 steps.push((epoch, std::mem::take(&mut cur)));
                 tokens = 0;
             }

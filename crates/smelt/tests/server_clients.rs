@@ -76,6 +76,7 @@ fn run_suite(cmd: &mut Command, url: &str, adapter: &std::path::Path, what: &str
         .env("SMELT_ADAPTER_FILE", adapter)
         .env("SMELT_CHAT_MODEL", "qwen2.5-coder-0.5b-instruct")
         .env("SMELT_BASE_MODEL", "gemma-3-270m")
+        .env("SMELT_BIN", env!("CARGO_BIN_EXE_smelt"))
         .current_dir(repo())
         .output()
         .unwrap_or_else(|e| panic!("cannot run the {what} suite: {e}"));

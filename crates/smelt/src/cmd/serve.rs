@@ -54,6 +54,12 @@ pub struct Args {
     /// unloaded while serving (POST / DELETE /v1/adapters).
     #[arg(long, value_name = "[BASE:]NAME=FILE")]
     lora: Vec<String>,
+    /// Where uploaded files and fine-tuning jobs are kept (default: $SMELT_HOME/server).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<std::path::PathBuf>,
+    /// Threads for fine-tuning jobs, at the lowest CPU priority (default: --threads).
+    #[arg(long)]
+    train_threads: Option<usize>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -147,6 +153,9 @@ pub fn run(mut a: Args) -> Result<()> {
         eprintln!("{} API key(s), {limited} with limits", keys.len());
     }
     let state = AppState::new(ServerConfig { keys: keys.map(Keys::new), max_body: a.max_body });
+    let data_dir = a.data_dir.clone().unwrap_or_else(|| smelt_store::Store::from_env().root().join("server"));
+    let jobs = smelt_train::jobs::JobStore::open(&data_dir).with_context(|| format!("cannot open the job store in {}; pass --data-dir DIR", data_dir.display()))?;
+    let train_threads = a.train_threads.unwrap_or_else(|| threads(a.threads));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let addr = format!("{}:{}", a.host, a.port);
@@ -159,6 +168,7 @@ pub fn run(mut a: Args) -> Result<()> {
                 load_adapters(&entry, &loras)?;
                 loading.add_model(entry);
             }
+            smelt_server::fine_tuning::start(&loading, jobs, train_threads);
             loading.set_ready();
             eprintln!("ready");
             Ok(())

@@ -47,6 +47,9 @@ pub struct Args {
     /// Tokens per optimizer step.
     #[arg(long, default_value_t = 2048)]
     batch_tokens: usize,
+    /// Examples per optimizer step instead of --batch-tokens (OpenAI's batch_size).
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Warmup steps (then linear decay to 0).
     #[arg(long, default_value_t = 10)]
     warmup: usize,
@@ -114,6 +117,7 @@ pub fn run(a: Args) -> Result<()> {
                 epochs: a.epochs,
                 lr: a.lr,
                 batch_tokens: a.batch_tokens,
+                batch_examples: a.batch_size.unwrap_or(0),
                 warmup: a.warmup,
                 weight_decay: a.weight_decay,
                 seed: a.seed,
