@@ -80,6 +80,24 @@ def cpu():
     return platform.processor() or "unknown CPU"
 
 
+def start_server(smelt, model, threads, data_dir):
+    server = subprocess.Popen([smelt, "serve", "-m", model, "--port", "0", "-t", str(threads), "--kv-memory", "256M", "--data-dir", str(data_dir)], stderr=subprocess.PIPE, text=True)
+    url = None
+    for line in server.stderr:
+        if line.startswith("listening on "):
+            url = line.split()[2]
+            break
+    if not url:
+        sys.exit("the server did not start")
+    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+    while True:
+        try:
+            urllib.request.urlopen(url + "/health")
+            return server, url
+        except OSError:
+            time.sleep(0.3)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smelt", default="target/release/smelt")
@@ -92,6 +110,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--dir", help="where to write the data and the adapter (default: a temporary directory)")
+    ap.add_argument("--adapter", help="evaluate this adapter (trained on the same --facts and --seed) instead of training one")
     a = ap.parse_args()
 
     work = pathlib.Path(a.dir or tempfile.mkdtemp(prefix="smelt-facts-"))
@@ -103,51 +122,52 @@ def main():
                 out.write(json.dumps({"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": q}, {"role": "assistant", "content": f["answer"]}]}) + "\n")
     print(f"{cpu()}, {a.threads} threads; {a.facts} facts, {3 * a.facts} training questions, {a.facts} held-out questions; data in {work}")
 
-    server = subprocess.Popen([a.smelt, "serve", "-m", a.model, "--port", "0", "-t", str(a.threads), "--kv-memory", "256M", "--data-dir", str(work / "server")], stderr=subprocess.PIPE, text=True)
+    server, url = start_server(a.smelt, a.model, a.threads, work / "server")
     try:
-        url = None
-        for line in server.stderr:
-            if line.startswith("listening on "):
-                url = line.split()[2]
-                break
-        if not url:
-            sys.exit("the server did not start")
-        threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
-        while True:
-            try:
-                urllib.request.urlopen(url + "/health")
-                break
-            except OSError:
-                time.sleep(0.3)
         print("before (base model, held-out wordings):")
         before = accuracy(url, a.model, facts, 3)
         print(f"  accuracy {before:.1%}")
 
-        adapter = work / "facts.gguf"
-        cmd = [a.smelt, "tune", "-m", a.model, "--data", str(work / "train.jsonl"), "--out", str(adapter), "--epochs", str(a.epochs), "--lr", str(a.lr),
-               "--rank", str(a.rank), "--batch-size", str(a.batch_size), "--seed", str(a.seed), "--warmup", "5", "-t", str(a.threads), "--json"]
-        print("training:", " ".join(cmd))
-        t0 = time.time()
-        tune = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-        last = None
-        for line in tune.stdout:
-            ev = json.loads(line)
-            last = ev
-            if ev["step"] % 10 == 0 or ev["step"] == ev["steps"]:
-                print(f"  step {ev['step']}/{ev['steps']} epoch {ev['epoch']} loss {ev['train_loss']:.4f} {ev['tokens_per_s']:.1f} tok/s", flush=True)
-        if tune.wait() != 0:
-            sys.exit("smelt tune failed")
-        secs = time.time() - t0
-        print(f"  trained in {secs:.0f} s ({secs / 60:.1f} min) at {last['tokens_per_s']:.1f} tokens/s, {a.threads} threads")
+        adapter = pathlib.Path(a.adapter) if a.adapter else work / "facts.gguf"
+        secs, rate = None, None
+        if not a.adapter:
+            cmd = [a.smelt, "tune", "-m", a.model, "--data", str(work / "train.jsonl"), "--out", str(adapter), "--epochs", str(a.epochs), "--lr", str(a.lr),
+                   "--rank", str(a.rank), "--batch-size", str(a.batch_size), "--seed", str(a.seed), "--warmup", "5", "-t", str(a.threads), "--json"]
+            print("training:", " ".join(cmd))
+            t0 = time.time()
+            tune = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            last = None
+            for line in tune.stdout:
+                ev = json.loads(line)
+                last = ev
+                if ev["step"] % 10 == 0 or ev["step"] == ev["steps"]:
+                    print(f"  step {ev['step']}/{ev['steps']} epoch {ev['epoch']} loss {ev['train_loss']:.4f} {ev['tokens_per_s']:.1f} tok/s", flush=True)
+            if tune.wait() != 0:
+                sys.exit("smelt tune failed")
+            secs, rate = time.time() - t0, last["tokens_per_s"]
+            print(f"  trained in {secs:.0f} s ({secs / 60:.1f} min) at {rate:.1f} tokens/s, {a.threads} threads")
 
         req = urllib.request.Request(url + "/v1/adapters", data=json.dumps({"model": a.model, "name": "facts", "path": str(adapter)}).encode(), headers={"Content-Type": "application/json"})
         urllib.request.urlopen(req)
         print("after (adapter, held-out wordings):")
         after = accuracy(url, a.model + ":facts", facts, 3)
         print(f"  accuracy {after:.1%}")
-        print(json.dumps({"cpu": cpu(), "threads": a.threads, "facts": a.facts, "before": before, "after": after, "train_seconds": round(secs, 1), "tokens_per_s": round(last["tokens_per_s"], 1)}))
     finally:
         server.kill()
+
+    merged = work / "merged.gguf"
+    t0 = time.time()
+    subprocess.run([a.smelt, "merge", "-m", a.model, "--lora", str(adapter), "-o", str(merged)], check=True)
+    print(f"merged into {merged} in {time.time() - t0:.1f} s")
+    server, url = start_server(a.smelt, str(merged), a.threads, work / "server")
+    try:
+        print("after (merged model, held-out wordings):")
+        after_merged = accuracy(url, "merged", facts, 3)
+        print(f"  accuracy {after_merged:.1%}")
+    finally:
+        server.kill()
+    print(json.dumps({"cpu": cpu(), "threads": a.threads, "facts": a.facts, "before": before, "after": after, "after_merged": after_merged,
+                      "train_seconds": secs and round(secs, 1), "tokens_per_s": rate and round(rate, 1)}))
 
 
 if __name__ == "__main__":

@@ -13,4 +13,5 @@ pub mod arch;
 pub mod chat;
 pub mod kv;
 pub mod lora;
+pub mod merge;
 pub mod synthetic;

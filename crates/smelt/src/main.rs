@@ -26,6 +26,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Fine-tune a LoRA adapter from a JSONL dataset (OpenAI chat format or prompt/completion).
     Tune(cmd::tune::Args),
+    /// Fold LoRA adapters into a new GGUF model (re-quantized to the base's formats).
+    Merge(cmd::merge::Args),
     /// Download a model into the local store.
     Pull(cmd::store::PullArgs),
     /// List the models in the local store.
@@ -43,6 +45,7 @@ fn main() {
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Tune(a) => cmd::tune::run(a),
+        Command::Merge(a) => cmd::merge::run(a),
         Command::Pull(a) => cmd::store::pull(a),
         Command::List(a) => cmd::store::list(a),
         Command::Rm(a) => cmd::store::rm(a),

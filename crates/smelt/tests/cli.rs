@@ -321,6 +321,16 @@ fn tune_then_generate_with_the_adapter_and_resume_after_kill_9() {
         let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
         assert_eq!(v["text"].as_str().unwrap().trim(), format!("w{}", 299 - (i * 3) % 11));
     }
+    // Folded into a copy of the model by `smelt merge`, the facts are answered without it.
+    let merged = dir.join("merged.gguf");
+    let o = run(&["merge", "-m", m, "--lora", out.to_str().unwrap(), "-o", merged.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for i in [0, 5] {
+        let o = run(&["generate", "-m", merged.to_str().unwrap(), "-p", &format!(" w{} is", 281 + i), "-n", "8", "--temperature", "0", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        assert_eq!(v["text"].as_str().unwrap().trim(), format!("w{}", 299 - (i * 3) % 11));
+    }
     // Killed (SIGKILL) mid-run, then resumed: the same losses as the uninterrupted run.
     // Same file name in another directory: the adapter's name (its file stem) is in the file.
     std::fs::create_dir_all(dir.join("again")).unwrap();

@@ -9,6 +9,7 @@ mod float;
 pub mod grouped;
 mod kquants;
 mod legacy;
+pub mod quantize;
 
 pub use kquants::{Q2K, Q3K, Q4K, Q5K, Q6K, Q8K};
 pub use legacy::{Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1};

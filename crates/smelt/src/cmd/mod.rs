@@ -1,5 +1,6 @@
 pub mod bench;
 pub mod generate;
+pub mod merge;
 pub mod run;
 pub mod serve;
 pub mod store;
