@@ -21,12 +21,15 @@ import tempfile
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def timed(cmd, log):
-    """Run `cmd` under /usr/bin/time; (stderr text, peak RSS in MB)."""
+def timed(cmd, log, must=True):
+    """Run `cmd` under /usr/bin/time; (stderr text, peak RSS in MB), or None when it fails and
+    `must` is false."""
     with open(log, "w") as f:
         p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd], stdout=subprocess.DEVNULL, stderr=f)
     text = open(log, errors="replace").read()
     if p.returncode != 0:
+        if not must:
+            return None
         sys.exit(f"{cmd[0]} failed (log in {log}):\n{text[-2000:]}")
     rss = int(re.findall(r"MAXRSS_KB (\d+)", text)[-1]) / 1024
     return text, rss
@@ -71,12 +74,19 @@ def main():
         f32 = work / f"{name}-f32.gguf"
         if not f32.exists():
             subprocess.run([str(bin_ / "llama-quantize"), "--allow-requantize", str(model), str(f32), "F32"], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        log, rss = timed([str(bin_ / "llama-finetune"), "-m", str(f32), "-f", str(work / "train.txt"), "-c", str(a.ctx), "-b", str(a.ctx), "-ub", str(a.ctx),
-                          "-t", str(a.threads), "-ngl", "0", "--epochs", "1", "-o", str(work / "llama-finetuned.gguf")], work / f"llama-{name}.log")
-        train = [seg for seg in re.split(r"[\r\n]", log) if seg.startswith("train:") and "data=" in seg][-1]
-        done, _total = map(int, re.search(r"data=(\d+)/(\d+)", train).groups())
-        h, m, s = map(int, re.search(r"t=(\d+):(\d+):(\d+)", train).groups())
-        llama_rate = done * a.ctx / max(1, h * 3600 + m * 60 + s)
+        run = timed([str(bin_ / "llama-finetune"), "-m", str(f32), "-f", str(work / "train.txt"), "-c", str(a.ctx), "-b", str(a.ctx), "-ub", str(a.ctx),
+                     "-t", str(a.threads), "-ngl", "0", "--epochs", "1", "-o", str(work / "llama-finetuned.gguf")], work / f"llama-{name}.log", must=False)
+        llama_rate, rss, why = None, None, None
+        if run is None:
+            # llama-finetune cannot train every architecture (Gemma 3: no backward pass for GEGLU).
+            lines = [l for l in open(work / f"llama-{name}.log", errors="replace").read().splitlines() if "unsupported" in l or "error" in l.lower()]
+            why = (lines[-1] if lines else "it failed").split(": ", 1)[-1]
+        else:
+            log, rss = run
+            train = [seg for seg in re.split(r"[\r\n]", log) if seg.startswith("train:") and "data=" in seg][-1]
+            done, _total = map(int, re.search(r"data=(\d+)/(\d+)", train).groups())
+            h, m, s = map(int, re.search(r"t=(\d+):(\d+):(\d+)", train).groups())
+            llama_rate = done * a.ctx / max(1, h * 3600 + m * 60 + s)
         try:
             os.remove(work / "llama-finetuned.gguf")
         except OSError:
@@ -84,8 +94,11 @@ def main():
         log, srss = timed([a.smelt, "tune", "-m", str(model), "--data", str(work / "train.jsonl"), "--out", str(work / f"{name}-lora.gguf"), "--epochs", "1",
                            "--rank", "16", "--ctx", str(4 * a.ctx), "-t", str(a.threads), "--json"], work / f"smelt-{name}.log")
         smelt_rate = float(re.search(r"\(([\d.]+) tokens/s", log).group(1))
-        print(f"{name}: llama-finetune {llama_rate:.1f} tokens/s, peak {rss:.0f} MB  |  smelt tune (LoRA r16) {smelt_rate:.1f} tokens/s, peak {srss:.0f} MB  |  {smelt_rate / llama_rate:.1f}x")
-        results.append({"model": name, "llama_tokens_per_s": round(llama_rate, 2), "llama_peak_mb": round(rss), "smelt_tokens_per_s": smelt_rate, "smelt_peak_mb": round(srss), "ratio": round(smelt_rate / llama_rate, 2)})
+        llama = f"llama-finetune {llama_rate:.1f} tokens/s, peak {rss:.0f} MB" if llama_rate else f"llama-finetune cannot train it ({why})"
+        ratio = f"{smelt_rate / llama_rate:.1f}x" if llama_rate else "-"
+        print(f"{name}: {llama}  |  smelt tune (LoRA r16) {smelt_rate:.1f} tokens/s, peak {srss:.0f} MB  |  {ratio}")
+        results.append({"model": name, "llama_tokens_per_s": llama_rate and round(llama_rate, 2), "llama_peak_mb": rss and round(rss), "llama_error": why,
+                        "smelt_tokens_per_s": smelt_rate, "smelt_peak_mb": round(srss), "ratio": llama_rate and round(smelt_rate / llama_rate, 2)})
     print(json.dumps({"cpu": cpu, "threads": a.threads, "ctx": a.ctx, "results": results}))
 
 

@@ -281,14 +281,31 @@ struct SendPtr<T>(*mut T);
 unsafe impl<T: Send> Sync for SendPtr<T> {}
 
 /// The loop of worker `me` (1..n_threads; the calling thread is 0).
-/// Give the calling thread the lowest scheduling priority (nice 19); nothing elsewhere than Linux.
+/// Give the calling thread the lowest scheduling priority (nice 19).
 pub fn lower_this_thread_priority() {
+    set_this_thread_nice(19);
+}
+
+/// Set the calling thread's nice value (higher runs later); nothing elsewhere than Linux.
+pub fn set_this_thread_nice(nice: i32) {
     #[cfg(target_os = "linux")]
     // SAFETY: gettid and setpriority take no pointers; on Linux PRIO_PROCESS with a thread id
-    // changes that thread alone.
+    // changes that thread alone. Failure leaves the priority as it was, which is harmless.
     unsafe {
         let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+        libc::setpriority(libc::PRIO_PROCESS, tid, nice);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = nice;
+}
+
+/// Hand the allocator's free memory back to the system. Threads that allocate a lot and end
+/// (grammar compilations) leave free space in their malloc arenas that glibc keeps otherwise.
+pub fn return_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers and only releases memory no allocation uses.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 

@@ -29,6 +29,9 @@ fn api_error(e: StoreError) -> ApiError {
 }
 
 fn store(state: &AppState) -> Result<Arc<JobStore>, ApiError> {
+    if !state.ready() {
+        return Err(ApiError::unavailable("The server is still loading its models; retry shortly (GET /health says when it is ready)"));
+    }
     state.jobs().ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "Fine-tuning is not enabled on this server").code("unknown_url"))
 }
 

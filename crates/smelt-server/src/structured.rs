@@ -138,7 +138,8 @@ pub async fn compile(entry: &ModelEntry, src: Source) -> Result<Compiled, ApiErr
     let (tx, rx) = tokio::sync::oneshot::channel();
     let param = src.param;
     let job = move || {
-        lower_priority();
+        // Compile threads yield to the engines: a hostile grammar costs the others as little as can be.
+        smelt_kernels::pool::set_this_thread_nice(10);
         let deadline = Instant::now() + PREPARE_TIME;
         let result = (|| {
             let g = src.build().map_err(|e| match src.kind {
@@ -157,6 +158,8 @@ pub async fn compile(entry: &ModelEntry, src: Source) -> Result<Compiled, ApiErr
             Ok((g, bytes))
         })();
         let _ = tx.send(result);
+        // What the compilation freed stays in this thread's arena unless handed back.
+        smelt_kernels::pool::return_free_memory();
     };
     std::thread::Builder::new()
         .name("smelt-grammar".into())
@@ -166,16 +169,6 @@ pub async fn compile(entry: &ModelEntry, src: Source) -> Result<Compiled, ApiErr
     let (g, bytes) = rx.await.map_err(|_| ApiError::internal("the grammar compilation stopped unexpectedly"))??;
     cache_put(key, g.clone(), bytes);
     Ok(g)
-}
-
-/// Compile threads yield to the engines: a hostile grammar costs the others as little as can be.
-fn lower_priority() {
-    // SAFETY: setpriority only changes this thread's scheduling priority (on Linux, `who` 0
-    // with PRIO_PROCESS names the calling thread); failure is harmless and ignored.
-    #[cfg(target_os = "linux")]
-    unsafe {
-        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
-    }
 }
 
 /// OpenAI's `response_format`: text, json_object, or json_schema (strict or not, the output is
