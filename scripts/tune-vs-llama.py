@@ -2,7 +2,8 @@
 """Training speed and peak memory, side by side in one run: `smelt tune` (LoRA on the quantized
 model) against llama.cpp's `llama-finetune` (full fine-tuning; it needs an F32 copy of the model,
 made here with `llama-quantize --allow-requantize ... F32`), on the same text, the same context
-and thread count. Prints training tokens/s, peak resident memory and the ratio, with the CPU.
+and thread count; smelt with its activations kept and recomputed (`--recompute`). Prints training
+tokens/s, peak resident memory and the ratio, with the CPU.
 
     python3 scripts/tune-vs-llama.py --smelt target/release/smelt [--llama-bin DIR] [--threads 2]
 
@@ -91,14 +92,16 @@ def main():
             os.remove(work / "llama-finetuned.gguf")
         except OSError:
             pass
-        log, srss = timed([a.smelt, "tune", "-m", str(model), "--data", str(work / "train.jsonl"), "--out", str(work / f"{name}-lora.gguf"), "--epochs", "1",
-                           "--rank", "16", "--ctx", str(4 * a.ctx), "-t", str(a.threads), "--json"], work / f"smelt-{name}.log")
-        smelt_rate = float(re.search(r"\(([\d.]+) tokens/s", log).group(1))
-        llama = f"llama-finetune {llama_rate:.1f} tokens/s, peak {rss:.0f} MB" if llama_rate else f"llama-finetune cannot train it ({why})"
-        ratio = f"{smelt_rate / llama_rate:.1f}x" if llama_rate else "-"
-        print(f"{name}: {llama}  |  smelt tune (LoRA r16) {smelt_rate:.1f} tokens/s, peak {srss:.0f} MB  |  {ratio}")
-        results.append({"model": name, "llama_tokens_per_s": llama_rate and round(llama_rate, 2), "llama_peak_mb": rss and round(rss), "llama_error": why,
-                        "smelt_tokens_per_s": smelt_rate, "smelt_peak_mb": round(srss), "ratio": llama_rate and round(smelt_rate / llama_rate, 2)})
+        for recompute in (False, True):
+            log, srss = timed([a.smelt, "tune", "-m", str(model), "--data", str(work / "train.jsonl"), "--out", str(work / f"{name}-lora.gguf"), "--epochs", "1",
+                               "--rank", "16", "--ctx", str(4 * a.ctx), "-t", str(a.threads), "--json", *(["--recompute"] if recompute else [])], work / f"smelt-{name}.log")
+            smelt_rate = float(re.search(r"\(([\d.]+) tokens/s", log).group(1))
+            llama = f"llama-finetune {llama_rate:.1f} tokens/s, peak {rss:.0f} MB" if llama_rate else f"llama-finetune cannot train it ({why})"
+            ratio = f"{smelt_rate / llama_rate:.1f}x" if llama_rate else "-"
+            what = "smelt tune --recompute" if recompute else "smelt tune"
+            print(f"{name}: {llama}  |  {what} (LoRA r16) {smelt_rate:.1f} tokens/s, peak {srss:.0f} MB  |  {ratio}")
+            results.append({"model": name, "recompute": recompute, "llama_tokens_per_s": llama_rate and round(llama_rate, 2), "llama_peak_mb": rss and round(rss), "llama_error": why,
+                            "smelt_tokens_per_s": smelt_rate, "smelt_peak_mb": round(srss), "ratio": llama_rate and round(smelt_rate / llama_rate, 2)})
     print(json.dumps({"cpu": cpu, "threads": a.threads, "ctx": a.ctx, "results": results}))
 
 

@@ -85,6 +85,10 @@ impl<T: Real> Lora<T> {
 pub struct Frozens {
     layers: Vec<[Frozen; 7]>,
     output: Frozen,
+    /// Keep only each layer's input in the forward pass and run the layer again in the backward
+    /// pass (activation recomputation): the memory of one layer's activations instead of all
+    /// of them, for about a third more compute, with the same gradients bit for bit.
+    pub recompute: bool,
 }
 
 impl Frozens {
@@ -118,7 +122,7 @@ impl Frozens {
         let mut it = made.into_iter().map(|(_, f)| f);
         let output = it.next().expect("the output matrix");
         let layers = (0..model.hp.n_layer).map(|_| std::array::from_fn(|_| it.next().expect("seven per layer"))).collect();
-        Frozens { layers, output }
+        Frozens { layers, output, recompute: false }
     }
 
     /// Bytes of the transposed copies.
@@ -312,8 +316,9 @@ pub fn forward_backward<T: Real>(model: &Model, frozen: &Frozens, pool: &ThreadP
     };
     let half = |il: usize| hp.rope[il].n_rot / 2;
     let act = spec.activation;
-    let mut caches: Vec<LayerCache<T>> = Vec::with_capacity(hp.n_layer);
-    for il in 0..hp.n_layer {
+    // One layer's forward pass from its input `x` (replaced by its output), keeping what the
+    // backward pass needs.
+    let layer_forward = |il: usize, x: &mut Vec<T>| -> LayerCache<T> {
         let w = model.layer(il);
         let fz = &frozen.layers[il];
         let pairs = &lora.layers[il];
@@ -384,7 +389,12 @@ pub fn forward_backward<T: Real>(model: &Model, frozen: &Frozens, pool: &ThreadP
         for (xv, dv) in x.iter_mut().zip(&dn) {
             *xv += *dv;
         }
-        caches.push(c);
+        c
+    };
+    let mut caches: Vec<LayerCache<T>> = Vec::with_capacity(hp.n_layer);
+    for il in 0..hp.n_layer {
+        let c = layer_forward(il, &mut x);
+        caches.push(if frozen.recompute && grad.is_some() { LayerCache { x_in: c.x_in, ..Default::default() } } else { c });
     }
     // Final norm, logits and loss, a few rows at a time; the gradient of the final hidden states.
     let mut hn = vec![T::default(); n * e];
@@ -410,7 +420,14 @@ pub fn forward_backward<T: Real>(model: &Model, frozen: &Frozens, pool: &ThreadP
     for il in (0..hp.n_layer).rev() {
         let w = model.layer(il);
         let fz = &frozen.layers[il];
-        let c = &caches[il];
+        let recomputed;
+        let c = if frozen.recompute {
+            let mut x_in = caches[il].x_in.clone();
+            recomputed = layer_forward(il, &mut x_in);
+            &recomputed
+        } else {
+            &caches[il]
+        };
         let pairs = &lora.layers[il];
         let gl = &mut grad.layers[il];
         // FFN: x_out = x_mid + post(down(act(gate(h2), up(h2)))).

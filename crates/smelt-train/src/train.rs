@@ -32,6 +32,10 @@ pub struct TuneConfig {
     pub seed: u64,
     /// Gradients with a larger global norm are scaled down to it (0: no clipping).
     pub clip: f32,
+    /// Recompute each layer's activations in the backward pass instead of keeping them
+    /// (less memory, about a third more compute, the same results).
+    #[serde(default)]
+    pub recompute: bool,
 }
 
 impl Default for TuneConfig {
@@ -49,6 +53,7 @@ impl Default for TuneConfig {
             weight_decay: 0.0,
             seed: 42,
             clip: 1.0,
+            recompute: false,
         }
     }
 }
@@ -189,7 +194,9 @@ impl<'m> Trainer<'m> {
         });
         let (m, v) = (lora.zeros_like(), lora.zeros_like());
         let plan = plan(train, &cfg);
-        Ok(Trainer { model, cfg, frozen: Frozens::new(model, true), pool, lora, m, v, step: 0, plan, history: Vec::new() })
+        let mut frozen = Frozens::new(model, true);
+        frozen.recompute = cfg.recompute;
+        Ok(Trainer { model, cfg, frozen, pool, lora, m, v, step: 0, plan, history: Vec::new() })
     }
 
     pub fn steps(&self) -> usize {
