@@ -240,6 +240,18 @@ pub fn describe(errors: &[crate::data::LineError], n: usize) -> String {
     format!("{} bad line(s): {}", errors.len(), msg.join("; "))
 }
 
+/// Claim `dir` for this process: a lock on `dir/lock`, held while the returned file is open.
+/// Two servers running jobs from one store would run each job twice; the second is refused.
+pub fn lock_dir(dir: &Path) -> std::io::Result<std::fs::File> {
+    std::fs::create_dir_all(dir)?;
+    let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("lock"))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(std::io::Error::other(format!("{} is in use by another smelt process", dir.display()))),
+        Err(std::fs::TryLockError::Error(e)) => Err(e),
+    }
+}
+
 impl JobStore {
     /// Open (or create) the store in `dir` and read what it holds.
     pub fn open(dir: &Path) -> std::io::Result<Arc<JobStore>> {

@@ -48,6 +48,11 @@ fn a_job_runs_to_a_served_adapter_and_the_store_survives_a_reopen() {
     let path = dir.with_extension("gguf");
     std::fs::write(&path, tiny_model(&TinySpec::new("llama")).to_bytes()).unwrap();
     let host = Arc::new(Host { model: Arc::new(Model::load(&path).unwrap()), published: Mutex::new(Vec::new()) });
+    let lock = jobs::lock_dir(&dir).unwrap();
+    let e = jobs::lock_dir(&dir).unwrap_err().to_string();
+    assert!(e.contains("in use by another smelt process"), "{e}");
+    drop(lock);
+    let _lock = jobs::lock_dir(&dir).unwrap();
     let store = JobStore::open(&dir).unwrap();
 
     // A bad upload is refused with every bad line named; nothing is stored.

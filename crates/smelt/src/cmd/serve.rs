@@ -154,7 +154,17 @@ pub fn run(mut a: Args) -> Result<()> {
     }
     let state = AppState::new(ServerConfig { keys: keys.map(Keys::new), max_body: a.max_body });
     let data_dir = a.data_dir.clone().unwrap_or_else(|| smelt_store::Store::from_env().root().join("server"));
-    let jobs = smelt_train::jobs::JobStore::open(&data_dir).with_context(|| format!("cannot open the job store in {}; pass --data-dir DIR", data_dir.display()))?;
+    // Files and fine-tuning jobs, unless another server already runs them from this directory.
+    let jobs = match smelt_train::jobs::lock_dir(&data_dir) {
+        Ok(lock) => {
+            let store = smelt_train::jobs::JobStore::open(&data_dir).with_context(|| format!("cannot open the job store in {}; pass --data-dir DIR", data_dir.display()))?;
+            Some((lock, store))
+        }
+        Err(e) => {
+            eprintln!("warning: fine-tuning is off: {e} (give this server its own --data-dir)");
+            None
+        }
+    };
     let train_threads = a.train_threads.unwrap_or_else(|| threads(a.threads));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
@@ -168,7 +178,11 @@ pub fn run(mut a: Args) -> Result<()> {
                 load_adapters(&entry, &loras)?;
                 loading.add_model(entry);
             }
-            smelt_server::fine_tuning::start(&loading, jobs, train_threads);
+            if let Some((lock, store)) = jobs {
+                smelt_server::fine_tuning::start(&loading, store, train_threads);
+                // The lock lasts as long as the process.
+                std::mem::forget(lock);
+            }
             loading.set_ready();
             eprintln!("ready");
             Ok(())
