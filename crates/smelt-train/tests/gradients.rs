@@ -148,7 +148,11 @@ fn tiny(arch: &'static str) -> Model {
     let mut spec = TinySpec::new(arch);
     spec.n_layer = 2;
     spec.window = 3;
-    let path = std::env::temp_dir().join(format!("smelt-grad-{arch}-{}.gguf", std::process::id()));
+    // A file of its own per call: tests run in parallel, and rewriting a file another test has
+    // mapped would pull its pages away (SIGBUS).
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = std::env::temp_dir().join(format!("smelt-grad-{arch}-{}-{k}.gguf", std::process::id()));
     std::fs::write(&path, tiny_model(&spec).to_bytes()).unwrap();
     let m = Model::load(&path).unwrap();
     let _ = std::fs::remove_file(&path);

@@ -13,7 +13,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 fn tiny(arch: &'static str) -> Model {
-    let path = std::env::temp_dir().join(format!("smelt-train-{arch}-{}.gguf", std::process::id()));
+    // A file of its own per call: tests run in parallel, and rewriting a file another test has
+    // mapped would pull its pages away (SIGBUS).
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let k = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = std::env::temp_dir().join(format!("smelt-train-{arch}-{}-{k}.gguf", std::process::id()));
     std::fs::write(&path, tiny_model(&TinySpec::new(arch)).to_bytes()).unwrap();
     let m = Model::load(&path).unwrap();
     let _ = std::fs::remove_file(&path);
