@@ -6,7 +6,7 @@
 
 use crate::arch::{Model, ModelError};
 use crate::gguf::{GgufFile, GgufWriter, TensorInfo};
-use crate::lora::Adapter;
+use crate::lora::{Adapter, LoraPair, Target};
 use smelt_kernels::formats::quantize::{can_quantize, quantize_weights};
 use smelt_kernels::formats::dequantize_row;
 use std::path::{Path, PathBuf};
@@ -40,13 +40,19 @@ struct Factors {
     factor: f32,
 }
 
-fn factors(file: &GgufFile, name: &str, scale: f32) -> Option<Factors> {
-    let h = &file.header;
-    let (ta, tb) = (h.tensor(&format!("{name}.lora_a"))?, h.tensor(&format!("{name}.lora_b"))?);
-    let rank = ta.dims[1] as usize;
-    let alpha = h.get_f32("adapter.lora.alpha").ok().flatten().unwrap_or(0.0);
-    let factor = scale * if alpha == 0.0 { 1.0 } else { alpha / rank as f32 };
-    Some(Factors { a: decode(file, ta), b: decode(file, tb), rank, factor })
+/// The pair of `adapter` that adapts the base tensor `name`, if any.
+fn pair_of<'a>(adapter: &'a Adapter, name: &str) -> Option<&'a LoraPair> {
+    if name == "output.weight" {
+        return adapter.output.as_ref();
+    }
+    let (il, rest) = name.strip_prefix("blk.")?.split_once('.')?;
+    let t = Target::ALL.into_iter().find(|t| rest.strip_suffix(".weight") == Some(t.tensor()))?;
+    adapter.pair(il.parse().ok()?, t)
+}
+
+fn factors(adapter: &Adapter, name: &str, scale: f32) -> Option<Factors> {
+    let p = pair_of(adapter, name)?;
+    Some(Factors { a: p.a.to_f32(), b: p.bt.b().to_f32(), rank: p.rank(), factor: scale * p.factor })
 }
 
 /// `w` [rows × cols] += Σ over adapters of factor · B · A.
@@ -70,14 +76,13 @@ fn add_deltas(w: &mut [f32], cols: usize, deltas: &[Factors]) {
 pub fn merge(base: &Path, adapters: &[(PathBuf, f32)], out: &Path, progress: &mut dyn FnMut(usize, usize)) -> Result<MergeStats, ModelError> {
     let model = Model::load(base)?;
     let file = GgufFile::open(base).map_err(|e| invalid(format!("{}: {e}", base.display())))?;
-    let mut files = Vec::new();
+    let mut loaded = Vec::new();
     for (path, scale) in adapters {
-        // The same checks as serving: architecture, names and shapes.
-        Adapter::load(path, &model, "merge")?;
         if !scale.is_finite() {
             return Err(invalid(format!("{}: the scale {scale} is not finite", path.display())));
         }
-        files.push((GgufFile::open(path).map_err(|e| invalid(format!("{}: {e}", path.display())))?, *scale));
+        // Loaded as for serving: architecture, names and shapes checked.
+        loaded.push((Adapter::load(path, &model, "merge")?, *scale));
     }
     let h = &file.header;
     let mut w = GgufWriter::default();
@@ -87,11 +92,11 @@ pub fn merge(base: &Path, adapters: &[(PathBuf, f32)], out: &Path, progress: &mu
             w.kv(k, v.clone());
         }
     }
-    let tied_output = h.tensor("output.weight").is_none() && files.iter().any(|(f, _)| f.header.tensor("output.weight.lora_a").is_some());
+    let tied_output = h.tensor("output.weight").is_none() && loaded.iter().any(|(a, _)| a.output.is_some());
     let total = h.tensors.len() + tied_output as usize;
     let mut stats = MergeStats::default();
     let emit = |name: &str, t: &TensorInfo, w: &mut GgufWriter, stats: &mut MergeStats| -> Result<(), ModelError> {
-        let deltas: Vec<Factors> = files.iter().filter_map(|(f, s)| factors(f, name, *s)).collect();
+        let deltas: Vec<Factors> = loaded.iter().filter_map(|(a, s)| factors(a, name, *s)).collect();
         if deltas.is_empty() {
             w.tensor(name, &t.dims, t.dtype, file.tensor_data(t).to_vec());
             return Ok(());

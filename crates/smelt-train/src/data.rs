@@ -73,48 +73,22 @@ fn template_message(i: usize, m: &Value) -> Result<(Value, bool), String> {
     Ok((out, role == "assistant" && weight))
 }
 
-/// Check one line's shape without a model: a JSON object with a well-formed non-empty
-/// `messages` array that has an assistant message to train on, or `prompt` and `completion`
-/// strings.
-pub fn check_line(line: &str) -> Result<(), String> {
+/// A line of a dataset, checked for shape: a chat with its messages normalized for the template
+/// (and whether each is trained on), or a prompt and completion.
+enum Line {
+    Chat { msgs: Vec<Value>, trained: Vec<bool>, tools: Option<Value> },
+    Completion { prompt: String, completion: String },
+}
+
+fn parse_line(line: &str) -> Result<Line, String> {
     let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
     if let Some(messages) = v.get("messages") {
         let messages = messages.as_array().filter(|m| !m.is_empty()).ok_or("\"messages\" must be a non-empty array")?;
-        if v.get("tools").is_some_and(|t| !t.is_array()) {
+        let tools = v.get("tools").cloned();
+        if tools.as_ref().is_some_and(|t| !t.is_array()) {
             return Err("\"tools\" must be an array".into());
         }
-        let mut trained = false;
-        for (i, m) in messages.iter().enumerate() {
-            trained |= template_message(i, m)?.1;
-        }
-        if !trained {
-            return Err("no assistant message to train on (all missing or weight 0)".into());
-        }
-        Ok(())
-    } else if let (Some(p), Some(c)) = (v.get("prompt"), v.get("completion")) {
-        match (p.as_str(), c.as_str()) {
-            (Some(_), Some("")) => Err("the completion is empty".into()),
-            (Some(_), Some(_)) => Ok(()),
-            _ => Err("\"prompt\" and \"completion\" must be strings".into()),
-        }
-    } else {
-        Err("expected {\"messages\": [...]} or {\"prompt\", \"completion\"}".into())
-    }
-}
-
-/// One line of a dataset as a training example for `model`, no longer than `max_tokens`.
-pub fn example(model: &Model, line: &str, max_tokens: usize) -> Result<Example, String> {
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
-    let tok = &model.tokenizer;
-    let (tokens, targets) = if let Some(messages) = v.get("messages") {
-        let messages = messages.as_array().filter(|m| !m.is_empty()).ok_or("\"messages\" must be a non-empty array")?;
-        let tools = v.get("tools");
-        if tools.is_some_and(|t| !t.is_array()) {
-            return Err("\"tools\" must be an array".into());
-        }
-        let template = model.chat_template().map_err(|e| e.to_string())?;
-        let mut msgs = Vec::new();
-        let mut trained = Vec::new();
+        let (mut msgs, mut trained) = (Vec::new(), Vec::new());
         for (i, m) in messages.iter().enumerate() {
             let (m, t) = template_message(i, m)?;
             msgs.push(m);
@@ -123,44 +97,66 @@ pub fn example(model: &Model, line: &str, max_tokens: usize) -> Result<Example, 
         if !trained.iter().any(|&t| t) {
             return Err("no assistant message to train on (all missing or weight 0)".into());
         }
-        // The conversation in pieces: the text before each assistant message (the template's
-        // prompt for it), and the message as the template renders it, end of turn included.
-        let render = |upto: usize, gen: bool| template.render(&Value::Array(msgs[..upto].to_vec()), tools, gen).map_err(|e| e.to_string());
-        let (mut tokens, mut targets_of) = (Vec::new(), Vec::new());
-        let mut done = String::new();
-        for (i, m) in msgs.iter().enumerate() {
-            if m["role"] != "assistant" {
-                continue;
-            }
-            let before = render(i, true)?;
-            let after = render(i + 1, false)?;
-            let (Some(prompt_part), true) = (before.strip_prefix(done.as_str()), after.starts_with(&before)) else {
-                return Err("the chat template does not render this conversation turn by turn; cannot tell the assistant's tokens apart".into());
-            };
-            let reply = &after[before.len()..];
-            for (text, train) in [(prompt_part, false), (reply, trained[i])] {
-                let ids = if tokens.is_empty() { tok.encode_prompt(text) } else { tok.encode(text, false, true) };
-                targets_of.extend(std::iter::repeat_n(train, ids.len()));
-                tokens.extend(ids);
-            }
-            done = after;
+        Ok(Line::Chat { msgs, trained, tools })
+    } else if let (Some(p), Some(c)) = (v.get("prompt"), v.get("completion")) {
+        match (p.as_str(), c.as_str()) {
+            (Some(_), Some("")) => Err("the completion is empty".into()),
+            (Some(p), Some(c)) => Ok(Line::Completion { prompt: p.to_string(), completion: c.to_string() }),
+            _ => Err("\"prompt\" and \"completion\" must be strings".into()),
         }
-        (tokens, targets_of)
-    } else if let (Some(prompt), Some(completion)) = (v.get("prompt"), v.get("completion")) {
-        let (Some(p), Some(c)) = (prompt.as_str(), completion.as_str()) else {
-            return Err("\"prompt\" and \"completion\" must be strings".into());
-        };
-        let mut tokens = tok.encode_prompt(p);
-        let n_prompt = tokens.len();
-        tokens.extend(tok.encode(c, false, true));
-        tokens.extend(tok.eos);
-        let n = tokens.len();
-        if n == n_prompt {
-            return Err("the completion is empty".into());
-        }
-        (tokens, (0..n).map(|i| i >= n_prompt).collect())
     } else {
-        return Err("expected {\"messages\": [...]} or {\"prompt\", \"completion\"}".into());
+        Err("expected {\"messages\": [...]} or {\"prompt\", \"completion\"}".into())
+    }
+}
+
+/// Check one line's shape without a model: a JSON object with a well-formed non-empty
+/// `messages` array that has an assistant message to train on, or `prompt` and `completion`
+/// strings.
+pub fn check_line(line: &str) -> Result<(), String> {
+    parse_line(line).map(|_| ())
+}
+
+/// One line of a dataset as a training example for `model`, no longer than `max_tokens`.
+pub fn example(model: &Model, line: &str, max_tokens: usize) -> Result<Example, String> {
+    let tok = &model.tokenizer;
+    let (tokens, targets) = match parse_line(line)? {
+        Line::Chat { msgs, trained, tools } => {
+            let template = model.chat_template().map_err(|e| e.to_string())?;
+            // The conversation in pieces: the text before each assistant message (the template's
+            // prompt for it), and the message as the template renders it, end of turn included.
+            let render = |upto: usize, gen: bool| template.render(&Value::Array(msgs[..upto].to_vec()), tools.as_ref(), gen).map_err(|e| e.to_string());
+            let (mut tokens, mut targets_of) = (Vec::new(), Vec::new());
+            let mut done = String::new();
+            for (i, m) in msgs.iter().enumerate() {
+                if m["role"] != "assistant" {
+                    continue;
+                }
+                let before = render(i, true)?;
+                let after = render(i + 1, false)?;
+                let (Some(prompt_part), true) = (before.strip_prefix(done.as_str()), after.starts_with(&before)) else {
+                    return Err("the chat template does not render this conversation turn by turn; cannot tell the assistant's tokens apart".into());
+                };
+                let reply = &after[before.len()..];
+                for (text, train) in [(prompt_part, false), (reply, trained[i])] {
+                    let ids = if tokens.is_empty() { tok.encode_prompt(text) } else { tok.encode(text, false, true) };
+                    targets_of.extend(std::iter::repeat_n(train, ids.len()));
+                    tokens.extend(ids);
+                }
+                done = after;
+            }
+            (tokens, targets_of)
+        }
+        Line::Completion { prompt, completion } => {
+            let mut tokens = tok.encode_prompt(&prompt);
+            let n_prompt = tokens.len();
+            tokens.extend(tok.encode(&completion, false, true));
+            tokens.extend(tok.eos);
+            let n = tokens.len();
+            if n == n_prompt {
+                return Err("the completion is empty".into());
+            }
+            (tokens, (0..n).map(|i| i >= n_prompt).collect())
+        }
     };
     if tokens.len() > max_tokens {
         return Err(format!("{} tokens, more than the context of {max_tokens} (raise --ctx or shorten it)", tokens.len()));
@@ -173,14 +169,19 @@ pub fn example(model: &Model, line: &str, max_tokens: usize) -> Result<Example, 
 /// Every line of a JSONL dataset as examples, or every bad line's error (blank lines are
 /// skipped; nothing else is).
 pub fn dataset(model: &Model, text: &str, max_tokens: usize) -> Result<Vec<Example>, Vec<LineError>> {
+    each_line(text, |line| example(model, line, max_tokens))
+}
+
+/// `f` of every non-blank line, or every line's error; a file without lines is an error too.
+pub fn each_line<T>(text: &str, f: impl Fn(&str) -> Result<T, String>) -> Result<Vec<T>, Vec<LineError>> {
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        match example(model, line, max_tokens) {
-            Ok(ex) => out.push(ex),
+        match f(line) {
+            Ok(v) => out.push(v),
             Err(message) => errors.push(LineError { line: i + 1, message }),
         }
     }

@@ -12,7 +12,7 @@
 //! The HTTP shapes are the records' own (serde), so the server adds no translation.
 
 use crate::model::Example;
-use crate::train::{plan, Trainer, TuneConfig};
+use crate::train::{write_atomic, Trainer, TuneConfig};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use smelt_kernels::pool::ThreadPool;
@@ -198,14 +198,6 @@ fn new_id(prefix: &str) -> String {
     format!("{prefix}{:016x}{:08x}", mix(), mix() as u32)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
     serde_json::from_slice(&std::fs::read(path).ok()?).ok()
 }
@@ -214,21 +206,7 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
 /// it): every line a JSON object with a well-formed `messages` array or `prompt`/`completion`
 /// strings. Returns the number of examples, or every bad line.
 pub fn check_file(text: &str) -> Result<usize, Vec<crate::data::LineError>> {
-    let mut n = 0;
-    let mut errors = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        match crate::data::check_line(line) {
-            Ok(()) => n += 1,
-            Err(message) => errors.push(crate::data::LineError { line: i + 1, message }),
-        }
-    }
-    if n == 0 && errors.is_empty() {
-        errors.push(crate::data::LineError { line: 0, message: "the file holds no examples".into() });
-    }
-    if errors.is_empty() { Ok(n) } else { Err(errors) }
+    crate::data::each_line(text, crate::data::check_line).map(|lines| lines.len())
 }
 
 /// At most `n` line errors as one message.
@@ -640,7 +618,6 @@ fn run_one(store: &JobStore, host: &dyn JobHost, pool: &ThreadPool, job: &Job) -
     let ft_name = format!("ft:{}:{}:{}", job.model, job.user_provided_suffix.clone().unwrap_or_default(), id);
     let started = Instant::now();
     let (mut tokens, mut last_ckpt) = (0usize, Instant::now());
-    let plan_epochs: Vec<usize> = plan(&train, &trainer.cfg).into_iter().map(|(e, _)| e).collect();
     while let Some(ev) = trainer.next_step(&train, &valid, started, &mut tokens) {
         let mut data = json!({"step": ev.step, "total_steps": ev.steps, "epoch": ev.epoch, "train_loss": ev.train_loss, "learning_rate": ev.lr, "tokens_per_second": ev.tokens_per_s});
         if let Some(v) = ev.valid_loss {
@@ -650,7 +627,7 @@ fn run_one(store: &JobStore, host: &dyn JobHost, pool: &ThreadPool, job: &Job) -
         if store.cancelled(id) {
             return Ok(());
         }
-        let epoch_end = plan_epochs.get(ev.step).is_none_or(|&e| e + 1 != ev.epoch);
+        let epoch_end = ev.epoch_end;
         if epoch_end || last_ckpt.elapsed() >= CHECKPOINT_EVERY {
             trainer.save_checkpoint(&ckpt, Value::Null).map_err(|e| format!("cannot write a checkpoint: {e}"))?;
             last_ckpt = Instant::now();

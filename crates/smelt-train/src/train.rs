@@ -102,6 +102,8 @@ pub struct StepEvent {
     /// Mean validation loss, when this step ended an epoch (or the run) and there is a
     /// validation set.
     pub valid_loss: Option<f64>,
+    /// This step was the last of its epoch.
+    pub epoch_end: bool,
     pub lr: f64,
     pub tokens: usize,
     pub tokens_per_s: f64,
@@ -263,7 +265,7 @@ impl<'m> Trainer<'m> {
         let elapsed = started.elapsed().as_secs_f64();
         let rate = *tokens_before as f64 / elapsed.max(1e-9);
         let left: usize = self.plan[self.step..].iter().flat_map(|(_, ix)| ix.iter().map(|&i| train[i].tokens.len())).sum();
-        Some(StepEvent { step: self.step, steps: self.plan.len(), epoch: epoch + 1, epochs: self.cfg.epochs, train_loss, valid_loss, lr, tokens, tokens_per_s: rate, elapsed_s: elapsed, eta_s: left as f64 / rate.max(1e-9) })
+        Some(StepEvent { step: self.step, steps: self.plan.len(), epoch: epoch + 1, epochs: self.cfg.epochs, train_loss, valid_loss, epoch_end: last_of_epoch, lr, tokens, tokens_per_s: rate, elapsed_s: elapsed, eta_s: left as f64 / rate.max(1e-9) })
     }
 
     /// The factors as an adapter (f32), named `name`.
@@ -328,7 +330,9 @@ impl<'m> Trainer<'m> {
     }
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Write `bytes` to a temporary file, sync it and rename it over `path`: a crash leaves the old
+/// file or the new one.
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::File::create(&tmp)?;
