@@ -8,8 +8,10 @@
 //! its reply says so — the server answers the client only after that, so a request that got a
 //! complete response survives a crash of the process.
 
+mod export;
 mod query;
 
+pub use export::training_line;
 pub use query::{Query, Rated};
 
 use rusqlite::{params, Connection, OptionalExtension};

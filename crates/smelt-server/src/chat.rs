@@ -4,7 +4,7 @@ use crate::error::ApiError;
 use crate::generation::{check_context, collect, finish_reason, new_id, now_secs, plan, submit, token_text, Choice, Timing};
 use crate::state::{AppState, ModelEntry, Resolved};
 use crate::types::{ChatMessage, ChatRequest, Content, Usage};
-use crate::{parse_json, sse_response, structured, tools};
+use crate::{parse_json, sse_response, stored, structured, tools};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::Extension;
@@ -91,6 +91,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
     let start = Instant::now();
     let req: ChatRequest = parse_json(&body)?;
     let Resolved { entry, lora, id: model_id, .. } = state.resolve(req.model.as_deref())?;
+    let to_store = stored::plan(&state, &meter, &body, &req, start)?;
     let model = &entry.engine.model;
     let want_logprobs = req.logprobs.unwrap_or(false);
     let top = match (want_logprobs, req.top_logprobs) {
@@ -135,7 +136,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
     let created = now_secs();
     if plan.stream {
         let opts = StreamOpts { n: plan.n, prompt_tokens: prompt.len(), want_logprobs, include_usage: plan.include_usage, id, created, start, model: model_id };
-        return Ok(stream(state, entry, rx, opts, tools, bill));
+        return Ok(stream(state, entry, rx, opts, tools, bill, to_store));
     }
     let choices = collect(&state, rx, plan.n, start).await?;
     let completion: usize = choices.iter().filter_map(|c| c.summary.as_ref()).map(|s| s.completion_tokens).sum();
@@ -162,7 +163,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
     let cached: usize = choices.first().and_then(|c| c.summary.as_ref()).map(|s| s.cached_tokens).unwrap_or(0);
     let mut usage = json!(Usage::new(prompt.len(), completion));
     usage["prompt_tokens_details"] = json!({"cached_tokens": cached});
-    Ok(axum::Json(json!({
+    let response = json!({
         "id": id,
         "object": "chat.completion",
         "created": created,
@@ -170,8 +171,11 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
         "system_fingerprint": concat!("smelt-", env!("CARGO_PKG_VERSION")),
         "choices": out,
         "usage": usage,
-    }))
-    .into_response())
+    });
+    if let Some(s) = to_store {
+        s.save(&response).await;
+    }
+    Ok(axum::Json(response).into_response())
 }
 
 /// Where a streamed reply goes and what it reports.
@@ -199,7 +203,7 @@ fn add_system_text(messages: &mut Value, text: &str) {
     }
 }
 
-fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>, o: StreamOpts, tools: Option<tools::ToolSetup>, bill: Bill) -> Response {
+fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>, o: StreamOpts, tools: Option<tools::ToolSetup>, bill: Bill, to_store: Option<stored::ToStore>) -> Response {
     let StreamOpts { n, prompt_tokens, want_logprobs, include_usage, id, created, start, model: model_id } = o;
     let (tx, out) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
@@ -219,6 +223,7 @@ fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::syn
             }
         }
         let mut timing = Timing::new(start, n);
+        let mut assembly = to_store.as_ref().map(|_| stored::Assembly::new(n));
         let (mut done, mut completion) = (0, 0);
         let mut parsers: Vec<Option<tools::CallParser>> = (0..n).map(|_| tools.as_ref().map(tools::CallParser::new)).collect();
         // Pieces of one choice as delta chunks: content, or a call (its header, then arguments).
@@ -253,6 +258,9 @@ fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::syn
                         None if step.text.is_empty() => vec![],
                         None => vec![json!({"content": step.text})],
                     };
+                    if let Some(a) = assembly.as_mut() {
+                        ds.iter().for_each(|d| a.delta(i, d));
+                    }
                     if ds.is_empty() && want_logprobs {
                         vec![chunk(json!([{"index": i, "delta": {}, "logprobs": lp, "finish_reason": null}]))]
                     } else {
@@ -268,11 +276,17 @@ fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::syn
                         let before = p.calls;
                         let pieces = p.finish();
                         for d in deltas(pieces, before) {
+                            if let Some(a) = assembly.as_mut() {
+                                a.delta(i, &d);
+                            }
                             msgs.push(chunk(json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": null}])));
                         }
                         if p.calls > 0 {
                             finish = "tool_calls";
                         }
+                    }
+                    if let Some(a) = assembly.as_mut() {
+                        a.finish(i, finish);
                     }
                     msgs.push(chunk(json!([{"index": i, "delta": {}, "logprobs": null, "finish_reason": finish}])));
                     msgs
@@ -288,6 +302,10 @@ fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::syn
                     return;
                 }
             }
+        }
+        // Stored before the stream ends: a client that saw [DONE] finds its completion stored.
+        if let (Some(s), Some(a)) = (to_store, assembly) {
+            s.save(&a.response(&id, created, &model_id, json!(Usage::new(prompt_tokens, completion)))).await;
         }
         if include_usage {
             let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model_id, "choices": [], "usage": Usage::new(prompt_tokens, completion)});

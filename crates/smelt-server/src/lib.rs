@@ -15,12 +15,13 @@ pub mod keys;
 mod metrics;
 mod misc;
 mod sink;
+mod stored;
 mod structured;
 mod tools;
 pub mod state;
 mod types;
 
-pub use state::{AppState, ModelEntry, ServerConfig};
+pub use state::{AppState, ModelEntry, ServerConfig, Storage};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -213,7 +214,10 @@ async fn method_not_allowed() -> Response {
 /// The whole API.
 pub fn app(state: AppState) -> Router {
     Router::new()
-        .route("/v1/chat/completions", post(chat::handler))
+        .route("/v1/chat/completions", post(chat::handler).get(stored::list))
+        .route("/v1/chat/completions/{id}", get(stored::retrieve).post(stored::update).delete(stored::delete))
+        .route("/v1/chat/completions/{id}/messages", get(stored::messages))
+        .route("/v1/chat/completions/{id}/feedback", post(stored::feedback))
         .route("/v1/completions", post(completions::handler))
         .route("/v1/embeddings", post(embeddings::handler))
         .route("/v1/models", get(misc::list_models))

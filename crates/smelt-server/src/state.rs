@@ -70,6 +70,16 @@ struct Inner {
     metrics: Metrics,
     /// Files and fine-tuning jobs, when the server keeps them.
     jobs: std::sync::OnceLock<Arc<smelt_train::jobs::JobStore>>,
+    /// Stored chat completions and feedback, when the server keeps them.
+    records: std::sync::OnceLock<Storage>,
+}
+
+/// Where chat completions are stored, and which.
+#[derive(Clone)]
+pub struct Storage {
+    pub records: smelt_records::Records,
+    /// Store every chat completion, not only those that ask (`store: true`).
+    pub all: bool,
 }
 
 #[derive(Clone)]
@@ -77,7 +87,7 @@ pub struct AppState(Arc<Inner>);
 
 impl AppState {
     pub fn new(config: ServerConfig) -> AppState {
-        AppState(Arc::new(Inner { models: RwLock::new(Vec::new()), ready: AtomicBool::new(false), config, metrics: Metrics::default(), jobs: std::sync::OnceLock::new() }))
+        AppState(Arc::new(Inner { models: RwLock::new(Vec::new()), ready: AtomicBool::new(false), config, metrics: Metrics::default(), jobs: std::sync::OnceLock::new(), records: std::sync::OnceLock::new() }))
     }
 
     pub fn add_model(&self, entry: ModelEntry) {
@@ -103,6 +113,14 @@ impl AppState {
 
     pub fn jobs(&self) -> Option<Arc<smelt_train::jobs::JobStore>> {
         self.0.jobs.get().cloned()
+    }
+
+    pub fn set_storage(&self, storage: Storage) {
+        let _ = self.0.records.set(storage);
+    }
+
+    pub fn storage(&self) -> Option<&Storage> {
+        self.0.records.get()
     }
 
     pub fn metrics(&self) -> &Metrics {

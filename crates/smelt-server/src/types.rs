@@ -90,6 +90,11 @@ pub struct ChatRequest {
     pub tool_choice: Option<serde_json::Value>,
     pub parallel_tool_calls: Option<bool>,
     pub response_format: Option<serde_json::Value>,
+    /// Keep the completion (stored completions API).
+    pub store: Option<bool>,
+    /// Up to 16 string pairs stored with the completion.
+    pub metadata: Option<serde_json::Value>,
+    pub user: Option<String>,
 }
 
 /// A prompt or embedding input: text, texts, token ids, or lists of token ids.

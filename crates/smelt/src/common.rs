@@ -67,6 +67,30 @@ pub fn model_path(model: &str) -> Result<PathBuf> {
     }
 }
 
+/// The default database of stored completions: `$SMELT_HOME/smelt.db`.
+pub fn default_database() -> PathBuf {
+    Store::from_env().root().join("smelt.db")
+}
+
+/// A duration such as `30d`, `12h`, `90m` or `45s`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?} (use e.g. 30d, 12h, 90m, 45s)"))?;
+    let secs = match unit {
+        "d" => 86_400,
+        "h" => 3_600,
+        "m" => 60,
+        "s" | "" => 1,
+        _ => return Err(format!("bad duration unit in {s:?} (d, h, m or s)")),
+    };
+    if n == 0 {
+        return Err(format!("duration must be positive, got {s:?}"));
+    }
+    n.checked_mul(secs).map(std::time::Duration::from_secs).ok_or_else(|| format!("duration {s:?} is too long"))
+}
+
 pub fn threads(requested: Option<usize>) -> usize {
     requested.filter(|&t| t > 0).unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }

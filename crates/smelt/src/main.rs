@@ -28,6 +28,9 @@ enum Command {
     Tune(cmd::tune::Args),
     /// Fold LoRA adapters into a new GGUF model (re-quantized to the base's formats).
     Merge(cmd::merge::Args),
+    /// Stored chat completions and feedback: export them as training data.
+    #[command(subcommand)]
+    Data(cmd::data::Command),
     /// Download a model into the local store.
     Pull(cmd::store::PullArgs),
     /// List the models in the local store.
@@ -46,6 +49,7 @@ fn main() {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Tune(a) => cmd::tune::run(a),
         Command::Merge(a) => cmd::merge::run(a),
+        Command::Data(c) => cmd::data::run(c),
         Command::Pull(a) => cmd::store::pull(a),
         Command::List(a) => cmd::store::list(a),
         Command::Rm(a) => cmd::store::rm(a),

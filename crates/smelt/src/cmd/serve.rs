@@ -1,6 +1,6 @@
 //! `smelt serve`: the OpenAI-compatible HTTP server.
 
-use crate::common::{model_path, threads};
+use crate::common::{default_database, model_path, parse_duration, threads};
 use anyhow::{Context, Result};
 use smelt_engine::scheduler::{Engine, EngineConfig};
 use smelt_kernels::pool::ThreadPool;
@@ -60,6 +60,16 @@ pub struct Args {
     /// Threads for fine-tuning jobs, at the lowest CPU priority (default: --threads).
     #[arg(long)]
     train_threads: Option<usize>,
+    /// Which chat completions to keep in the database: those sent with `store: true`
+    /// (request), every one (all), or none (off).
+    #[arg(long, default_value = "request", value_parser = ["request", "all", "off"])]
+    store: String,
+    /// The database of stored completions and feedback (default: $SMELT_HOME/smelt.db).
+    #[arg(long, value_name = "PATH")]
+    database: Option<std::path::PathBuf>,
+    /// Delete stored completions older than this (e.g. 30d, 12h); default: keep them.
+    #[arg(long, value_name = "AGE", value_parser = parse_duration)]
+    store_retention: Option<std::time::Duration>,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -153,6 +163,12 @@ pub fn run(mut a: Args) -> Result<()> {
         eprintln!("{} API key(s), {limited} with limits", keys.len());
     }
     let state = AppState::new(ServerConfig { keys: keys.map(Keys::new), max_body: a.max_body });
+    if a.store != "off" {
+        let path = a.database.clone().unwrap_or_else(default_database);
+        let records = smelt_records::Records::open(&path, a.store_retention).with_context(|| format!("cannot open the database {}; pass --database PATH or --store off", path.display()))?;
+        eprintln!("storing {} chat completions in {}", if a.store == "all" { "all" } else { "requested (store: true)" }, path.display());
+        state.set_storage(smelt_server::Storage { records, all: a.store == "all" });
+    }
     let data_dir = a.data_dir.clone().unwrap_or_else(|| smelt_store::Store::from_env().root().join("server"));
     // Files and fine-tuning jobs, unless another server already runs them from this directory.
     let jobs = match smelt_train::jobs::lock_dir(&data_dir) {
