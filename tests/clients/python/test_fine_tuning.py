@@ -3,21 +3,13 @@ killed and restarted mid-job): files.create → fine_tuning.jobs.create → poll
 list_events → chat with job.fine_tuned_model. The Rust test `server_clients` passes the binary
 (SMELT_BIN); the job trains the real chat model on a small set of made-up facts."""
 import json
-import os
 import pathlib
-import signal
-import subprocess
 import tempfile
-import threading
-import time
-import urllib.request
 
 import openai
 import pytest
 
-from conftest import CHAT_MODEL
-
-SMELT = os.environ.get("SMELT_BIN")
+from conftest import CHAT_MODEL, SMELT, Server, wait_for
 pytestmark = pytest.mark.skipif(not SMELT, reason="needs SMELT_BIN (the Rust test server_clients sets it)")
 
 # Made-up facts the base model cannot know, each asked in two wordings.
@@ -37,49 +29,9 @@ def dataset():
     return "\n".join(json.dumps(l) for l in lines) + "\n"
 
 
-class Server:
-    """`smelt serve` with its job store in `data_dir`; its log is kept for failures."""
-
-    def __init__(self, data_dir):
-        self.proc = subprocess.Popen([SMELT, "serve", "-m", CHAT_MODEL, "--port", "0", "-t", "2", "--kv-memory", "256M", "--data-dir", str(data_dir)],
-                                     stderr=subprocess.PIPE, text=True)
-        self.log = []
-        for line in self.proc.stderr:
-            self.log.append(line)
-            if line.startswith("listening on "):
-                self.url = line.split()[2]
-                break
-        else:
-            raise RuntimeError("server exited before listening:\n" + "".join(self.log))
-        threading.Thread(target=lambda: self.log.extend(self.proc.stderr), daemon=True).start()
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(self.url + "/health") as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.2)
-        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=600)
-
-    def kill(self):
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-
-def wait_for(what, cond, timeout=600):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.5)
-    raise AssertionError("timed out waiting for " + what)
-
-
 def test_fine_tuning_api_end_to_end_with_a_restart_mid_job():
     data_dir = pathlib.Path(tempfile.mkdtemp(prefix="smelt-ft-"))
-    server = Server(data_dir)
+    server = Server(["--data-dir", str(data_dir)])
     try:
         client = server.client
         # Uploads are checked line by line; a bad file is refused, naming the line.
@@ -122,7 +74,7 @@ def test_fine_tuning_api_end_to_end_with_a_restart_mid_job():
         server.kill()
         raise
 
-    server = Server(data_dir)
+    server = Server(["--data-dir", str(data_dir)])
     try:
         client = server.client
         done = wait_for("the job to finish", lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed", "cancelled") and j)
