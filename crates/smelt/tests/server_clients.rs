@@ -36,8 +36,10 @@ fn adapter_file() -> PathBuf {
 /// its base URL once /health says ready.
 fn start(adapter: &std::path::Path) -> (Server, String) {
     let lora = format!("rnd={}", adapter.display());
+    let database = std::env::temp_dir().join(format!("smelt-clients-{}.db", std::process::id()));
     let mut child = Command::new(env!("CARGO_BIN_EXE_smelt"))
-        .args(["serve", "-m", "qwen2.5-coder-0.5b-instruct", "-m", "gemma-3-270m", "--port", "0", "-t", "2", "--kv-memory", "512M", "--max-batch", "32", "--queue", "128", "--lora", &lora])
+        .args(["serve", "-m", "qwen2.5-coder-0.5b-instruct", "-m", "gemma-3-270m", "--port", "0", "-t", "2", "--kv-memory", "512M", "--max-batch", "32", "--queue", "128", "--lora", &lora, "--database"])
+        .arg(&database)
         .stderr(Stdio::piped())
         .spawn()
         .expect("starting smelt serve");

@@ -5,6 +5,7 @@ import os
 import pathlib
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 import urllib.request
@@ -39,6 +40,8 @@ class Server:
     failures."""
 
     def __init__(self, args, api_key="none"):
+        if "--database" not in args:
+            args = [*args, "--database", tempfile.mkdtemp(prefix="smelt-db-") + "/smelt.db"]
         self.proc = subprocess.Popen([SMELT, "serve", "-m", CHAT_MODEL, "--port", "0", "-t", "2", "--kv-memory", "256M", *args],
                                      stderr=subprocess.PIPE, text=True)
         self.log = []

@@ -10,7 +10,6 @@ import tempfile
 import threading
 import time
 
-import httpx
 import openai
 import pytest
 
@@ -174,7 +173,7 @@ def test_sigkill_under_load_loses_no_answered_completion():
                 if rid:
                     with lock:
                         answered.append(rid)
-            except (openai.APIError, httpx.HTTPError):
+            except (openai.APIError, OSError):
                 pass  # the kill cuts requests off; those were not answered
             i += 1
 
