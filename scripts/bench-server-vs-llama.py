@@ -2,6 +2,7 @@
 """llama.cpp's llama-server and `smelt serve`, side by side on the same model and threads.
 
 usage: scripts/bench-server-vs-llama.py [--threads 2] [--requests 8] [--max-tokens 128] [MODEL ...]
+       scripts/bench-server-vs-llama.py --store-cost [--rounds 3] [MODEL ...]
 
 For each model and server it measures, with streaming chat requests:
   - 1 client, then 8 concurrent clients: aggregate generated tokens/s, mean and p95 request
@@ -13,6 +14,10 @@ issue's reference numbers. smelt's single-client requests alternate with `smelt 
 repetitions, so the two are compared on the machine in the same state. llama-server is found
 through $LLAMA_SERVER (or next to $LLAMA_BENCH, or ~/.cache/smelt-ref/llama.cpp/bin);
 scripts/build-llama-cpp.sh builds it.
+
+--store-cost measures what stored completions cost instead: smelt alone at 8 clients, with
+`--store off` and `--store all` alternating for --rounds rounds (each mode a fresh server, the
+database in a temporary directory), and prints both throughputs and their ratio.
 """
 import argparse
 import json
@@ -22,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -60,12 +66,12 @@ def wait_ready(url, proc, timeout=600):
     sys.exit("server did not become ready")
 
 
-def start(kind, path, name, threads, parallel, ctx):
+def start(kind, path, name, threads, parallel, ctx, extra=()):
     port = free_port()
     if kind == "llama.cpp":
         cmd = [find_llama_server(), "-m", path, "-t", str(threads), "-tb", str(threads), "-np", str(parallel), "-c", str(ctx * parallel), "--port", str(port), "--host", "127.0.0.1", "--no-webui"]
     else:
-        cmd = [os.path.join(ROOT, "target/release/smelt"), "serve", "-m", name, "-t", str(threads), "--ctx", str(ctx), "--max-batch", str(max(parallel, 8)), "--port", str(port)]
+        cmd = [os.path.join(ROOT, "target/release/smelt"), "serve", "-m", name, "-t", str(threads), "--ctx", str(ctx), "--max-batch", str(max(parallel, 8)), "--port", str(port), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, proc)
@@ -164,6 +170,28 @@ def doc_ttft(url, model, doc):
     return cold, warm
 
 
+def store_cost(a, smelt):
+    """8-client throughput with stored completions off and on, alternating."""
+    for name in a.models:
+        path = subprocess.run([smelt, "pull", name], check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        tps = {"off": [], "all": []}
+        for r in range(a.rounds):
+            for mode in ("off", "all"):
+                db = os.path.join(tempfile.mkdtemp(prefix="smelt-store-cost-"), "smelt.db")
+                extra = ["--store", mode, "--database", db, "--data-dir", os.path.dirname(db)]
+                proc, url = start("smelt", path, name, a.threads, 8, a.ctx, extra)
+                try:
+                    clients(url, name, 8, 1, 8)  # warm up
+                    tps[mode].append(clients(url, name, 8, a.requests, a.max_tokens)["tps"])
+                finally:
+                    proc.terminate()
+                    proc.wait()
+                print(f"{name}: round {r + 1} --store {mode}: {tps[mode][-1]:.1f} t/s", file=sys.stderr, flush=True)
+        off, on = statistics.mean(tps["off"]), statistics.mean(tps["all"])
+        print(f"{name}: 8 clients x {a.requests} requests x {a.max_tokens} tokens, {a.threads} threads, {a.rounds} rounds: "
+              f"--store off {off:.1f} t/s, --store all {on:.1f} t/s; storing costs {100 * (1 - on / off):.1f}%")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="*", default=["gemma-3-270m", "qwen2.5-coder-0.5b-instruct"])
@@ -171,10 +199,14 @@ def main():
     ap.add_argument("--requests", type=int, default=4, help="requests per client")
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--store-cost", action="store_true", help="measure stored completions' cost on smelt instead")
+    ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     smelt = os.path.join(ROOT, "target/release/smelt")
     if not os.path.exists(smelt):
         subprocess.run(["cargo", "build", "--release", "-p", "smelt"], check=True, cwd=ROOT)
+    if a.store_cost:
+        return store_cost(a, smelt)
     rows = []
     bench = {}
     doc_tokens = {}

@@ -4,7 +4,8 @@ use crate::error::ApiError;
 use crate::generation::{check_context, collect, finish_reason, new_id, now_secs, plan, submit, token_text, Choice, Timing};
 use crate::state::{AppState, ModelEntry, Resolved};
 use crate::types::{ChatMessage, ChatRequest, Content, Usage};
-use crate::{parse_json, sse_response, stored, structured, tools};
+use crate::{guard, parse_json, sse_response, stored, structured, tools};
+use smelt_guard::StreamGuard;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::Extension;
@@ -89,6 +90,10 @@ fn logprob_entry(entry: &ModelEntry, step: &Step) -> Value {
 
 pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<Meter>, body: Bytes) -> Result<Response, ApiError> {
     let start = Instant::now();
+    let policy = state.guard();
+    // Guardrails see the request first: a blocked one goes no further, a redacted one is what
+    // the model (and the store) gets.
+    let body = guard::guard_request(&policy.input, &body)?.unwrap_or(body);
     let req: ChatRequest = parse_json(&body)?;
     let Resolved { entry, lora, id: model_id, .. } = state.resolve(req.model.as_deref())?;
     let to_store = stored::plan(&state, &meter, &body, &req, start)?;
@@ -136,7 +141,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
     let created = now_secs();
     if plan.stream {
         let opts = StreamOpts { n: plan.n, prompt_tokens: prompt.len(), want_logprobs, include_usage: plan.include_usage, id, created, start, model: model_id };
-        return Ok(stream(state, entry, rx, opts, tools, bill, to_store));
+        return Ok(stream(state, entry, rx, opts, tools, bill, to_store, policy.output));
     }
     let choices = collect(&state, rx, plan.n, start).await?;
     let completion: usize = choices.iter().filter_map(|c| c.summary.as_ref()).map(|s| s.completion_tokens).sum();
@@ -147,15 +152,25 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
         .map(|(i, c): (usize, &Choice)| {
             let s = c.summary.as_ref().map(|s| s.finish).unwrap_or(smelt_engine::FinishReason::Length);
             let logprobs = if want_logprobs { json!({"content": c.steps.iter().map(|st| logprob_entry(&entry, st)).collect::<Vec<_>>()}) } else { Value::Null };
-            let (content, calls) = match &tools {
+            let (mut content, calls) = match &tools {
                 Some(t) => tools::parse(t, &c.text),
                 None => (Some(c.text.clone()), Vec::new()),
             };
-            let mut message = json!({"role": "assistant", "content": content});
             let mut finish = finish_reason(s);
+            if let (Some(text), false) = (content.as_mut(), policy.output.is_empty()) {
+                let mut g = StreamGuard::new(policy.output.clone());
+                let (a, b) = (g.push(text), g.finish());
+                *text = a.text + &b.text;
+                if a.blocked.or(b.blocked).is_some() {
+                    finish = "content_filter";
+                }
+            }
+            let mut message = json!({"role": "assistant", "content": content});
             if !calls.is_empty() {
                 message["tool_calls"] = calls.iter().map(|c| json!({"id": tools::call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}})).collect();
-                finish = "tool_calls";
+                if finish != "content_filter" {
+                    finish = "tool_calls";
+                }
             }
             json!({"index": i, "message": message, "logprobs": logprobs, "finish_reason": finish})
         })
@@ -191,6 +206,43 @@ struct StreamOpts {
     model: String,
 }
 
+/// Pass a choice's pieces through its output guard: text is redacted (held back while a match
+/// may be in progress); after a block nothing more goes out. `last`: the choice is done.
+fn screen(guard: &mut Option<StreamGuard>, cut: &mut bool, pieces: Vec<tools::Piece>, last: bool) -> Vec<tools::Piece> {
+    if *cut {
+        return Vec::new();
+    }
+    let Some(g) = guard.as_mut() else { return pieces };
+    let mut out = Vec::new();
+    let release = |r: smelt_guard::Released, out: &mut Vec<tools::Piece>| {
+        out.push(tools::Piece::Text(r.text));
+        r.blocked.is_some()
+    };
+    for p in pieces {
+        match p {
+            tools::Piece::Text(t) => {
+                if release(g.push(&t), &mut out) {
+                    *cut = true;
+                    return out;
+                }
+            }
+            call => {
+                // Text before a call is complete: release it first.
+                if release(g.finish(), &mut out) {
+                    *cut = true;
+                    return out;
+                }
+                *g = StreamGuard::new(g.rules().clone());
+                out.push(call);
+            }
+        }
+    }
+    if last && release(g.finish(), &mut out) {
+        *cut = true;
+    }
+    out
+}
+
 /// Put `text` into the system message (made first when there is none).
 fn add_system_text(messages: &mut Value, text: &str) {
     let Some(list) = messages.as_array_mut() else { return };
@@ -203,7 +255,7 @@ fn add_system_text(messages: &mut Value, text: &str) {
     }
 }
 
-fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>, o: StreamOpts, tools: Option<tools::ToolSetup>, bill: Bill, to_store: Option<stored::ToStore>) -> Response {
+fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::sync::mpsc::UnboundedReceiver<(usize, Event)>, o: StreamOpts, tools: Option<tools::ToolSetup>, bill: Bill, to_store: Option<stored::ToStore>, output: smelt_guard::Rules) -> Response {
     let StreamOpts { n, prompt_tokens, want_logprobs, include_usage, id, created, start, model: model_id } = o;
     let (tx, out) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
@@ -226,12 +278,16 @@ fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::syn
         let mut assembly = to_store.as_ref().map(|_| stored::Assembly::new(n));
         let (mut done, mut completion) = (0, 0);
         let mut parsers: Vec<Option<tools::CallParser>> = (0..n).map(|_| tools.as_ref().map(tools::CallParser::new)).collect();
+        // Output guardrails per choice; `cut` once a choice was blocked (nothing more is sent).
+        let mut guards: Vec<Option<StreamGuard>> = (0..n).map(|_| (!output.is_empty()).then(|| StreamGuard::new(output.clone()))).collect();
+        let mut cut = vec![false; n];
         // Pieces of one choice as delta chunks: content, or a call (its header, then arguments).
         let deltas = |pieces: Vec<tools::Piece>, calls_before: usize| -> Vec<Value> {
             let mut k = calls_before;
             let mut out = Vec::new();
             for p in pieces {
                 match p {
+                    tools::Piece::Text(t) if t.is_empty() => {}
                     tools::Piece::Text(t) => out.push(json!({"content": t})),
                     tools::Piece::Call(c) => {
                         out.push(json!({"tool_calls": [{"index": k, "id": tools::call_id(), "type": "function", "function": {"name": c.name, "arguments": ""}}]}));
@@ -249,19 +305,16 @@ fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::syn
                     timing.token(&state, i);
                     bill.tokens += 1;
                     let lp = if want_logprobs { json!({"content": [logprob_entry(&entry, &step)]}) } else { Value::Null };
-                    let ds = match parsers[i].as_mut() {
-                        Some(p) => {
-                            let before = p.calls;
-                            let pieces = p.push(&step.text);
-                            deltas(pieces, before)
-                        }
-                        None if step.text.is_empty() => vec![],
-                        None => vec![json!({"content": step.text})],
+                    let before = parsers[i].as_ref().map_or(0, |p| p.calls);
+                    let pieces = match parsers[i].as_mut() {
+                        Some(p) => p.push(&step.text),
+                        None => vec![tools::Piece::Text(step.text.clone())],
                     };
+                    let ds = deltas(screen(&mut guards[i], &mut cut[i], pieces, false), before);
                     if let Some(a) = assembly.as_mut() {
                         ds.iter().for_each(|d| a.delta(i, d));
                     }
-                    if ds.is_empty() && want_logprobs {
+                    if ds.is_empty() && want_logprobs && !cut[i] {
                         vec![chunk(json!([{"index": i, "delta": {}, "logprobs": lp, "finish_reason": null}]))]
                     } else {
                         ds.into_iter().enumerate().map(|(k, d)| chunk(json!([{"index": i, "delta": d, "logprobs": if k == 0 { lp.clone() } else { Value::Null }, "finish_reason": null}]))).collect()
@@ -272,18 +325,20 @@ fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::syn
                     completion += s.completion_tokens;
                     let mut msgs = Vec::new();
                     let mut finish = finish_reason(s.finish);
-                    if let Some(p) = parsers[i].as_mut() {
-                        let before = p.calls;
-                        let pieces = p.finish();
-                        for d in deltas(pieces, before) {
-                            if let Some(a) = assembly.as_mut() {
-                                a.delta(i, &d);
-                            }
-                            msgs.push(chunk(json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": null}])));
+                    let before = parsers[i].as_ref().map_or(0, |p| p.calls);
+                    let pieces = parsers[i].as_mut().map(|p| p.finish()).unwrap_or_default();
+                    let pieces = screen(&mut guards[i], &mut cut[i], pieces, true);
+                    for d in deltas(pieces, before) {
+                        if let Some(a) = assembly.as_mut() {
+                            a.delta(i, &d);
                         }
-                        if p.calls > 0 {
-                            finish = "tool_calls";
-                        }
+                        msgs.push(chunk(json!([{"index": i, "delta": d, "logprobs": null, "finish_reason": null}])));
+                    }
+                    if parsers[i].as_ref().is_some_and(|p| p.calls > 0) {
+                        finish = "tool_calls";
+                    }
+                    if cut[i] {
+                        finish = "content_filter";
                     }
                     if let Some(a) = assembly.as_mut() {
                         a.finish(i, finish);

@@ -11,6 +11,7 @@ mod embeddings;
 pub mod fine_tuning;
 pub mod error;
 mod generation;
+mod guard;
 pub mod keys;
 mod metrics;
 mod misc;
@@ -220,6 +221,7 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/chat/completions/{id}/feedback", post(stored::feedback))
         .route("/v1/completions", post(completions::handler))
         .route("/v1/embeddings", post(embeddings::handler))
+        .route("/v1/moderations", post(guard::moderations))
         .route("/v1/models", get(misc::list_models))
         .route("/v1/models/{*id}", get(misc::get_model))
         .route("/v1/adapters", get(adapters::list).post(adapters::load))

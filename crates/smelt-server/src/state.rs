@@ -72,6 +72,8 @@ struct Inner {
     jobs: std::sync::OnceLock<Arc<smelt_train::jobs::JobStore>>,
     /// Stored chat completions and feedback, when the server keeps them.
     records: std::sync::OnceLock<Storage>,
+    /// Guardrails on chat requests and answers (`--guard`).
+    guard: std::sync::OnceLock<smelt_guard::Policy>,
 }
 
 /// Where chat completions are stored, and which.
@@ -87,7 +89,7 @@ pub struct AppState(Arc<Inner>);
 
 impl AppState {
     pub fn new(config: ServerConfig) -> AppState {
-        AppState(Arc::new(Inner { models: RwLock::new(Vec::new()), ready: AtomicBool::new(false), config, metrics: Metrics::default(), jobs: std::sync::OnceLock::new(), records: std::sync::OnceLock::new() }))
+        AppState(Arc::new(Inner { models: RwLock::new(Vec::new()), ready: AtomicBool::new(false), config, metrics: Metrics::default(), jobs: std::sync::OnceLock::new(), records: std::sync::OnceLock::new(), guard: std::sync::OnceLock::new() }))
     }
 
     pub fn add_model(&self, entry: ModelEntry) {
@@ -121,6 +123,14 @@ impl AppState {
 
     pub fn storage(&self) -> Option<&Storage> {
         self.0.records.get()
+    }
+
+    pub fn set_guard(&self, policy: smelt_guard::Policy) {
+        let _ = self.0.guard.set(policy);
+    }
+
+    pub fn guard(&self) -> smelt_guard::Policy {
+        self.0.guard.get().cloned().unwrap_or_default()
     }
 
     pub fn metrics(&self) -> &Metrics {

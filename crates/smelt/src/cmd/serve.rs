@@ -67,6 +67,12 @@ pub struct Args {
     /// The database of stored completions and feedback (default: $SMELT_HOME/smelt.db).
     #[arg(long, value_name = "PATH")]
     database: Option<std::path::PathBuf>,
+    /// Guardrails on chat requests and answers: `DIRECTION:TARGET=ACTION`, comma-separated;
+    /// DIRECTION input or output, TARGET all, pii, secrets, injection or one detector (email,
+    /// phone, payment_card, iban, national_id, api_key, private_key, credential), ACTION block
+    /// or redact. E.g. `input:injection=block,output:pii=redact`.
+    #[arg(long, value_name = "RULES", value_parser = smelt_guard::parse_policy)]
+    guard: Option<smelt_guard::Policy>,
     /// Delete stored completions older than this (e.g. 30d, 12h); default: keep them.
     #[arg(long, value_name = "AGE", value_parser = parse_duration)]
     store_retention: Option<std::time::Duration>,
@@ -163,6 +169,9 @@ pub fn run(mut a: Args) -> Result<()> {
         eprintln!("{} API key(s), {limited} with limits", keys.len());
     }
     let state = AppState::new(ServerConfig { keys: keys.map(Keys::new), max_body: a.max_body });
+    if let Some(policy) = a.guard.clone() {
+        state.set_guard(policy);
+    }
     if a.store != "off" {
         let path = a.database.clone().unwrap_or_else(default_database);
         let records = smelt_records::Records::open(&path, a.store_retention).with_context(|| format!("cannot open the database {}; pass --database PATH or --store off", path.display()))?;
