@@ -9,9 +9,11 @@
 //! complete response survives a crash of the process.
 
 mod export;
+mod objects;
 mod query;
 
 pub use export::training_line;
+pub use objects::ObjectQuery;
 pub use query::{Query, Rated};
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -159,11 +161,12 @@ impl Records {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version > 1 {
+        if version > 2 {
             return Err(Error::Invalid(format!("{} was written by a newer smelt (schema {version}); upgrade smelt", path.display())));
         }
         conn.execute_batch(SCHEMA)?;
-        conn.pragma_update(None, "user_version", 1)?;
+        conn.execute_batch(objects::SCHEMA)?;
+        conn.pragma_update(None, "user_version", 2)?;
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("smelt-records".into())
@@ -177,7 +180,7 @@ impl Records {
     }
 
     /// Run `f` on the database thread.
-    fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static) -> Reply<T> {
+    pub(crate) fn call<T: Send + 'static>(&self, f: impl FnOnce(&mut Connection) -> Result<T> + Send + 'static) -> Reply<T> {
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
             let _ = tx.send(f(conn));

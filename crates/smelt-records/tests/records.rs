@@ -179,3 +179,33 @@ fn metadata_is_checked_like_openai() {
     assert!(check_metadata(&json!({"k": "v".repeat(513)})).unwrap_err().contains("512"));
     assert!(check_metadata(&json!(["a"])).is_err());
 }
+
+#[test]
+fn objects_nest_list_and_delete_with_their_children() {
+    use smelt_records::ObjectQuery;
+    let db = Records::open(&temp_db("objects"), None).unwrap();
+    db.put_object("eval", "e1", None, "alice", 1, &json!({"id": "e1", "name": "first"})).wait().unwrap();
+    db.put_object("eval", "e2", None, "bob", 2, &json!({"id": "e2"})).wait().unwrap();
+    for r in 0..3 {
+        db.put_object("run", &format!("r{r}"), Some("e1"), "alice", 3, &json!({"id": format!("r{r}")})).wait().unwrap();
+        db.put_object("item", &format!("i{r}"), Some(&format!("r{r}")), "alice", 3, &json!({"id": format!("i{r}")})).wait().unwrap();
+    }
+    // Replacing keeps the position; owners are kept apart.
+    db.put_object("eval", "e1", None, "alice", 1, &json!({"id": "e1", "name": "renamed"})).wait().unwrap();
+    assert_eq!(db.get_object("eval", Some("alice"), "e1").wait().unwrap().unwrap()["name"], "renamed");
+    assert!(db.get_object("eval", Some("alice"), "e2").wait().unwrap().is_none());
+    let q = |kind: &str, parent: Option<&str>, after: Option<&str>, limit, descending| ObjectQuery { kind: kind.into(), parent: parent.map(Into::into), owner: None, after: after.map(Into::into), limit, descending };
+    let (page, more) = db.list_objects(q("run", Some("e1"), None, 2, false)).wait().unwrap();
+    assert_eq!((page.iter().map(|v| v["id"].as_str().unwrap()).collect::<Vec<_>>(), more), (vec!["r0", "r1"], true));
+    let (page, more) = db.list_objects(q("run", Some("e1"), Some("r1"), 2, false)).wait().unwrap();
+    assert_eq!((page.len(), more), (1, false));
+    let (page, _) = db.list_objects(q("run", Some("e1"), None, 10, true)).wait().unwrap();
+    assert_eq!(page[0]["id"], "r2");
+    assert!(db.list_objects(q("run", None, Some("nope"), 2, false)).wait().is_err());
+    // Deleting the eval deletes its runs and their items.
+    assert!(!db.delete_object("eval", Some("bob"), "e1").wait().unwrap());
+    assert!(db.delete_object("eval", Some("alice"), "e1").wait().unwrap());
+    assert!(db.get_object("run", None, "r1").wait().unwrap().is_none());
+    assert!(db.get_object("item", None, "i2").wait().unwrap().is_none());
+    assert!(db.get_object("eval", None, "e2").wait().unwrap().is_some());
+}

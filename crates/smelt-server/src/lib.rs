@@ -8,6 +8,7 @@ mod adapters;
 mod chat;
 mod completions;
 mod embeddings;
+mod evals;
 pub mod fine_tuning;
 pub mod error;
 mod generation;
@@ -222,6 +223,12 @@ pub fn app(state: AppState) -> Router {
         .route("/v1/completions", post(completions::handler))
         .route("/v1/embeddings", post(embeddings::handler))
         .route("/v1/moderations", post(guard::moderations))
+        .route("/v1/evals", get(evals::list).post(evals::create))
+        .route("/v1/evals/{id}", get(evals::retrieve).post(evals::update).delete(evals::delete))
+        .route("/v1/evals/{id}/runs", get(evals::list_runs).post(evals::create_run))
+        .route("/v1/evals/{id}/runs/{run_id}", get(evals::get_run).delete(evals::delete_run))
+        .route("/v1/evals/{id}/runs/{run_id}/output_items", get(evals::list_output_items))
+        .route("/v1/evals/{id}/runs/{run_id}/output_items/{item_id}", get(evals::get_output_item))
         .route("/v1/models", get(misc::list_models))
         .route("/v1/models/{*id}", get(misc::get_model))
         .route("/v1/adapters", get(adapters::list).post(adapters::load))

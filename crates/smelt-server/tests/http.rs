@@ -155,8 +155,11 @@ async fn context_overflow_unknown_models_and_endpoints() {
     error(status, &v, StatusCode::NOT_FOUND);
     let (status, v, _) = call(&s, "GET", "/v1/nothing", Body::empty(), None).await;
     error(status, &v, StatusCode::NOT_FOUND);
-    let (status, v, _) = call(&s, "GET", "/v1/chat/completions", Body::empty(), None).await;
+    let (status, v, _) = call(&s, "PUT", "/v1/chat/completions", Body::empty(), None).await;
     error(status, &v, StatusCode::METHOD_NOT_ALLOWED);
+    // Listing stored completions on a server that keeps none says so.
+    let (status, v, _) = call(&s, "GET", "/v1/chat/completions", Body::empty(), None).await;
+    assert!(error(status, &v, StatusCode::NOT_FOUND).contains("--store off"));
 }
 
 #[tokio::test]

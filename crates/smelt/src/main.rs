@@ -28,6 +28,9 @@ enum Command {
     Tune(cmd::tune::Args),
     /// Fold LoRA adapters into a new GGUF model (re-quantized to the base's formats).
     Merge(cmd::merge::Args),
+    /// Run an eval suite against models or adapters and compare them (pass rates with 95%
+    /// intervals).
+    Eval(cmd::eval::Args),
     /// Stored chat completions and feedback: export them as training data.
     #[command(subcommand)]
     Data(cmd::data::Command),
@@ -49,6 +52,7 @@ fn main() {
         Command::Serve(a) => cmd::serve::run(a),
         Command::Tune(a) => cmd::tune::run(a),
         Command::Merge(a) => cmd::merge::run(a),
+        Command::Eval(a) => cmd::eval::run(a),
         Command::Data(c) => cmd::data::run(c),
         Command::Pull(a) => cmd::store::pull(a),
         Command::List(a) => cmd::store::list(a),

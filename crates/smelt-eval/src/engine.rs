@@ -1,0 +1,82 @@
+//! A [`Sampler`] over smelt engines: each request's messages rendered with its model's chat
+//! template and submitted at once, so the engine batches them.
+
+use crate::{Sample, SampleRequest, Sampler};
+use serde_json::Value;
+use smelt_engine::sampling::SamplingParams;
+use smelt_engine::scheduler::{Engine, Event, GenRequest, Job, Sink, SubmitError};
+use smelt_engine::GenerateParams;
+use smelt_model::lora::LoraSet;
+
+/// Finds the engine (and adapters) for a model name.
+pub trait Resolve {
+    fn resolve(&mut self, model: &str) -> Result<(&Engine, LoraSet), String>;
+}
+
+/// One request's events, tagged with its index.
+struct Tagged(usize, std::sync::mpsc::Sender<(usize, Event)>);
+
+impl Sink for Tagged {
+    fn send(&mut self, ev: Event) -> bool {
+        self.1.send((self.0, ev)).is_ok()
+    }
+}
+
+pub struct EngineSampler<R: Resolve>(pub R);
+
+fn submit(engine: &Engine, lora: LoraSet, r: &SampleRequest, sink: Box<dyn Sink>) -> Result<(), String> {
+    let model = &engine.model;
+    let template = model.chat_template().map_err(|e| format!("{}: {e}", r.model))?;
+    let text = template.render(&Value::Array(r.messages.clone()), None, true).map_err(|e| e.to_string())?;
+    let prompt = model.tokenizer.encode_prompt(&text);
+    let n_ctx = engine.config.n_ctx;
+    if prompt.len() + 1 >= n_ctx {
+        return Err(format!("the prompt ({} tokens) does not fit the context of {n_ctx}", prompt.len()));
+    }
+    let sampling = SamplingParams { temperature: r.temperature as f32, top_k: 0, top_p: 1.0, min_p: 0.0, seed: r.seed, ..SamplingParams::default() };
+    let params = GenerateParams { max_tokens: r.max_tokens.min(n_ctx - prompt.len()), sampling, ..GenerateParams::default() };
+    match engine.submit(Job::Generate(GenRequest { prompt, params, prompt_logprobs: None, lora, sink })) {
+        Ok(()) => Ok(()),
+        Err(SubmitError::QueueFull) => Err("the engine's queue is full".into()),
+        Err(SubmitError::Stopped) => Err("the engine stopped".into()),
+    }
+}
+
+impl<R: Resolve> Sampler for EngineSampler<R> {
+    fn sample_all(&mut self, requests: Vec<SampleRequest>, done: &mut dyn FnMut()) -> Vec<Result<Sample, String>> {
+        let n = requests.len();
+        let mut out: Vec<Result<Sample, String>> = vec![Err("not run".into()); n];
+        let (tx, rx) = std::sync::mpsc::channel();
+        let mut pending = 0;
+        let mut texts = vec![String::new(); n];
+        for (i, r) in requests.iter().enumerate() {
+            let submitted = self.0.resolve(&r.model).and_then(|(engine, lora)| submit(engine, lora, r, Box::new(Tagged(i, tx.clone()))));
+            match submitted {
+                Ok(()) => pending += 1,
+                Err(e) => {
+                    out[i] = Err(e);
+                    done();
+                }
+            }
+        }
+        drop(tx);
+        while pending > 0 {
+            let Ok((i, ev)) = rx.recv() else { break };
+            match ev {
+                Event::Token(step) => texts[i].push_str(&step.text),
+                Event::Done(s) => {
+                    out[i] = Ok(Sample { text: std::mem::take(&mut texts[i]), prompt_tokens: s.prompt_tokens, completion_tokens: s.completion_tokens });
+                    pending -= 1;
+                    done();
+                }
+                Event::Error(e) => {
+                    out[i] = Err(e);
+                    pending -= 1;
+                    done();
+                }
+                _ => {}
+            }
+        }
+        out
+    }
+}
