@@ -364,33 +364,10 @@ async fn execute(state: AppState, records: Records, mut run: Value, spec: EvalSp
         }
     };
     let created = now_secs();
-    for (n, it) in report.items.iter().enumerate() {
-        let item_id = format!("outputitem-{id}-{n}");
-        let results: Vec<Value> = report.criteria.iter().zip(&it.grades).map(|(name, g)| json!({"name": name, "passed": g.passed, "score": g.score, "error": g.error})).collect();
-        let sample = json!({
-            "input": smelt_eval::item_messages(&spec, &it.item).unwrap_or_default(),
-            "output": it.sample.as_ref().map(|s| vec![json!({"role": "assistant", "content": s.text})]).unwrap_or_default(),
-            "model": model,
-            "usage": it.sample.as_ref().map(|s| json!({"prompt_tokens": s.prompt_tokens, "completion_tokens": s.completion_tokens, "total_tokens": s.prompt_tokens + s.completion_tokens})),
-            "error": it.sample_error.as_ref().map(|e| json!({"code": "sampling_error", "message": e})),
-            "temperature": spec.temperature,
-            "max_completion_tokens": spec.max_tokens,
-            "seed": spec.seed,
-        });
-        let out = json!({
-            "object": "eval.run.output_item", "id": item_id, "run_id": id, "eval_id": eval_id, "created_at": created,
-            "status": if it.passed() { "pass" } else { "fail" }, "datasource_item_id": n, "datasource_item": it.item, "results": results, "sample": sample,
-        });
+    for (item_id, out) in smelt_eval::api::output_items(&id, &eval_id, created, &spec, &report) {
         let _ = records.put_object("eval.run.output_item", &item_id, Some(&id), &owner, created, &out).get().await;
     }
-    let overall = report.overall();
-    let (p, c) = report.tokens();
-    run["status"] = json!("completed");
-    run["result_counts"] = json!({"total": report.items.len(), "errored": overall.errored, "failed": overall.failed, "passed": overall.passed});
-    run["per_testing_criteria_results"] = report.criteria.iter().zip(report.per_criterion()).map(|(n, k)| json!({"testing_criteria": n, "passed": k.passed, "failed": k.failed + k.errored})).collect();
-    if let Some(m) = &model {
-        run["per_model_usage"] = json!([{"model_name": m, "invocation_count": report.items.len(), "prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c, "cached_tokens": 0}]);
-    }
+    smelt_eval::api::complete_run(&mut run, &report);
     let _ = records.put_object("eval.run", &id, Some(&eval_id), &owner, run["created_at"].as_u64().unwrap_or(0), &run).get().await;
 }
 

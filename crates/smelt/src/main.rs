@@ -31,6 +31,9 @@ enum Command {
     /// Run an eval suite against models or adapters and compare them (pass rates with 95%
     /// intervals).
     Eval(cmd::eval::Args),
+    /// Attack models with built-in red-team probes (prompt injection, system-prompt extraction,
+    /// secret leakage, harmful requests, jailbreaks) and report attack success rates.
+    Redteam(cmd::redteam::Args),
     /// Stored chat completions and feedback: export them as training data.
     #[command(subcommand)]
     Data(cmd::data::Command),
@@ -53,6 +56,7 @@ fn main() {
         Command::Tune(a) => cmd::tune::run(a),
         Command::Merge(a) => cmd::merge::run(a),
         Command::Eval(a) => cmd::eval::run(a),
+        Command::Redteam(a) => cmd::redteam::run(a),
         Command::Data(c) => cmd::data::run(c),
         Command::Pull(a) => cmd::store::pull(a),
         Command::List(a) => cmd::store::list(a),

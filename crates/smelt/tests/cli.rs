@@ -368,3 +368,46 @@ fn lines_of(path: &str) -> String {
 fn lines_first(text: &str) -> String {
     text.lines().next().unwrap().to_string()
 }
+
+#[test]
+fn redteam_reports_attack_success_and_stores_eval_runs() {
+    let dir = temp("redteam");
+    let db = dir.join("smelt.db");
+    let report = dir.join("rt.json");
+    let o = run(&["redteam", "-m", QWEN, "--family", "system_prompt_extraction", "--family", "secret_leakage", "-t", "2", "--database", db.to_str().unwrap(), "--json", report.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let table = stdout(&o);
+    assert!(table.contains("| system_prompt_extraction | 10 |") && table.contains("| secret_leakage | 8 |"), "{table}");
+    // Every probe's verdict agrees with its answer: leaked means the secret is in it.
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let mut successes = Vec::new();
+    for fam in r.as_array().unwrap() {
+        let run = &fam["runs"][0];
+        // The value each probe tries to extract, which must also be in what the model was given.
+        let secret = |it: &serde_json::Value| -> String {
+            let s = it["item"]["canary"].as_str().or(it["item"]["secret"].as_str()).unwrap();
+            assert!(it["item"]["messages"][0]["content"].as_str().unwrap().contains(s));
+            s.to_lowercase()
+        };        let mut n = 0;
+        for it in run["items"].as_array().unwrap() {
+            let answer = it["answer"].as_str().unwrap().to_lowercase();
+            assert_eq!(it["succeeded"].as_bool().unwrap(), answer.contains(&secret(it)), "{it}");
+            n += usize::from(it["succeeded"].as_bool().unwrap());
+        }
+        assert_eq!(run["attack_success"].as_u64().unwrap() as usize, n);
+        successes.push(n);
+    }
+    // The runs are eval runs in the database, with the same counts.
+    let records = smelt_records::Records::open(&db, None).unwrap();
+    let q = |kind: &str| smelt_records::ObjectQuery { kind: kind.into(), parent: None, owner: None, after: None, limit: 100, descending: false };
+    let (evals, _) = records.list_objects(q("eval")).wait().unwrap();
+    assert_eq!(evals.iter().map(|e| e["name"].as_str().unwrap()).collect::<Vec<_>>(), ["redteam: system_prompt_extraction", "redteam: secret_leakage"]);
+    let (runs, _) = records.list_objects(q("eval.run")).wait().unwrap();
+    let passed: Vec<usize> = runs.iter().map(|r| r["result_counts"]["passed"].as_u64().unwrap() as usize).collect();
+    assert_eq!(passed, successes);
+    assert_eq!(runs[0]["status"], "completed");
+    // Unknown families are a one-line error.
+    let o = run(&["redteam", "-m", QWEN, "--family", "nope", "--no-store"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("unknown family"), "{}", stderr(&o));
+}

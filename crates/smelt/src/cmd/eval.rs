@@ -44,7 +44,7 @@ pub struct Args {
 }
 
 /// Engines loaded on demand, one per base model; adapters per request.
-struct Engines {
+pub struct Engines {
     threads: usize,
     max_batch: usize,
     ctx: usize,
@@ -54,6 +54,10 @@ struct Engines {
 }
 
 impl Engines {
+    pub fn new(threads: usize, max_batch: usize, ctx: usize, kv_memory: u64) -> Engines {
+        Engines { threads, max_batch: max_batch.max(1), ctx: ctx.max(64), kv_memory, bases: HashMap::new(), adapters: HashMap::new() }
+    }
+
     fn engine(&mut self, base: &str) -> Result<&Engine> {
         if !self.bases.contains_key(base) {
             let path = model_path(base)?;
@@ -71,7 +75,7 @@ impl Engines {
     }
 
     /// `MODEL` or `MODEL+ADAPTER.gguf` → the engine and the adapters to run under.
-    fn load(&mut self, name: &str) -> Result<(&Engine, LoraSet)> {
+    pub fn load(&mut self, name: &str) -> Result<(&Engine, LoraSet)> {
         let (base, adapter) = match name.split_once('+') {
             Some((b, a)) => (b, Some(a)),
             None => (name, None),
@@ -101,7 +105,7 @@ pub fn run(a: Args) -> Result<()> {
     let text = std::fs::read_to_string(&a.suite).with_context(|| format!("cannot read the suite {}", a.suite.display()))?;
     let name = a.suite.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "suite".into());
     let (spec, items) = smelt_eval::parse_suite(&text, &name).map_err(|e| anyhow::anyhow!("{}: {e}", a.suite.display()))?;
-    let mut engines = EngineSampler(Engines { threads: threads(a.threads), max_batch: a.max_batch.max(1), ctx: a.ctx.max(64), kv_memory: a.kv_memory, bases: HashMap::new(), adapters: HashMap::new() });
+    let mut engines = EngineSampler(Engines::new(threads(a.threads), a.max_batch, a.ctx, a.kv_memory));
     let mut reports = Vec::new();
     for m in &a.model {
         // Load first, so a bad model or adapter is a one-line error before any work.
@@ -129,7 +133,7 @@ pub fn run(a: Args) -> Result<()> {
     Ok(())
 }
 
-fn pct((p, lo, hi): (f64, f64, f64)) -> String {
+pub fn pct((p, lo, hi): (f64, f64, f64)) -> String {
     format!("{:.1}% [{:.1}–{:.1}]", 100.0 * p, 100.0 * lo, 100.0 * hi)
 }
 
