@@ -90,7 +90,7 @@ fn logprob_entry(entry: &ModelEntry, step: &Step) -> Value {
 
 pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<Meter>, body: Bytes) -> Result<Response, ApiError> {
     let start = Instant::now();
-    let policy = state.guard();
+    let policy = meter.guard().cloned().unwrap_or_else(|| state.guard());
     // Guardrails see the request first: a blocked one goes no further, a redacted one is what
     // the model (and the store) gets.
     let body = guard::guard_request(&policy.input, &body)?.unwrap_or(body);

@@ -1,8 +1,9 @@
 //! API keys and their limits: who may call, how often, how much, how many at once.
 //!
 //! A key file has one key per line, optionally followed by `name=NAME`, `rpm=N` (requests per
-//! minute), `tpm=N` (prompt + generated tokens per minute) and `concurrency=N` (requests in
-//! flight); `#` starts a comment. Limits are per key, so one key cannot starve the others:
+//! minute), `tpm=N` (prompt + generated tokens per minute), `concurrency=N` (requests in
+//! flight) and `guard=RULES` (guardrails for this key, replacing the server's `--guard`); `#`
+//! starts a comment. Limits are per key, so one key cannot starve the others:
 //! a key over its limit gets 429 with `Retry-After`, the others are not affected.
 //!
 //! Rates are token buckets refilled continuously (a full minute's allowance can be spent at
@@ -22,12 +23,14 @@ pub struct KeySpec {
     pub rpm: Option<u32>,
     pub tpm: Option<u64>,
     pub concurrency: Option<u32>,
+    /// Guardrails for this key's chat requests (instead of the server's).
+    pub guard: Option<smelt_guard::Policy>,
 }
 
 impl KeySpec {
     /// A key without limits (`--api-key`).
     pub fn plain(secret: impl Into<String>) -> KeySpec {
-        KeySpec { secret: secret.into(), name: "default".into(), rpm: None, tpm: None, concurrency: None }
+        KeySpec { secret: secret.into(), name: "default".into(), rpm: None, tpm: None, concurrency: None, guard: None }
     }
 }
 
@@ -54,7 +57,8 @@ pub fn parse_key_file(text: &str) -> Result<Vec<KeySpec>, String> {
                 "rpm" => spec.rpm = Some(number()?.min(u32::MAX as u64) as u32),
                 "tpm" => spec.tpm = Some(number()?),
                 "concurrency" => spec.concurrency = Some(number()?.min(u32::MAX as u64) as u32),
-                _ => return Err(at(format!("unknown option {k:?} (expected name, rpm, tpm or concurrency)"))),
+                "guard" => spec.guard = Some(smelt_guard::parse_policy(v).map_err(at)?),
+                _ => return Err(at(format!("unknown option {k:?} (expected name, rpm, tpm, concurrency or guard)"))),
             }
         }
         if keys.iter().any(|k| k.secret == spec.secret) {
@@ -134,6 +138,11 @@ impl Meter {
     /// The name of the key this request was admitted with.
     pub fn name(&self) -> Option<&str> {
         self.0.as_ref().map(|m| m.keys.0[m.index].spec.name.as_str())
+    }
+
+    /// The guardrails of the key this request was admitted with, when it has its own.
+    pub fn guard(&self) -> Option<&smelt_guard::Policy> {
+        self.0.as_ref().and_then(|m| m.keys.0[m.index].spec.guard.as_ref())
     }
 
     /// Charge tokens a request used to its key's per-minute allowance.
@@ -276,9 +285,13 @@ mod tests {
     fn key_files_parse_with_names_and_limits() {
         let keys = parse_key_file("# team keys\nsk-a name=alice rpm=60 tpm=1000\n\nsk-b concurrency=2 # batch jobs\nsk-c\n").unwrap();
         assert_eq!(keys.len(), 3);
-        assert_eq!(keys[0], KeySpec { secret: "sk-a".into(), name: "alice".into(), rpm: Some(60), tpm: Some(1000), concurrency: None });
+        assert_eq!(keys[0], KeySpec { secret: "sk-a".into(), name: "alice".into(), rpm: Some(60), tpm: Some(1000), concurrency: None, guard: None });
         assert_eq!((keys[1].name.as_str(), keys[1].concurrency), ("key2", Some(2)));
         assert_eq!((keys[2].secret.as_str(), keys[2].rpm), ("sk-c", None));
+        // A key's own guardrails; a bad rule names its line.
+        let keys = parse_key_file("sk-a guard=input:pii=block,output:secrets=redact\n").unwrap();
+        assert_eq!(keys[0].guard, Some(smelt_guard::parse_policy("input:pii=block,output:secrets=redact").unwrap()));
+        assert!(parse_key_file("sk-a\nsk-b guard=input:faces=block\n").unwrap_err().starts_with("line 2: guard rule"));
         for (bad, says) in [("sk-a rpm=0", "line 1: rpm must be a positive"), ("sk-a\nsk-a", "line 2: this key appears twice"), ("sk-a foo=1", "unknown option"), ("rpm=3", "expected the key first"), ("# only\n", "no keys"), ("sk-a name=x\nsk-b name=x", "used twice"), ("sk-a rpm", "expected name=VALUE")] {
             let e = parse_key_file(bad).unwrap_err();
             assert!(e.contains(says), "{bad:?}: {e}");

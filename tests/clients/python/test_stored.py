@@ -31,7 +31,7 @@ def every(page_fn, **kw):
 @pytest.fixture(scope="module")
 def keyed():
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="smelt-stored-"))
-    (tmp / "keys").write_text("sk-alice name=alice\nsk-bob name=bob\n")
+    (tmp / "keys").write_text("sk-alice name=alice\nsk-bob name=bob guard=input:email=block\n")
     server = Server(["--api-key-file", str(tmp / "keys"), "--database", str(tmp / "smelt.db"), "--data-dir", str(tmp / "data")], api_key="sk-alice")
     yield server, tmp
     server.stop()
@@ -89,6 +89,11 @@ def test_store_list_filter_paginate_update_delete(keyed):
     with pytest.raises(openai.NotFoundError):
         bob.chat.completions.delete(made[1].id)
     mine = ask(bob, "Bob's question.", store=True, metadata={"run": "t1"})
+    # Bob's key has guardrails of its own (the server has none): his emails are blocked, hers are not.
+    with pytest.raises(openai.BadRequestError) as e:
+        ask(bob, "Write to bob@example.com")
+    assert e.value.code == "content_blocked"
+    ask(alice, "Write to alice@example.com")
     assert [c.id for c in every(bob.chat.completions.list, metadata={"run": "t1"})] == [mine.id]
 
 
