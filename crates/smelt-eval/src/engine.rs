@@ -4,7 +4,7 @@
 use crate::{Sample, SampleRequest, Sampler};
 use serde_json::Value;
 use smelt_engine::sampling::SamplingParams;
-use smelt_engine::scheduler::{Engine, Event, GenRequest, Job, Sink, SubmitError};
+use smelt_engine::scheduler::{EmbedRequest, Engine, Event, GenRequest, Job, Sink, SubmitError};
 use smelt_engine::GenerateParams;
 use smelt_model::lora::LoraSet;
 
@@ -47,20 +47,29 @@ impl<R: Resolve> Sampler for EngineSampler<R> {
         let n = requests.len();
         let mut out: Vec<Result<Sample, String>> = vec![Err("not run".into()); n];
         let (tx, rx) = std::sync::mpsc::channel();
-        let mut pending = 0;
         let mut texts = vec![String::new(); n];
-        for (i, r) in requests.iter().enumerate() {
-            let submitted = self.0.resolve(&r.model).and_then(|(engine, lora)| submit(engine, lora, r, Box::new(Tagged(i, tx.clone()))));
-            match submitted {
-                Ok(()) => pending += 1,
-                Err(e) => {
-                    out[i] = Err(e);
-                    done();
+        // At most WINDOW requests in the engine at once: the rest wait here, not in its queue
+        // (a server's queue is shared with live traffic and refuses what does not fit).
+        const WINDOW: usize = 32;
+        let (mut next, mut pending) = (0, 0);
+        while next < n || pending > 0 {
+            while next < n && pending < WINDOW {
+                let r = &requests[next];
+                let submitted = self.0.resolve(&r.model).and_then(|(engine, lora)| submit(engine, lora, r, Box::new(Tagged(next, tx.clone()))));
+                match submitted {
+                    Ok(()) => pending += 1,
+                    // Full: wait for one of ours to finish, then try again.
+                    Err(e) if e.contains("queue is full") && pending > 0 => break,
+                    Err(e) => {
+                        out[next] = Err(e);
+                        done();
+                    }
                 }
+                next += 1;
             }
-        }
-        drop(tx);
-        while pending > 0 {
+            if pending == 0 {
+                continue;
+            }
             let Ok((i, ev)) = rx.recv() else { break };
             match ev {
                 Event::Token(step) => texts[i].push_str(&step.text),
@@ -78,5 +87,36 @@ impl<R: Resolve> Sampler for EngineSampler<R> {
             }
         }
         out
+    }
+
+    fn embed_all(&mut self, model: &str, texts: Vec<String>) -> Vec<Result<Vec<f32>, String>> {
+        let n = texts.len();
+        let fail = |e: String| (0..n).map(|_| Err(e.clone())).collect();
+        let engine = match self.0.resolve(model) {
+            Ok((engine, _)) => engine,
+            Err(e) => return fail(e),
+        };
+        let n_ctx = engine.config.n_ctx;
+        // Empty texts embed as nothing; long ones are cut to the context.
+        let inputs: Vec<Vec<u32>> = texts
+            .iter()
+            .map(|t| {
+                let mut ids = engine.model.tokenizer.encode_prompt(if t.is_empty() { " " } else { t });
+                ids.truncate(n_ctx);
+                ids
+            })
+            .collect();
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Err(e) = engine.submit(Job::Embed(EmbedRequest { inputs, sink: Box::new(Tagged(0, tx)) })) {
+            return fail(format!("{e:?}"));
+        }
+        loop {
+            match rx.recv() {
+                Ok((_, Event::Embeddings(v, _))) => return v.into_iter().map(Ok).collect(),
+                Ok((_, Event::Error(e))) => return fail(e),
+                Ok(_) => continue,
+                Err(_) => return fail("the engine stopped".into()),
+            }
+        }
     }
 }

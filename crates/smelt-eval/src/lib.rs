@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 #[derive(Clone, Debug, PartialEq)]
 pub enum Criterion {
     StringCheck { name: String, input: String, reference: String, operation: StringOp },
-    TextSimilarity { name: String, input: String, reference: String, metric: Metric, pass_threshold: f64 },
+    TextSimilarity { name: String, input: String, reference: String, metric: Metric, pass_threshold: f64, embedding_model: Option<String> },
     JsonSchema { name: String, input: String, schema: Value },
     LabelModel { name: String, model: String, input: Vec<Value>, labels: Vec<String>, passing: Vec<String> },
     ScoreModel { name: String, model: String, input: Vec<Value>, range: (f64, f64), pass_threshold: f64 },
@@ -43,6 +43,8 @@ pub enum Metric {
     Bleu,
     Rouge(usize),
     RougeL,
+    /// Cosine similarity of a served model's embeddings.
+    Cosine,
 }
 
 impl Criterion {
@@ -60,6 +62,14 @@ impl Criterion {
         }
     }
 
+    /// The model whose embeddings a criterion compares.
+    pub fn embedding_model(&self) -> Option<&str> {
+        match self {
+            Criterion::TextSimilarity { embedding_model, metric: Metric::Cosine, .. } => embedding_model.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The criterion as the API shows it.
     pub fn to_json(&self) -> Value {
         match self {
@@ -72,14 +82,19 @@ impl Criterion {
                 };
                 json!({"type": "string_check", "name": name, "input": input, "reference": reference, "operation": op})
             }
-            Criterion::TextSimilarity { name, input, reference, metric, pass_threshold } => {
+            Criterion::TextSimilarity { name, input, reference, metric, pass_threshold, embedding_model } => {
                 let m = match metric {
                     Metric::FuzzyMatch => "fuzzy_match".to_string(),
                     Metric::Bleu => "bleu".to_string(),
                     Metric::Rouge(n) => format!("rouge_{n}"),
                     Metric::RougeL => "rouge_l".to_string(),
+                    Metric::Cosine => "cosine".to_string(),
                 };
-                json!({"type": "text_similarity", "name": name, "input": input, "reference": reference, "evaluation_metric": m, "pass_threshold": pass_threshold})
+                let mut v = json!({"type": "text_similarity", "name": name, "input": input, "reference": reference, "evaluation_metric": m, "pass_threshold": pass_threshold});
+                if let Some(e) = embedding_model {
+                    v["embedding_model"] = json!(e);
+                }
+                v
             }
             Criterion::JsonSchema { name, input, schema } => json!({"type": "json_schema", "name": name, "input": input, "schema": schema}),
             Criterion::LabelModel { name, model, input, labels, passing } => json!({"type": "label_model", "name": name, "model": model, "input": input, "labels": labels, "passing_labels": passing}),
@@ -162,14 +177,19 @@ pub fn parse_criterion(c: &Value, at: &str) -> Result<Criterion, SpecError> {
                 "fuzzy_match" => Metric::FuzzyMatch,
                 "bleu" => Metric::Bleu,
                 "rouge_l" => Metric::RougeL,
+                "cosine" => Metric::Cosine,
                 r if r.starts_with("rouge_") && r[6..].parse::<usize>().is_ok_and(|n| (1..=5).contains(&n)) => Metric::Rouge(r[6..].parse().unwrap_or(1)),
-                _ => return Err(err(&format!("{at}.evaluation_metric"), format!("must be fuzzy_match, bleu, rouge_1 … rouge_5 or rouge_l, got {m:?}"))),
+                _ => return Err(err(&format!("{at}.evaluation_metric"), format!("must be fuzzy_match, bleu, cosine, rouge_1 … rouge_5 or rouge_l, got {m:?}"))),
             };
+            let embedding_model = c.get("embedding_model").and_then(Value::as_str).map(str::to_string);
+            if metric == Metric::Cosine && embedding_model.is_none() {
+                return Err(err(&format!("{at}.embedding_model"), "the cosine metric needs embedding_model: a served model whose embeddings are compared"));
+            }
             let pass_threshold = threshold(None)?;
             if !(0.0..=1.0).contains(&pass_threshold) {
                 return Err(err(&format!("{at}.pass_threshold"), "must be between 0 and 1"));
             }
-            Criterion::TextSimilarity { name, input: text_field(c, "input", at)?, reference: text_field(c, "reference", at)?, metric, pass_threshold }
+            Criterion::TextSimilarity { name, input: text_field(c, "input", at)?, reference: text_field(c, "reference", at)?, metric, pass_threshold, embedding_model }
         }
         "json_schema" => {
             let schema = c.get("schema").filter(|s| s.is_object() || s.is_boolean()).cloned().ok_or_else(|| err(&format!("{at}.schema"), "must be a JSON Schema object"))?;
@@ -292,6 +312,11 @@ pub struct Sample {
 /// completion), and `done` is called as each finishes.
 pub trait Sampler {
     fn sample_all(&mut self, requests: Vec<SampleRequest>, done: &mut dyn FnMut()) -> Vec<Result<Sample, String>>;
+
+    /// Embeddings of `texts` by `model` (for the cosine metric).
+    fn embed_all(&mut self, model: &str, texts: Vec<String>) -> Vec<Result<Vec<f32>, String>> {
+        texts.iter().map(|_| Err(format!("this runner cannot embed with {model}"))).collect()
+    }
 }
 
 /// A grade of one sample by one criterion.
@@ -333,6 +358,7 @@ fn grade_local(c: &Criterion, ctx: &Value) -> Option<Grade> {
                 Metric::Bleu => similarity::bleu(&a, &b),
                 Metric::Rouge(n) => similarity::rouge_n(&a, &b, *n),
                 Metric::RougeL => similarity::rouge_l(&a, &b),
+                Metric::Cosine => return None,
             };
             Grade::of(score >= *pass_threshold, score)
         }
@@ -413,14 +439,32 @@ fn grade_answer(c: &Criterion, text: &str) -> Grade {
             }
         }
         Criterion::ScoreModel { range, pass_threshold, .. } => {
-            let number: String = text.trim().chars().skip_while(|c| !(c.is_ascii_digit() || *c == '-')).take_while(|c| c.is_ascii_digit() || *c == '.' || *c == '-').collect();
-            match number.parse::<f64>() {
-                Ok(x) if (range.0..=range.1).contains(&x) => Grade::of(x >= *pass_threshold, x),
+            match first_number(text) {
+                Some(x) if (range.0..=range.1).contains(&x) => Grade::of(x >= *pass_threshold, x),
                 _ => Grade::error(format!("the grader answered {:?}, not a number from {} to {}", text.chars().take(80).collect::<String>(), range.0, range.1)),
             }
         }
         _ => Grade::error("not a model grader".into()),
     }
+}
+
+/// The first number in a text (`-?digits(.digits)?`): "Score: 0.8." → 0.8, "1-10 scale: 7" → 1.
+fn first_number(text: &str) -> Option<f64> {
+    let b = text.as_bytes();
+    let start = b.iter().position(u8::is_ascii_digit)?;
+    let neg = start > 0 && b[start - 1] == b'-' && (start == 1 || !b[start - 2].is_ascii_alphanumeric());
+    let mut end = start;
+    while end < b.len() && b[end].is_ascii_digit() {
+        end += 1;
+    }
+    if end + 1 < b.len() && b[end] == b'.' && b[end + 1].is_ascii_digit() {
+        end += 1;
+        while end < b.len() && b[end].is_ascii_digit() {
+            end += 1;
+        }
+    }
+    let x: f64 = text[start..end].parse().ok()?;
+    Some(if neg { -x } else { x })
 }
 
 /// What the eval runs: its criteria, and how samples are made.
@@ -614,6 +658,23 @@ fn grade_samples(spec: &EvalSpec, items: &[Value], samples: Vec<Result<Option<Sa
         })
         .collect();
     let mut grades: Vec<Vec<Option<Grade>>> = contexts.iter().map(|ctx| spec.criteria.iter().map(|c| grade_local(c, ctx)).collect()).collect();
+    // Cosine similarity: both texts of every item embedded in one request.
+    for (ci, c) in spec.criteria.iter().enumerate() {
+        let (Some(model), Criterion::TextSimilarity { input, reference, pass_threshold, .. }) = (c.embedding_model(), c) else { continue };
+        let todo: Vec<usize> = (0..items.len()).filter(|&i| samples[i].is_ok()).collect();
+        let texts = todo.iter().flat_map(|&i| [render(input, &contexts[i]), render(reference, &contexts[i])]).collect();
+        let vectors = sampler.embed_all(model, texts);
+        for (k, &i) in todo.iter().enumerate() {
+            grades[i][ci] = Some(match (vectors.get(2 * k), vectors.get(2 * k + 1)) {
+                (Some(Ok(a)), Some(Ok(b))) => {
+                    let score = similarity::cosine(a, b);
+                    Grade::of(score >= *pass_threshold, score)
+                }
+                (Some(Err(e)), _) | (_, Some(Err(e))) => Grade::error(format!("embedding failed: {e}")),
+                _ => Grade::error("embedding failed".into()),
+            });
+        }
+    }
     for (ci, c) in spec.criteria.iter().enumerate() {
         let Some(grader) = c.grader_model() else { continue };
         let todo: Vec<usize> = (0..items.len()).filter(|&i| samples[i].is_ok()).collect();

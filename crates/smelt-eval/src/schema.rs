@@ -7,10 +7,18 @@
 use serde_json::Value;
 
 const MAX_DEPTH: usize = 64;
+/// Most schema nodes visited for one value: alternatives (`anyOf` of `$ref`s) can otherwise
+/// multiply the work exponentially.
+const MAX_STEPS: usize = 100_000;
 
 /// Ok, or where and why `value` does not match `schema`.
 pub fn validate(schema: &Value, value: &Value) -> Result<(), String> {
-    check(schema, schema, value, "$", 0)
+    let steps = std::cell::Cell::new(0);
+    let r = check(schema, schema, value, "$", 0, &steps);
+    if steps.get() > MAX_STEPS {
+        return Err(format!("the schema takes more than {MAX_STEPS} steps to check"));
+    }
+    r
 }
 
 fn type_ok(t: &str, v: &Value) -> bool {
@@ -34,7 +42,11 @@ fn resolve<'a>(root: &'a Value, reference: &str) -> Option<&'a Value> {
     root.pointer(path)
 }
 
-fn check(root: &Value, schema: &Value, v: &Value, at: &str, depth: usize) -> Result<(), String> {
+fn check(root: &Value, schema: &Value, v: &Value, at: &str, depth: usize, steps: &std::cell::Cell<usize>) -> Result<(), String> {
+    steps.set(steps.get() + 1);
+    if steps.get() > MAX_STEPS {
+        return Err(format!("{at}: the schema takes more than {MAX_STEPS} steps to check"));
+    }
     if depth > MAX_DEPTH {
         return Err(format!("{at}: the schema nests deeper than {MAX_DEPTH} levels"));
     }
@@ -46,7 +58,7 @@ fn check(root: &Value, schema: &Value, v: &Value, at: &str, depth: usize) -> Res
     };
     if let Some(r) = s.get("$ref").and_then(Value::as_str) {
         let target = resolve(root, r).ok_or_else(|| format!("{at}: cannot resolve $ref {r:?}"))?;
-        check(root, target, v, at, depth + 1)?;
+        check(root, target, v, at, depth + 1, steps)?;
     }
     match s.get("type") {
         Some(Value::String(t)) if !type_ok(t, v) => return Err(format!("{at}: expected {t}, got {}", kind(v))),
@@ -65,16 +77,16 @@ fn check(root: &Value, schema: &Value, v: &Value, at: &str, depth: usize) -> Res
     }
     if let Some(all) = s.get("allOf").and_then(Value::as_array) {
         for sub in all {
-            check(root, sub, v, at, depth + 1)?;
+            check(root, sub, v, at, depth + 1, steps)?;
         }
     }
     if let Some(any) = s.get("anyOf").and_then(Value::as_array) {
-        if !any.iter().any(|sub| check(root, sub, v, at, depth + 1).is_ok()) {
+        if !any.iter().any(|sub| check(root, sub, v, at, depth + 1, steps).is_ok()) {
             return Err(format!("{at}: matches none of anyOf"));
         }
     }
     if let Some(one) = s.get("oneOf").and_then(Value::as_array) {
-        let n = one.iter().filter(|sub| check(root, sub, v, at, depth + 1).is_ok()).count();
+        let n = one.iter().filter(|sub| check(root, sub, v, at, depth + 1, steps).is_ok()).count();
         if n != 1 {
             return Err(format!("{at}: matches {n} of oneOf, not exactly one"));
         }
@@ -103,7 +115,7 @@ fn check(root: &Value, schema: &Value, v: &Value, at: &str, depth: usize) -> Res
         for (i, item) in items.iter().enumerate() {
             let sub = prefix.get(i).or_else(|| s.get("items"));
             if let Some(sub) = sub {
-                check(root, sub, item, &format!("{at}[{i}]"), depth + 1)?;
+                check(root, sub, item, &format!("{at}[{i}]"), depth + 1, steps)?;
             }
         }
     }
@@ -117,10 +129,10 @@ fn check(root: &Value, schema: &Value, v: &Value, at: &str, depth: usize) -> Res
         for (k, item) in obj {
             let path = format!("{at}.{k}");
             match props.and_then(|p| p.get(k)) {
-                Some(sub) => check(root, sub, item, &path, depth + 1)?,
+                Some(sub) => check(root, sub, item, &path, depth + 1, steps)?,
                 None => match s.get("additionalProperties") {
                     Some(Value::Bool(false)) => return Err(format!("{at}: property {k:?} is not allowed")),
-                    Some(sub @ Value::Object(_)) => check(root, sub, item, &path, depth + 1)?,
+                    Some(sub @ Value::Object(_)) => check(root, sub, item, &path, depth + 1, steps)?,
                     _ => {}
                 },
             }
@@ -177,5 +189,8 @@ mod tests {
         // A self-referencing schema is bounded, not a stack overflow.
         let looping = json!({"$ref": "#"});
         assert!(validate(&looping, &json!(1)).unwrap_err().contains("deeper"));
+        // Alternatives that refer back to the root are bounded in steps, not only in depth.
+        let branching = json!({"anyOf": [{"$ref": "#"}, {"$ref": "#"}]});
+        assert!(validate(&branching, &json!(1)).unwrap_err().contains("steps"));
     }
 }

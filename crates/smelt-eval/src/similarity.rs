@@ -98,6 +98,17 @@ pub fn rouge_l(candidate: &str, reference: &str) -> f64 {
     f1(lcs / c.len() as f64, lcs / r.len() as f64)
 }
 
+/// Cosine of the angle between two vectors (0 when either is zero).
+pub fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let (mut ab, mut aa, mut bb) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        ab += x as f64 * y as f64;
+        aa += x as f64 * x as f64;
+        bb += y as f64 * y as f64;
+    }
+    if aa == 0.0 || bb == 0.0 { 0.0 } else { ab / (aa.sqrt() * bb.sqrt()) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,5 +128,7 @@ mod tests {
         // LCS of "a b c d e" and "a c e" is 3: P 3/5, R 1.
         assert!((rouge_l("a b c d e", "a c e") - 0.75).abs() < 1e-12);
         assert_eq!(rouge_l("", "a"), 0.0);
+        assert!((cosine(&[1.0, 0.0], &[1.0, 1.0]) - 0.5f64.sqrt()).abs() < 1e-9);
+        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 1.0]), 0.0);
     }
 }

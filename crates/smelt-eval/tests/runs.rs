@@ -28,6 +28,23 @@ impl Sampler for Table {
             })
             .collect()
     }
+
+    /// Letter counts: texts with the same letters point the same way.
+    fn embed_all(&mut self, model: &str, texts: Vec<String>) -> Vec<Result<Vec<f32>, String>> {
+        texts
+            .iter()
+            .map(|t| {
+                if model != "embedder" {
+                    return Err(format!("{model} cannot embed"));
+                }
+                let mut v = vec![0.0f32; 26];
+                for c in t.to_lowercase().bytes().filter(u8::is_ascii_lowercase) {
+                    v[(c - b'a') as usize] += 1.0;
+                }
+                Ok(v)
+            })
+            .collect()
+    }
 }
 
 fn table(rows: &[(&str, &str, &str)]) -> Table {
@@ -141,4 +158,21 @@ fn wilson_intervals() {
     assert_eq!(wilson(0, 0), (0.0, 0.0, 1.0));
     let (_, lo, hi) = wilson(0, 20);
     assert!(lo == 0.0 && hi > 0.1 && hi < 0.2);
+}
+
+#[test]
+fn cosine_similarity_uses_the_samplers_embeddings() {
+    let header = json!({"eval": {"testing_criteria": [
+        {"type": "text_similarity", "name": "cos", "input": "{{sample.output_text}}", "reference": "{{item.ideal}}", "evaluation_metric": "cosine", "pass_threshold": 0.99, "embedding_model": "embedder"},
+        {"type": "text_similarity", "name": "cos-bad-model", "input": "{{sample.output_text}}", "reference": "{{item.ideal}}", "evaluation_metric": "cosine", "pass_threshold": 0.5, "embedding_model": "nobody"}
+    ]}});
+    let text = format!("{header}\n{}\n{}", json!({"input": "a", "ideal": "listen"}), json!({"input": "b", "ideal": "listen"}));
+    let (spec, items) = parse_suite(&text, "s").unwrap();
+    let mut t = table(&[("m", "a", "silent"), ("m", "b", "loud")]);
+    let r = run(&spec, &items, Some("m"), &mut t, &mut |_, _| {});
+    let g: Vec<(bool, bool)> = r.items.iter().map(|i| (i.grades[0].passed, i.grades[1].error.is_some())).collect();
+    assert_eq!(g, [(true, true), (false, true)], "anagrams have the same letters; the second criterion's model cannot embed");
+    assert!((r.items[0].grades[0].score - 1.0).abs() < 1e-9);
+    let missing = json!({"type": "text_similarity", "input": "a", "reference": "b", "evaluation_metric": "cosine", "pass_threshold": 0.5});
+    assert_eq!(parse_criterion(&missing, "c").unwrap_err().param, "c.embedding_model");
 }

@@ -189,8 +189,9 @@ impl StreamGuard {
         let from = self.decided;
         let n = self.buf.len();
         let mut hold = if at_end { n } else { pending_start(&self.buf, from) };
-        // A little text before `from`, so that word boundaries are seen as they were.
-        let mut ctx = from.saturating_sub(16);
+        // Text before `from`, so that word boundaries and a held secret's name (`password = `)
+        // are seen as they were.
+        let mut ctx = from.saturating_sub(128);
         while !self.buf.is_char_boundary(ctx) {
             ctx -= 1;
         }
@@ -241,9 +242,15 @@ fn pending_start(t: &str, from: usize) -> usize {
     let n = b.len();
     let mut hold = n;
     // The last word (an email, key or token being written).
+    // (At most its last 1 KiB: matches inside a longer run — minified JSON — are whole and
+    // found by the scan; nothing this long is a single value.)
     let mut s = n;
-    while s > from && !b[s - 1].is_ascii_whitespace() {
+    let floor = from.max(n.saturating_sub(1024));
+    while s > floor && !b[s - 1].is_ascii_whitespace() {
         s -= 1;
+    }
+    while !t.is_char_boundary(s) {
+        s += 1;
     }
     hold = hold.min(s);
     // Groups of digits or short capitals joined by separators: cards, phone numbers, IBANs and
@@ -255,10 +262,10 @@ fn pending_start(t: &str, from: usize) -> usize {
         k -= 1;
         seps += 1;
     }
-    let seps_after_chain = seps;
     let mut chain_start = None;
     let mut has_digit = false;
-    let mut groups = 0;
+    // The group at the end: one or two capitals may begin an IBAN or a national id.
+    let mut last_group: Option<(usize, usize)> = None;
     while k > from && b[k - 1].is_ascii_alphanumeric() {
         let mut g = k;
         while g > from && b[g - 1].is_ascii_alphanumeric() {
@@ -271,7 +278,7 @@ fn pending_start(t: &str, from: usize) -> usize {
             break;
         }
         has_digit |= group.iter().any(u8::is_ascii_digit);
-        groups += 1;
+        last_group.get_or_insert((g, k - g));
         chain_start = Some(g);
         k = g;
         let mut seps = 0;
@@ -284,11 +291,12 @@ fn pending_start(t: &str, from: usize) -> usize {
             chain_start = Some(k + p);
         }
     }
-    // Without digits yet, only a lone one- or two-letter group can still become one (`DE` of an
-    // IBAN, `AB` of a national insurance number).
-    let lone_letters = groups == 1 && chain_start.is_some_and(|c| n - c <= 2 + seps_after_chain);
-    if let (Some(c), true) = (chain_start, has_digit || lone_letters) {
+    if let (Some(c), true) = (chain_start, has_digit) {
         hold = hold.min(c);
+    } else if let Some((g, _)) = last_group.filter(|&(g, len)| len <= 2 && b[g..g + len].iter().all(u8::is_ascii_uppercase)) {
+        // Without digits yet, only a last group of one or two capitals can still become one
+        // (`DE` of an IBAN, `AB` of a national insurance number).
+        hold = hold.min(g);
     }
     // A private key block not closed yet.
     if let Some(i) = t[from..].rfind("-----BEGIN") {
@@ -300,7 +308,10 @@ fn pending_start(t: &str, from: usize) -> usize {
     }
     // `password = ` with its value not (fully) written yet.
     let lower = t[from..].to_ascii_lowercase();
-    let tail_from = lower.len().saturating_sub(80);
+    let mut tail_from = lower.len().saturating_sub(80);
+    while !lower.is_char_boundary(tail_from) {
+        tail_from -= 1;
+    }
     for name in detect::SECRET_NAMES {
         if let Some(i) = lower.get(tail_from..).and_then(|tail| tail.rfind(name)).map(|i| i + tail_from) {
             let rest = &lower[i + name.len()..];

@@ -373,6 +373,16 @@ fn streams_match_whole_text_redaction() {
     assert_eq!(g.push(". Card 4111 1111 ").text, "today. Card ");
     assert_eq!(g.push("1111 1111 and more").text, "[PAYMENT_CARD] and ");
     assert_eq!(g.finish().text, "more");
+    // Cases found in review: a secret name after multi-byte text, and a national insurance
+    // number after other capitals, each split where the guard must hold.
+    for pieces in [vec![format!("{} password:{}", "é".repeat(40), " ".repeat(9)), "hunter2024\n".to_string()], vec!["MY NI IS AB ".to_string(), "12 34 56 C".to_string()]] {
+        let mut g = StreamGuard::new(policy.output.clone());
+        let mut out: String = pieces.iter().map(|p| g.push(p).text).collect();
+        out.push_str(&g.finish().text);
+        let Checked::Passed(whole) = check(&policy.output, &pieces.concat()) else { panic!() };
+        assert_eq!(out, whole);
+        assert!(!out.contains("hunter2024") && !out.contains("12 34 56"), "{out}");
+    }
     // Blocking stops the stream where the match starts.
     let block = parse_policy("output:secrets=block").unwrap();
     let mut g = StreamGuard::new(block.output);

@@ -43,6 +43,25 @@ impl Records {
         })
     }
 
+    /// Replace an existing object's body; false (and nothing written) when it is gone.
+    pub fn update_object(&self, id: &str, body: &Value) -> Reply<bool> {
+        let (id, body) = (id.to_string(), body.to_string());
+        self.call(move |conn| Ok(conn.execute("UPDATE objects SET body = ?2 WHERE id = ?1", params![id, body])? > 0))
+    }
+
+    /// Store a child object only while its parent exists; false when the parent is gone.
+    pub fn put_child(&self, kind: &str, id: &str, parent: &str, owner: &str, created: u64, body: &Value) -> Reply<bool> {
+        let (kind, id, parent, owner, body) = (kind.to_string(), id.to_string(), parent.to_string(), owner.to_string(), body.to_string());
+        self.call(move |conn| {
+            let n = conn.execute(
+                "INSERT INTO objects (id, kind, parent, owner, created, body) SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE EXISTS (SELECT 1 FROM objects WHERE id = ?3)
+                 ON CONFLICT (id) DO UPDATE SET body = excluded.body",
+                params![id, kind, parent, owner, created as i64, body],
+            )?;
+            Ok(n > 0)
+        })
+    }
+
     pub fn get_object(&self, kind: &str, owner: Option<&str>, id: &str) -> Reply<Option<Value>> {
         let (kind, owner, id) = (kind.to_string(), owner.map(str::to_string), id.to_string());
         self.call(move |conn| {
@@ -58,7 +77,11 @@ impl Records {
         self.call(move |conn| {
             let after: Option<i64> = match &q.after {
                 Some(a) => Some(
-                    conn.query_row("SELECT seq FROM objects WHERE id = ?1 AND kind = ?2", params![a, q.kind], |r| r.get(0))
+                    conn.query_row(
+                        "SELECT seq FROM objects WHERE id = ?1 AND kind = ?2 AND (?3 IS NULL OR parent = ?3) AND (?4 IS NULL OR owner = ?4)",
+                        params![a, q.kind, q.parent, q.owner],
+                        |r| r.get(0),
+                    )
                         .optional()?
                         .ok_or_else(|| crate::Error::Invalid(format!("no object {a:?} to list after")))?,
                 ),

@@ -72,11 +72,10 @@ pub(crate) fn list(conn: &Connection, q: &Query) -> Result<Page> {
         arg(&mut sql, &mut args, " AND model = ?", Sql::Text(model.clone()));
     }
     for (k, v) in &q.metadata {
-        // json_extract takes a path; a quoted key needs no escaping rules beyond '"'.
-        let path = format!("$.\"{}\"", k.replace('"', "\\\""));
-        args.push(Sql::Text(path));
+        // Keys compared as values (json_each), so any character in them is safe.
+        args.push(Sql::Text(k.clone()));
         args.push(Sql::Text(v.clone()));
-        sql.push_str(&format!(" AND json_extract(metadata, ?{}) = ?{}", args.len() - 1, args.len()));
+        sql.push_str(&format!(" AND EXISTS (SELECT 1 FROM json_each(c.metadata) m WHERE m.key = ?{} AND m.value = ?{})", args.len() - 1, args.len()));
     }
     if let Some(after) = &q.after {
         let seq: Option<i64> = conn

@@ -133,7 +133,15 @@ fn feedback_is_kept_with_its_completion_and_filters() {
     assert_eq!(rated(Rated::None), ["c3", "c4"]);
     let c2 = db.get(None, "c2").wait().unwrap().unwrap();
     assert_eq!(c2.feedback, vec![fb(3, "c2", Some(-0.5), None), fb(4, "c2", Some(0.5), None)]);
-    // Deleting the completion deletes its feedback.
+    // Export: a correction replaces the answer; an answer rated bad without one is not trained on.
+    use smelt_records::training_line;
+    let line = |id: &str| training_line(&db.get(None, id).wait().unwrap().unwrap());
+    assert_eq!(line("c1").unwrap()["messages"][1]["content"], "the right answer");
+    assert_eq!(line("c0").unwrap()["messages"][1]["content"], "answer c0");
+    assert!(line("c2").is_some(), "its latest rating is good");
+    db.add_feedback(None, fb(6, "c3", Some(-1.0), None)).wait().unwrap().unwrap();
+    assert!(line("c3").is_none());
+        // Deleting the completion deletes its feedback.
     assert!(db.delete(None, "c1").wait().unwrap());
     assert_eq!(rated(Rated::Corrected), Vec::<String>::new());
 }
@@ -208,4 +216,16 @@ fn objects_nest_list_and_delete_with_their_children() {
     assert!(db.get_object("run", None, "r1").wait().unwrap().is_none());
     assert!(db.get_object("item", None, "i2").wait().unwrap().is_none());
     assert!(db.get_object("eval", None, "e2").wait().unwrap().is_some());
+}
+
+#[test]
+fn metadata_keys_are_plain_strings() {
+    let db = Records::open(&temp_db("odd-keys"), None).unwrap();
+    for key in ["a\"b", "x.y", "z[0]", "$", "a'b"] {
+        db.insert(completion(&format!("odd-{key}"), "", "m", &[(key, "v")], 50)).wait().unwrap();
+    }
+    for key in ["a\"b", "x.y", "z[0]", "$", "a'b"] {
+        let q = Query { metadata: vec![(key.to_string(), "v".to_string())], limit: 10, ..Query::default() };
+        assert_eq!(ids(&db.list(q).wait().unwrap()), [format!("odd-{key}")]);
+    }
 }

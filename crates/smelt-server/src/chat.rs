@@ -104,6 +104,10 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
         (_, Some(k)) if k < 0 => return Err(ApiError::invalid("top_logprobs", format!("top_logprobs must be between 0 and 20, got {k}"))),
         (_, k) => k.unwrap_or(0) as usize,
     };
+    if want_logprobs && !policy.output.is_empty() {
+        // Token log-probabilities would show the text the guardrails redact or block.
+        return Err(ApiError::invalid("logprobs", "logprobs are not available on this server's guarded answers (it redacts or blocks output)"));
+    }
     let mut plan = plan(&req.sampling, model.hp.n_vocab, entry.engine.config.n_ctx, want_logprobs.then_some(top))?;
     plan.lora = lora;
     let template = model.chat_template().map_err(|e| ApiError::internal(e.to_string()))?;
@@ -166,6 +170,21 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
                 }
             }
             let mut message = json!({"role": "assistant", "content": content});
+            let mut calls = calls;
+            if !policy.output.is_empty() {
+                // Arguments are screened like text; a blocked call ends the answer there.
+                let mut kept = Vec::new();
+                for mut c in calls {
+                    match smelt_guard::check(&policy.output, &c.arguments) {
+                        smelt_guard::Checked::Passed(a) if finish != "content_filter" => {
+                            c.arguments = a;
+                            kept.push(c);
+                        }
+                        _ => finish = "content_filter",
+                    }
+                }
+                calls = kept;
+            }
             if !calls.is_empty() {
                 message["tool_calls"] = calls.iter().map(|c| json!({"id": tools::call_id(), "type": "function", "function": {"name": c.name, "arguments": c.arguments}})).collect();
                 if finish != "content_filter" {
@@ -226,14 +245,21 @@ fn screen(guard: &mut Option<StreamGuard>, cut: &mut bool, pieces: Vec<tools::Pi
                     return out;
                 }
             }
-            call => {
+            tools::Piece::Call(mut call) => {
                 // Text before a call is complete: release it first.
                 if release(g.finish(), &mut out) {
                     *cut = true;
                     return out;
                 }
                 *g = StreamGuard::new(g.rules().clone());
-                out.push(call);
+                match smelt_guard::check(g.rules(), &call.arguments) {
+                    smelt_guard::Checked::Passed(a) => call.arguments = a,
+                    smelt_guard::Checked::Blocked(_) => {
+                        *cut = true;
+                        return out;
+                    }
+                }
+                out.push(tools::Piece::Call(call));
             }
         }
     }

@@ -134,7 +134,7 @@ pub async fn create(State(state): State<AppState>, Extension(meter): Extension<M
     let mut parsed = Vec::new();
     for (i, c) in criteria.iter().enumerate() {
         let crit = smelt_eval::parse_criterion(c, &format!("testing_criteria[{i}]")).map_err(spec_error)?;
-        if let Some(m) = crit.grader_model() {
+        if let Some(m) = crit.grader_model().or(crit.embedding_model()) {
             state.resolve(Some(m)).map_err(|e| ApiError { param: Some(format!("testing_criteria[{i}].model")), ..e })?;
         }
         let mut shown = crit.to_json();
@@ -341,7 +341,10 @@ pub async fn create_run(State(state): State<AppState>, Extension(meter): Extensi
 async fn execute(state: AppState, records: Records, mut run: Value, spec: EvalSpec, entries: Vec<(Value, Option<String>)>, model: Option<String>, owner: String) {
     let (id, eval_id) = (run["id"].as_str().unwrap_or_default().to_string(), run["eval_id"].as_str().unwrap_or_default().to_string());
     run["status"] = json!("in_progress");
-    let _ = records.put_object("eval.run", &id, Some(&eval_id), &owner, run["created_at"].as_u64().unwrap_or(0), &run).get().await;
+    // Every write below only updates: a run deleted meanwhile stays deleted.
+    if !records.update_object(&id, &run).get().await.unwrap_or(false) {
+        return;
+    }
     let items: Vec<Value> = entries.iter().map(|(i, _)| i.clone()).collect();
     let samples: Vec<Option<Sample>> = entries.iter().map(|(_, s)| s.as_ref().map(|t| Sample { text: t.clone(), ..Sample::default() })).collect();
     let st = state.clone();
@@ -359,16 +362,18 @@ async fn execute(state: AppState, records: Records, mut run: Value, spec: EvalSp
         Err(e) => {
             run["status"] = json!("failed");
             run["error"] = json!({"code": "internal_error", "message": e.to_string()});
-            let _ = records.put_object("eval.run", &id, Some(&eval_id), &owner, run["created_at"].as_u64().unwrap_or(0), &run).get().await;
+            let _ = records.update_object(&id, &run).get().await;
             return;
         }
     };
     let created = now_secs();
     for (item_id, out) in smelt_eval::api::output_items(&id, &eval_id, created, &spec, &report) {
-        let _ = records.put_object("eval.run.output_item", &item_id, Some(&id), &owner, created, &out).get().await;
+        if !records.put_child("eval.run.output_item", &item_id, &id, &owner, created, &out).get().await.unwrap_or(false) {
+            return;
+        }
     }
     smelt_eval::api::complete_run(&mut run, &report);
-    let _ = records.put_object("eval.run", &id, Some(&eval_id), &owner, run["created_at"].as_u64().unwrap_or(0), &run).get().await;
+    let _ = records.update_object(&id, &run).get().await;
 }
 
 async fn find_run(state: &AppState, meter: &Meter, eval_id: &str, run_id: &str) -> Result<Value, ApiError> {

@@ -88,8 +88,9 @@ fn blocked(param: &str, kind: Kind) -> ApiError {
     ApiError { param: Some(param.into()), ..ApiError::bad_request(format!("{param} was blocked by this server's guardrails: it contains {} ({})", kind.name().replace('_', " "), kind.category())) }.code("content_blocked")
 }
 
-/// Apply the input rules to a chat request's user and tool messages (system messages are the
-/// operator's own): Err when one is blocked; the body rewritten when something was redacted.
+/// Apply the input rules to every message of a chat request (system and assistant messages
+/// come from the client too): Err when one is blocked; the body rewritten when something was
+/// redacted.
 pub fn guard_request(rules: &Rules, body: &Bytes) -> Result<Option<Bytes>, ApiError> {
     if rules.is_empty() {
         return Ok(None);
@@ -98,9 +99,6 @@ pub fn guard_request(rules: &Rules, body: &Bytes) -> Result<Option<Bytes>, ApiEr
     let mut changed = false;
     let Some(messages) = req.get_mut("messages").and_then(Value::as_array_mut) else { return Ok(None) };
     for (i, m) in messages.iter_mut().enumerate() {
-        if !matches!(m.get("role").and_then(Value::as_str), Some("user" | "tool")) {
-            continue;
-        }
         let param = format!("messages[{i}].content");
         let mut one = |text: &mut String| -> Result<(), ApiError> {
             match check(rules, text) {

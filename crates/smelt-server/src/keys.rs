@@ -48,7 +48,9 @@ pub fn parse_key_file(text: &str) -> Result<Vec<KeySpec>, String> {
         if secret.contains('=') {
             return Err(at(format!("expected the key first, then options; found {secret:?}")));
         }
-        let mut spec = KeySpec { name: format!("key{}", keys.len() + 1), ..KeySpec::plain(secret) };
+        // An unnamed key is named after its secret (not its line), so that the records it owns
+        // stay its own when the file is edited.
+        let mut spec = KeySpec { name: format!("key-{:08x}", fnv1a(secret.as_bytes()) >> 32), ..KeySpec::plain(secret) };
         for w in words {
             let (k, v) = w.split_once('=').ok_or_else(|| at(format!("expected name=VALUE, found {w:?}")))?;
             let number = || v.parse::<u64>().ok().filter(|&n| n > 0).ok_or_else(|| at(format!("{k} must be a positive whole number, found {v:?}")));
@@ -73,6 +75,11 @@ pub fn parse_key_file(text: &str) -> Result<Vec<KeySpec>, String> {
         return Err("no keys in the file".into());
     }
     Ok(keys)
+}
+
+/// FNV-1a: a stable hash (the same in every build), for naming unnamed keys.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// A continuously refilled allowance of `per_minute`, which may go negative (debt).
@@ -286,7 +293,10 @@ mod tests {
         let keys = parse_key_file("# team keys\nsk-a name=alice rpm=60 tpm=1000\n\nsk-b concurrency=2 # batch jobs\nsk-c\n").unwrap();
         assert_eq!(keys.len(), 3);
         assert_eq!(keys[0], KeySpec { secret: "sk-a".into(), name: "alice".into(), rpm: Some(60), tpm: Some(1000), concurrency: None, guard: None });
-        assert_eq!((keys[1].name.as_str(), keys[1].concurrency), ("key2", Some(2)));
+        assert_eq!(keys[1].concurrency, Some(2));
+        assert!(keys[1].name.starts_with("key-") && keys[1].name != keys[2].name);
+        // Named after the secret: the same whatever line it is on.
+        assert_eq!(parse_key_file("sk-b\n").unwrap()[0].name, keys[1].name);
         assert_eq!((keys[2].secret.as_str(), keys[2].rpm), ("sk-c", None));
         // A key's own guardrails; a bad rule names its line.
         let keys = parse_key_file("sk-a guard=input:pii=block,output:secrets=redact\n").unwrap();

@@ -33,7 +33,8 @@ pub struct ToStore {
 pub fn plan(state: &AppState, meter: &Meter, body: &Bytes, req: &ChatRequest, start: Instant) -> Result<Option<ToStore>, ApiError> {
     let metadata = check_metadata(req.metadata.as_ref().unwrap_or(&Value::Null)).map_err(|e| ApiError::invalid("metadata", e))?;
     let Some(storage) = state.storage() else { return Ok(None) };
-    if !(storage.all || req.store == Some(true)) {
+    // `--store all` keeps everything a request does not opt out of (`store: false`).
+    if !(storage.all && req.store != Some(false) || req.store == Some(true)) {
         return Ok(None);
     }
     let request: Value = serde_json::from_slice(body).unwrap_or(Value::Null);

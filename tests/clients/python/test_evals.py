@@ -97,6 +97,7 @@ def test_run_grades_pregenerated_outputs(client):
             {"type": "json_schema", "name": "json", "schema": {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}},
             {"type": "string_check", "name": "exact", "input": "{{sample.output_text}}", "reference": "{{item.expected}}", "operation": "eq"},
             {"type": "text_similarity", "name": "rouge", "input": "{{sample.output_text}}", "reference": "{{item.expected}}", "evaluation_metric": "rouge_l", "pass_threshold": 0.5},
+            {"type": "text_similarity", "name": "cosine", "input": "{{sample.output_text}}", "reference": "{{item.expected}}", "evaluation_metric": "cosine", "pass_threshold": 0.999, "embedding_model": CHAT_MODEL},
         ],
     )
     content = [
@@ -107,7 +108,7 @@ def test_run_grades_pregenerated_outputs(client):
     run = client.evals.runs.create(ev.id, data_source={"type": "jsonl", "source": {"type": "file_content", "content": content}})
     run = wait_run(client, ev.id, run.id)
     assert (run.result_counts.passed, run.result_counts.failed, run.result_counts.errored) == (1, 2, 0)
-    assert {c.testing_criteria: c.passed for c in run.per_testing_criteria_results} == {"json": 1, "exact": 1, "rouge": 2}
+    assert {c.testing_criteria: c.passed for c in run.per_testing_criteria_results} == {"json": 1, "exact": 1, "rouge": 2, "cosine": 1}
     client.evals.runs.delete(run.id, eval_id=ev.id)
     with pytest.raises(openai.NotFoundError):
         client.evals.runs.retrieve(run.id, eval_id=ev.id)

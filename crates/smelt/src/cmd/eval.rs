@@ -67,7 +67,7 @@ impl Engines {
             let kv_blocks = (self.kv_memory / block as u64) as usize;
             anyhow::ensure!(kv_blocks * BLOCK_SIZE >= n_ctx, "--kv-memory {} MB holds less than one context of {n_ctx} tokens of {base}; raise it or lower --ctx", self.kv_memory >> 20);
             eprintln!("{base}: {} layers, KV cache {} MB", model.hp.n_layer, (kv_blocks * block) >> 20);
-            let config = EngineConfig { n_ctx, max_seqs: self.max_batch, kv_blocks, step_tokens: 256, queue: 1 << 20 };
+            let config = EngineConfig { n_ctx, max_seqs: self.max_batch, kv_blocks, step_tokens: 256, queue: 4096 };
             let engine = Engine::start(model, Arc::new(ThreadPool::new(self.threads)), config);
             self.bases.insert(base.to_string(), engine);
         }
