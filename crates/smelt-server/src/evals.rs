@@ -411,3 +411,19 @@ pub async fn get_output_item(State(state): State<AppState>, Extension(meter): Ex
     let item = records(&state)?.get_object("eval.run.output_item", owner(&state, &meter).as_deref(), &item_id).get().await.map_err(db)?;
     Ok(axum::Json(item.filter(|i| i["run_id"] == run_id.as_str()).ok_or_else(|| not_found("output item", &item_id))?))
 }
+
+/// Runs left `queued` or `in_progress` by a server that stopped: marked failed, so that clients
+/// polling them get an answer. Blocking; called before serving. How many there were.
+pub fn fail_unfinished_runs(records: &Records) -> usize {
+    let q = ObjectQuery { kind: "eval.run".into(), parent: None, owner: None, after: None, limit: 1_000_000, descending: false };
+    let Ok((runs, _)) = records.list_objects(q).wait() else { return 0 };
+    let mut n = 0;
+    for mut run in runs.into_iter().filter(|r| r["status"] == "queued" || r["status"] == "in_progress") {
+        run["status"] = json!("failed");
+        run["error"] = json!({"code": "server_stopped", "message": "the server stopped before the run finished; start it again"});
+        if let Some(id) = run["id"].as_str().map(str::to_string) {
+            n += usize::from(records.update_object(&id, &run).wait().unwrap_or(false));
+        }
+    }
+    n
+}

@@ -70,18 +70,72 @@ fn result(text: &str) -> Value {
     json!({"flagged": !found.is_empty(), "categories": categories, "category_scores": scores, "category_applied_input_types": applied, "findings": findings})
 }
 
-/// POST /v1/moderations
-pub async fn moderations(State(_state): State<AppState>, body: Bytes) -> Result<axum::Json<Value>, ApiError> {
+/// The judge's instructions: a policy over OpenAI's top-level categories.
+pub const JUDGE_POLICY: &str = "You are a content moderator. Decide whether the text between <<< and >>> violates this policy: \
+no harassment (threats or insults aimed at people), no hate (attacks on protected groups), no self-harm (encouraging or instructing it), \
+no sexual content, no violence (threats, glorifying or instructing violence), no illicit content (instructions for crimes, weapons or drugs). \
+Answer with exactly one line: \"safe\", or \"unsafe:\" followed by the violated categories from this list, comma-separated: \
+harassment, hate, self-harm, sexual, violence, illicit.";
+
+/// The categories a judge's answer names (none when it says safe).
+fn judged(answer: &str) -> Vec<&'static str> {
+    let a = answer.trim().to_lowercase();
+    if a.starts_with("safe") {
+        return Vec::new();
+    }
+    ["harassment", "hate", "self-harm", "sexual", "violence", "illicit"].into_iter().filter(|c| a.contains(c)).collect()
+}
+
+/// Ask a served model whether `text` breaks the policy; its answer.
+async fn judge(state: &AppState, model: &str, text: &str) -> Result<String, ApiError> {
+    let r = state.resolve(Some(model)).map_err(|e| ApiError { param: Some("model".into()), ..e })?;
+    let entry = r.entry;
+    let m = &entry.engine.model;
+    let template = m.chat_template().map_err(|e| ApiError::internal(e.to_string()))?;
+    let messages = json!([{"role": "system", "content": JUDGE_POLICY}, {"role": "user", "content": format!("<<<\n{text}\n>>>")}]);
+    let rendered = template.render(&messages, None, true).map_err(|e| ApiError::internal(e.to_string()))?;
+    let prompt = m.tokenizer.encode_prompt(&rendered);
+    crate::generation::check_context(&entry, prompt.len() + 24)?;
+    let fields = crate::types::SamplingFields { max_tokens: Some(24), temperature: Some(0.0), ..Default::default() };
+    let mut plan = crate::generation::plan(&fields, m.hp.n_vocab, entry.engine.config.n_ctx, None)?;
+    plan.lora = r.lora;
+    let rx = crate::generation::submit(&entry, std::slice::from_ref(&prompt), &plan, None)?;
+    let choices = crate::generation::collect(state, rx, 1, std::time::Instant::now()).await?;
+    Ok(choices.into_iter().next().map(|c| c.text).unwrap_or_default())
+}
+
+/// POST /v1/moderations: the detectors, and with `model` naming a served model (or
+/// `--moderation-model`), that model as a judge of OpenAI's categories.
+pub async fn moderations(State(state): State<AppState>, body: Bytes) -> Result<axum::Json<Value>, ApiError> {
     let req: Value = parse_json(&body)?;
     let input = req.get("input").ok_or_else(|| ApiError::invalid("input", "Missing required parameter: 'input'"))?;
-    match req.get("model") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(m)) if m == DETECTORS || m.starts_with("omni-moderation") || m.starts_with("text-moderation") => {}
-        Some(Value::String(m)) => return Err(ApiError { param: Some("model".into()), ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("The moderation model '{m}' does not exist; this server moderates with '{DETECTORS}'")) }.code("model_not_found")),
+    let judge_model = match req.get("model") {
+        None | Some(Value::Null) => state.moderation_model(),
+        Some(Value::String(m)) if m == DETECTORS => None,
+        Some(Value::String(m)) if m.starts_with("omni-moderation") || m.starts_with("text-moderation") => state.moderation_model(),
+        Some(Value::String(m)) => match state.resolve(Some(m)) {
+            Ok(_) => Some(m.clone()),
+            Err(_) => return Err(ApiError { param: Some("model".into()), ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("The moderation model '{m}' does not exist: use '{DETECTORS}' or a served model as the judge")) }.code("model_not_found")),
+        },
         Some(_) => return Err(ApiError::invalid("model", "model must be a string")),
-    }
+    };
     let texts = input_texts(input)?;
-    Ok(axum::Json(json!({"id": new_id("modr"), "model": DETECTORS, "results": texts.iter().map(|t| result(t)).collect::<Vec<_>>()})))
+    let mut results = Vec::with_capacity(texts.len());
+    for t in &texts {
+        let mut r = result(t);
+        if let Some(m) = &judge_model {
+            let answer = judge(&state, m, t).await?;
+            for c in judged(&answer) {
+                r["categories"][c] = json!(true);
+                r["category_scores"][c] = json!(1.0);
+                r["flagged"] = json!(true);
+            }
+            r["judge"] = json!({"model": m, "answer": answer});
+        }
+        results.push(r);
+    }
+    let model = judge_model.map(|m| format!("{DETECTORS}+{m}")).unwrap_or_else(|| DETECTORS.to_string());
+    Ok(axum::Json(json!({"id": new_id("modr"), "model": model, "results": results})))
 }
 
 fn blocked(param: &str, kind: Kind) -> ApiError {

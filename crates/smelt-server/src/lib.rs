@@ -8,7 +8,7 @@ mod adapters;
 mod chat;
 mod completions;
 mod embeddings;
-mod evals;
+pub mod evals;
 pub mod fine_tuning;
 pub mod error;
 mod generation;

@@ -74,6 +74,8 @@ struct Inner {
     records: std::sync::OnceLock<Storage>,
     /// Guardrails on chat requests and answers (`--guard`).
     guard: std::sync::OnceLock<smelt_guard::Policy>,
+    /// The served model that judges moderation requests by default (`--moderation-model`).
+    moderation_model: std::sync::OnceLock<String>,
 }
 
 /// Where chat completions are stored, and which.
@@ -89,7 +91,7 @@ pub struct AppState(Arc<Inner>);
 
 impl AppState {
     pub fn new(config: ServerConfig) -> AppState {
-        AppState(Arc::new(Inner { models: RwLock::new(Vec::new()), ready: AtomicBool::new(false), config, metrics: Metrics::default(), jobs: std::sync::OnceLock::new(), records: std::sync::OnceLock::new(), guard: std::sync::OnceLock::new() }))
+        AppState(Arc::new(Inner { models: RwLock::new(Vec::new()), ready: AtomicBool::new(false), config, metrics: Metrics::default(), jobs: std::sync::OnceLock::new(), records: std::sync::OnceLock::new(), guard: std::sync::OnceLock::new(), moderation_model: std::sync::OnceLock::new() }))
     }
 
     pub fn add_model(&self, entry: ModelEntry) {
@@ -127,6 +129,14 @@ impl AppState {
 
     pub fn set_guard(&self, policy: smelt_guard::Policy) {
         let _ = self.0.guard.set(policy);
+    }
+
+    pub fn set_moderation_model(&self, model: String) {
+        let _ = self.0.moderation_model.set(model);
+    }
+
+    pub fn moderation_model(&self) -> Option<String> {
+        self.0.moderation_model.get().cloned()
     }
 
     pub fn guard(&self) -> smelt_guard::Policy {

@@ -410,3 +410,16 @@ async fn adapters_load_list_serve_and_unload_while_serving() {
     error(st, &v, StatusCode::BAD_REQUEST);
     let _ = (std::fs::remove_file(good), std::fs::remove_file(wrong));
 }
+
+#[test]
+fn runs_left_unfinished_by_a_stopped_server_are_marked_failed() {
+    let path = std::env::temp_dir().join(format!("smelt-http-runs-{}.db", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let records = smelt_records::Records::open(&path, None).unwrap();
+    for (id, status) in [("r1", "in_progress"), ("r2", "completed"), ("r3", "queued")] {
+        records.put_object("eval.run", id, Some("e"), "", 1, &serde_json::json!({"id": id, "status": status})).wait().unwrap();
+    }
+    assert_eq!(smelt_server::evals::fail_unfinished_runs(&records), 2);
+    let status = |id: &str| records.get_object("eval.run", None, id).wait().unwrap().unwrap()["status"].as_str().unwrap().to_string();
+    assert_eq!((status("r1"), status("r2"), status("r3")), ("failed".into(), "completed".into(), "failed".into()));
+}

@@ -87,3 +87,17 @@ def test_guardrails_on_requests_and_answers():
         assert stored.choices[0].message.content == "Use " and stored.choices[0].finish_reason == "content_filter"
     finally:
         server.stop()
+
+
+def test_moderation_with_a_served_model_as_judge(client):
+    cats = ["harassment", "hate", "self-harm", "sexual", "violence", "illicit"]
+    texts = ["All people of that religion are vermin and should be wiped out.", "What a lovely sunny day for a picnic."]
+    r = client.moderations.create(model=CHAT_MODEL, input=texts)
+    assert r.model == f"smelt-detectors+{CHAT_MODEL}" and len(r.results) == 2
+    for res in r.results:
+        answer = res.model_extra["judge"]["answer"].strip().lower()
+        named = [] if answer.startswith("safe") else [c for c in cats if c in answer]
+        got = res.model_dump()["categories"]
+        # The categories are what the judge named (the detectors find nothing in these texts).
+        assert [c for c in cats if got[c]] == named, (answer, got)
+        assert res.flagged == bool(named)

@@ -73,6 +73,10 @@ pub struct Args {
     /// or redact. E.g. `input:injection=block,output:pii=redact`.
     #[arg(long, value_name = "RULES", value_parser = smelt_guard::parse_policy)]
     guard: Option<smelt_guard::Policy>,
+    /// A served model (or adapter) that judges /v1/moderations requests by default, on top of the
+    /// detectors.
+    #[arg(long, value_name = "MODEL")]
+    moderation_model: Option<String>,
     /// Delete stored completions older than this (e.g. 30d, 12h); default: keep them.
     #[arg(long, value_name = "AGE", value_parser = parse_duration)]
     store_retention: Option<std::time::Duration>,
@@ -172,10 +176,19 @@ pub fn run(mut a: Args) -> Result<()> {
     if let Some(policy) = a.guard.clone() {
         state.set_guard(policy);
     }
+    if let Some(m) = a.moderation_model.clone() {
+        let served = ids.iter().any(|id| m == *id || m.starts_with(&format!("{id}:"))) || m.starts_with("ft:");
+        anyhow::ensure!(served, "--moderation-model {m:?} is not one of the served models ({})", ids.join(", "));
+        state.set_moderation_model(m);
+    }
     if a.store != "off" {
         let path = a.database.clone().unwrap_or_else(default_database);
         let records = smelt_records::Records::open(&path, a.store_retention).with_context(|| format!("cannot open the database {}; pass --database PATH or --store off", path.display()))?;
         eprintln!("storing {} chat completions in {}", if a.store == "all" { "all" } else { "requested (store: true)" }, path.display());
+        let stale = smelt_server::evals::fail_unfinished_runs(&records);
+        if stale > 0 {
+            eprintln!("{stale} eval run(s) left unfinished by the last server are marked failed");
+        }
         state.set_storage(smelt_server::Storage { records, all: a.store == "all" });
     }
     let data_dir = a.data_dir.clone().unwrap_or_else(|| smelt_store::Store::from_env().root().join("server"));
