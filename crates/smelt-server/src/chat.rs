@@ -302,7 +302,7 @@ fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::syn
         }
         let mut timing = Timing::new(start, n);
         let mut assembly = to_store.as_ref().map(|_| stored::Assembly::new(n));
-        let (mut done, mut completion) = (0, 0);
+        let (mut done, mut completion, mut cached) = (0, 0, 0);
         let mut parsers: Vec<Option<tools::CallParser>> = (0..n).map(|_| tools.as_ref().map(tools::CallParser::new)).collect();
         // Output guardrails per choice; `cut` once a choice was blocked (nothing more is sent).
         let mut guards: Vec<Option<StreamGuard>> = (0..n).map(|_| (!output.is_empty()).then(|| StreamGuard::new(output.clone()))).collect();
@@ -349,6 +349,9 @@ fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::syn
                 Event::Done(s) => {
                     done += 1;
                     completion += s.completion_tokens;
+                    if i == 0 {
+                        cached = s.cached_tokens;
+                    }
                     let mut msgs = Vec::new();
                     let mut finish = finish_reason(s.finish);
                     let before = parsers[i].as_ref().map_or(0, |p| p.calls);
@@ -390,6 +393,8 @@ fn stream(state: AppState, entry: std::sync::Arc<ModelEntry>, mut rx: tokio::syn
         }
         if include_usage {
             let mut c = json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model_id, "choices": [], "usage": Usage::new(prompt_tokens, completion)});
+            // As in the non-streamed response: how much of the prompt came from the prefix cache.
+            c["usage"]["prompt_tokens_details"] = json!({"cached_tokens": cached});
             c["system_fingerprint"] = json!(concat!("smelt-", env!("CARGO_PKG_VERSION")));
             let _ = tx.send(c.to_string());
         }

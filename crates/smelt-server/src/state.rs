@@ -76,6 +76,8 @@ struct Inner {
     guard: std::sync::OnceLock<smelt_guard::Policy>,
     /// The served model that judges moderation requests by default (`--moderation-model`).
     moderation_model: std::sync::OnceLock<String>,
+    /// The model a request without `model` goes to (`--default-model`; else the first served).
+    default_model: std::sync::OnceLock<String>,
 }
 
 /// Where chat completions are stored, and which.
@@ -91,7 +93,7 @@ pub struct AppState(Arc<Inner>);
 
 impl AppState {
     pub fn new(config: ServerConfig) -> AppState {
-        AppState(Arc::new(Inner { models: RwLock::new(Vec::new()), ready: AtomicBool::new(false), config, metrics: Metrics::default(), jobs: std::sync::OnceLock::new(), records: std::sync::OnceLock::new(), guard: std::sync::OnceLock::new(), moderation_model: std::sync::OnceLock::new() }))
+        AppState(Arc::new(Inner { models: RwLock::new(Vec::new()), ready: AtomicBool::new(false), config, metrics: Metrics::default(), jobs: std::sync::OnceLock::new(), records: std::sync::OnceLock::new(), guard: std::sync::OnceLock::new(), moderation_model: std::sync::OnceLock::new(), default_model: std::sync::OnceLock::new() }))
     }
 
     pub fn add_model(&self, entry: ModelEntry) {
@@ -129,6 +131,10 @@ impl AppState {
 
     pub fn set_guard(&self, policy: smelt_guard::Policy) {
         let _ = self.0.guard.set(policy);
+    }
+
+    pub fn set_default_model(&self, model: String) {
+        let _ = self.0.default_model.set(model);
     }
 
     pub fn set_moderation_model(&self, model: String) {
@@ -190,7 +196,10 @@ impl AppState {
         }
         let models = self.0.models.read().unwrap_or_else(|e| e.into_inner());
         match name {
-            None => models.first().cloned().ok_or_else(|| ApiError::unavailable("No model is loaded")),
+            None => match self.0.default_model.get() {
+                Some(d) => models.iter().find(|m| &m.id == d).cloned().ok_or_else(|| ApiError::model_not_found(d)),
+                None => models.first().cloned().ok_or_else(|| ApiError::unavailable("No model is loaded")),
+            },
             Some(n) => models.iter().find(|m| m.id == n).cloned().ok_or_else(|| ApiError::model_not_found(n)),
         }
     }

@@ -13,14 +13,18 @@ use smelt_server::{app, AppState, ModelEntry, ServerConfig};
 use std::sync::Arc;
 use tower::ServiceExt;
 
-fn state(api_key: Option<&str>, config: EngineConfig) -> AppState {
+fn tiny_engine(config: EngineConfig) -> Engine {
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let k = COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let path = std::env::temp_dir().join(format!("smelt-http-{}-{k}.gguf", std::process::id()));
     std::fs::write(&path, tiny_model(&TinySpec::new("qwen3")).to_bytes()).unwrap();
     let model = Arc::new(Model::load(&path).unwrap());
     let _ = std::fs::remove_file(&path);
-    let engine = Engine::start(model, Arc::new(ThreadPool::new(1)), config);
+    Engine::start(model, Arc::new(ThreadPool::new(1)), config)
+}
+
+fn state(api_key: Option<&str>, config: EngineConfig) -> AppState {
+    let engine = tiny_engine(config);
     let s = AppState::new(ServerConfig { keys: api_key.map(|k| Keys::new(vec![KeySpec::plain(k)])), max_body: 4096 });
     s.add_model(ModelEntry::new("tiny", engine));
     s.set_ready();
@@ -422,4 +426,17 @@ fn runs_left_unfinished_by_a_stopped_server_are_marked_failed() {
     assert_eq!(smelt_server::evals::fail_unfinished_runs(&records), 2);
     let status = |id: &str| records.get_object("eval.run", None, id).wait().unwrap().unwrap()["status"].as_str().unwrap().to_string();
     assert_eq!((status("r1"), status("r2"), status("r3")), ("failed".into(), "completed".into(), "failed".into()));
+}
+
+#[tokio::test]
+async fn requests_without_a_model_go_to_the_default_model() {
+    // Two served models; the second is the default.
+    let s = state(None, config());
+    s.add_model(ModelEntry::new("second", tiny_engine(config())));
+    let body = || Body::from(json!({"prompt": "hi", "max_tokens": 1}).to_string());
+    let (status, v, _) = call(&s, "POST", "/v1/completions", body(), None).await;
+    assert_eq!((status, v["model"].as_str()), (StatusCode::OK, Some("tiny")), "{v}");
+    s.set_default_model("second".into());
+    let (status, v, _) = call(&s, "POST", "/v1/completions", body(), None).await;
+    assert_eq!((status, v["model"].as_str()), (StatusCode::OK, Some("second")), "{v}");
 }

@@ -53,6 +53,30 @@ fn tokenize_prints_llama_cpp_ids() {
     }
 }
 
+#[test]
+fn tokenize_reads_files_and_standard_input() {
+    let dir = temp("tokenize-file");
+    // Longer than the command line allows.
+    let text = "The quick brown fox jumps over the lazy dog. ".repeat(60_000);
+    let path = dir.join("long.txt");
+    std::fs::write(&path, &text).unwrap();
+    let from_file = run(&["tokenize", "-m", QWEN, "-f", path.to_str().unwrap()]);
+    assert!(from_file.status.success(), "{}", stderr(&from_file));
+    let mut child = smelt(&["tokenize", "-m", QWEN]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let t = text.clone();
+    let writer = std::thread::spawn(move || stdin.write_all(t.as_bytes()).unwrap());
+    let from_stdin = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(from_stdin.status.success(), "{}", stderr(&from_stdin));
+    assert_eq!(stdout(&from_file), stdout(&from_stdin));
+    let ids: Vec<u32> = serde_json::from_str(stdout(&from_file).trim()).unwrap();
+    assert!(ids.len() > 500_000, "{}", ids.len());
+    // The same as the argument form on a short text.
+    std::fs::write(&path, "Hello, world!").unwrap();
+    assert_eq!(stdout(&run(&["tokenize", "-m", QWEN, "-f", path.to_str().unwrap()])), stdout(&run(&["tokenize", "-m", QWEN, "Hello, world!"])));
+}
+
 fn generate_json(args: &[&str]) -> serde_json::Value {
     let mut all = vec!["generate", "--json"];
     all.extend_from_slice(args);
@@ -199,6 +223,27 @@ fn chat_over_a_pipe_answers_each_line() {
     let text = stdout(&out);
     let replies: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
     assert!(replies.len() >= 2, "two replies: {text:?}");
+}
+
+#[test]
+fn run_takes_the_model_as_a_flag_too() {
+    let mut child = smelt(&["run", "-m", QWEN, "--temperature", "0", "--max-tokens", "4"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"Say hello.\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!stdout(&out).trim().is_empty());
+    // Both at once is an argument error.
+    assert_eq!(run(&["run", QWEN, "-m", QWEN]).status.code(), Some(2));
+}
+
+#[test]
+fn generate_reports_finish_reasons_by_their_api_names() {
+    let o = run(&["generate", "-m", GEMMA, "-p", "The capital of France is", "-n", "3", "--temperature", "0"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).trim_end().ends_with("| length]"), "{}", stderr(&o));
+    let o = run(&["generate", "-m", GEMMA, "-p", "x", "-n", "3", "--logprobs", "2"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(one_line_error(&o).contains("--logprobs needs --json"), "{}", stderr(&o));
 }
 
 /// Drive `smelt run` in a real pseudo-terminal: two turns, Ctrl-C during a reply stops it,

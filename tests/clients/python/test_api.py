@@ -75,6 +75,8 @@ def test_streaming_assembles_to_the_same_answer(client):
     assert text == full.choices[0].message.content
     assert finish == full.choices[0].finish_reason
     assert usage.completion_tokens == full.usage.completion_tokens and usage.prompt_tokens == full.usage.prompt_tokens
+    # The same prompt again: its tokens come from the prefix cache, and the streamed usage says so.
+    assert usage.prompt_tokens_details.cached_tokens > 0
 
 
 def test_length_stop_seed_n_and_logit_bias(client):

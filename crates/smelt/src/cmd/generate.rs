@@ -59,6 +59,7 @@ fn constraint(a: &Args) -> Result<Option<Compiled>> {
 
 pub fn run(a: Args) -> Result<()> {
     anyhow::ensure!(a.logprobs <= 100, "--logprobs must be at most 100");
+    anyhow::ensure!(a.logprobs == 0 || a.json, "--logprobs needs --json (the alternatives are reported in its steps)");
     let grammar = constraint(&a)?;
     let (model, pool, n_ctx) = load(&a.model)?;
     let prompt = model.tokenizer.encode_prompt(&a.prompt);
@@ -108,13 +109,14 @@ pub fn run(a: Args) -> Result<()> {
         let tg = (end - first).as_secs_f64();
         let n = gen.steps.len();
         eprintln!(
-            "[prompt {} tokens in {:.2}s ({:.1} t/s) | generated {} tokens ({:.1} t/s) | {:?}]",
+            "[prompt {} tokens in {:.2}s ({:.1} t/s) | generated {} tokens ({:.1} t/s) | {}]",
             prompt.len(),
             pp,
             prompt.len() as f64 / pp.max(1e-9),
             n,
             if n > 1 { (n - 1) as f64 / tg.max(1e-9) } else { 0.0 },
-            gen.finish
+            // The same names as --json and the API: stop, length, cancelled.
+            serde_json::to_value(gen.finish).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
         );
     }
     Ok(())

@@ -12,8 +12,11 @@ use std::sync::Arc;
 #[derive(clap::Args)]
 pub struct Args {
     /// Model: a .gguf path, a stored name, or a pullable short name (pulled on first use).
-    #[arg(default_value = smelt_store::DEFAULT_MODEL)]
-    model: String,
+    #[arg(value_name = "MODEL", conflicts_with = "model_flag")]
+    model: Option<String>,
+    /// The model, as every other command takes it (the same as the positional MODEL).
+    #[arg(long = "model", short = 'm', value_name = "MODEL")]
+    model_flag: Option<String>,
     /// Worker threads (default: all cores).
     #[arg(long, short = 't')]
     threads: Option<usize>,
@@ -36,7 +39,8 @@ pub struct Args {
 const HELP: &str = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops a reply";
 
 pub fn run(a: Args) -> Result<()> {
-    let margs = crate::common::ModelArgs { model: a.model.clone(), threads: a.threads, ctx: a.ctx, lora: a.lora.clone() };
+    let name = a.model.clone().or(a.model_flag.clone()).unwrap_or_else(|| smelt_store::DEFAULT_MODEL.to_string());
+    let margs = crate::common::ModelArgs { model: name.clone(), threads: a.threads, ctx: a.ctx, lora: a.lora.clone() };
     let (model, pool, n_ctx) = load(&margs)?;
     let template = model.chat_template()?;
     let mut session = Session::new(model.clone(), pool, n_ctx);

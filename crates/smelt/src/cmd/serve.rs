@@ -17,8 +17,10 @@ pub struct Args {
     /// Model to serve (repeatable): a .gguf path, a stored name, or a pullable short name.
     #[arg(long, short = 'm')]
     model: Vec<String>,
+    /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
+    /// Port to listen on (0 picks a free one and prints it).
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// Require this API key (clients send `Authorization: Bearer KEY`).
@@ -73,6 +75,9 @@ pub struct Args {
     /// or redact. E.g. `input:injection=block,output:pii=redact`.
     #[arg(long, value_name = "RULES", value_parser = smelt_guard::parse_policy)]
     guard: Option<smelt_guard::Policy>,
+    /// The model that answers requests which name none (default: the first --model).
+    #[arg(long, value_name = "MODEL")]
+    default_model: Option<String>,
     /// A served model (or adapter) that judges /v1/moderations requests by default, on top of the
     /// detectors.
     #[arg(long, value_name = "MODEL")]
@@ -176,6 +181,12 @@ pub fn run(mut a: Args) -> Result<()> {
     if let Some(policy) = a.guard.clone() {
         state.set_guard(policy);
     }
+    if let Some(m) = a.default_model.clone() {
+        let id = model_id(&m);
+        anyhow::ensure!(ids.contains(&id), "--default-model {m:?} is not one of the served models ({})", ids.join(", "));
+        state.set_default_model(id);
+    }
+    eprintln!("requests that name no model go to {}", a.default_model.as_deref().map(model_id).unwrap_or_else(|| ids[0].clone()));
     if let Some(m) = a.moderation_model.clone() {
         let served = ids.iter().any(|id| m == *id || m.starts_with(&format!("{id}:"))) || m.starts_with("ft:");
         anyhow::ensure!(served, "--moderation-model {m:?} is not one of the served models ({})", ids.join(", "));
