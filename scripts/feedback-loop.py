@@ -19,6 +19,7 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -59,6 +60,8 @@ def main():
         if line.startswith("listening on "):
             url = line.split()[2]
             break
+    # Keep reading the server's log (one line per request) so that it never blocks on the pipe.
+    threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
     while True:
         try:
             if urllib.request.urlopen(url + "/health").status == 200:

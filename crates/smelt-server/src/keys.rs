@@ -120,9 +120,10 @@ struct KeyState {
 pub struct Keys(Arc<Vec<KeyState>>);
 
 /// What a request holds while it runs: its key's name, a concurrency slot (given back on
-/// drop) and the account its tokens are charged to.
+/// drop), the account its tokens are charged to, and the count of those tokens (for the
+/// request log).
 #[derive(Debug, Clone)]
-pub struct Meter(Option<Arc<MeterInner>>);
+pub struct Meter(Option<Arc<MeterInner>>, Arc<std::sync::atomic::AtomicUsize>);
 
 #[derive(Debug)]
 struct MeterInner {
@@ -139,12 +140,17 @@ impl Drop for MeterInner {
 impl Meter {
     /// A meter that charges nobody (no keys configured).
     pub fn none() -> Meter {
-        Meter(None)
+        Meter(None, Default::default())
     }
 
     /// The name of the key this request was admitted with.
     pub fn name(&self) -> Option<&str> {
         self.0.as_ref().map(|m| m.keys.0[m.index].spec.name.as_str())
+    }
+
+    /// Tokens charged so far (prompt and generated).
+    pub fn used(&self) -> usize {
+        self.1.load(Ordering::Relaxed)
     }
 
     /// The guardrails of the key this request was admitted with, when it has its own.
@@ -154,6 +160,7 @@ impl Meter {
 
     /// Charge tokens a request used to its key's per-minute allowance.
     pub fn charge(&self, tokens: usize) {
+        self.1.fetch_add(tokens, Ordering::Relaxed);
         let Some(m) = &self.0 else { return };
         if let Some(b) = &m.keys.0[m.index].tokens {
             let mut b = b.lock().unwrap_or_else(|e| e.into_inner());
@@ -233,7 +240,7 @@ impl Keys {
             }
         }
         let held = k.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
-        let meter = Meter(Some(Arc::new(MeterInner { keys: self.clone(), index: i })));
+        let meter = Meter(Some(Arc::new(MeterInner { keys: self.clone(), index: i })), Default::default());
         if let Some(limit) = k.spec.concurrency {
             if held > limit {
                 return Err(rate_limited(format!("Key '{}' already has {limit} requests in flight (its concurrency limit); retry when one finishes", k.spec.name), 1.0));

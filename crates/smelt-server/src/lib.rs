@@ -151,23 +151,82 @@ async fn gate(State(state): State<AppState>, mut req: Request, next: Next) -> Re
         (Some(keys), false) => keys.admit(req.headers().get(header::AUTHORIZATION)),
         _ => Ok(keys::Meter::none()),
     };
+    let start = std::time::Instant::now();
+    let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+    let key = admitted.as_ref().ok().and_then(|m| m.name().map(str::to_string));
     let resp = match admitted {
         Ok(meter) => {
             req.extensions_mut().insert(meter.clone());
+            let (resp, mut model) = limit_body(&state, req, next).await;
             // The meter (and with it the key's concurrency slot) lives as long as the response
-            // body: to the end of a stream, or until the client goes away.
-            limit_body(&state, req, next).await.map(|body| Body::new(Held { body, _meter: meter }))
+            // body: to the end of a stream, or until the client goes away; the request's log
+            // line is written then, with its tokens and time.
+            // Health and metrics probes are not logged (they come every few seconds).
+            let log = state.log_format().filter(|_| !open).map(|format| RequestLog { format, method, path, status: resp.status().as_u16(), model: model.take(), key, start });
+            resp.map(|body| Body::new(Held { body, meter, log }))
         }
-        Err(e) => e.into_response(),
+        Err(e) => {
+            let resp = e.into_response();
+            if let Some(format) = state.log_format().filter(|_| !open) {
+                RequestLog { format, method, path, status: resp.status().as_u16(), model: None, key, start }.write(0);
+            }
+            resp
+        }
     };
     state.metrics().count(route, resp.status().as_u16());
     resp
 }
 
-/// A response body that keeps its request's meter alive until it is finished or dropped.
+/// How request log lines are written (`--log-format`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// One request's log line, written when its response body is done.
+struct RequestLog {
+    format: LogFormat,
+    method: String,
+    path: String,
+    status: u16,
+    model: Option<String>,
+    key: Option<String>,
+    start: std::time::Instant,
+}
+
+impl RequestLog {
+    fn write(&self, tokens: usize) {
+        let ms = self.start.elapsed().as_secs_f64() * 1000.0;
+        let line = match self.format {
+            LogFormat::Json => serde_json::json!({"time": state::now(), "method": self.method, "path": self.path, "status": self.status, "model": self.model, "key": self.key, "tokens": tokens, "ms": (ms * 10.0).round() / 10.0}).to_string(),
+            LogFormat::Text => format!(
+                "{} {} {} model={} tokens={tokens} {ms:.1}ms{}",
+                self.method,
+                self.path,
+                self.status,
+                self.model.as_deref().unwrap_or("-"),
+                self.key.as_deref().map(|k| format!(" key={k}")).unwrap_or_default()
+            ),
+        };
+        eprintln!("{line}");
+    }
+}
+
+/// A response body that keeps its request's meter alive until it is finished or dropped, then
+/// logs the request.
 struct Held {
     body: Body,
-    _meter: keys::Meter,
+    meter: keys::Meter,
+    log: Option<RequestLog>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(log) = self.log.take() {
+            log.write(self.meter.used());
+        }
+    }
 }
 
 impl http_body::Body for Held {
@@ -190,18 +249,31 @@ impl http_body::Body for Held {
 /// Largest file upload (`/v1/files`), unless `max_body` is larger.
 pub const FILE_LIMIT: usize = 256 << 20;
 
-async fn limit_body(state: &AppState, req: Request, next: Next) -> Response {
+/// Read the body within the limit and run the handler; also the model the body names (for the
+/// request log, when one is kept).
+async fn limit_body(state: &AppState, req: Request, next: Next) -> (Response, Option<String>) {
     // Uploads of training files may be larger than any request.
     let limit = if req.uri().path() == "/v1/files" { state.config().max_body.max(FILE_LIMIT) } else { state.config().max_body };
     // A declared length over the limit is refused at once, without reading the body.
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return ApiError::too_large(limit).into_response();
+        return (ApiError::too_large(limit).into_response(), None);
     }
     let (parts, body) = req.into_parts();
     match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
-        Err(_) => ApiError::too_large(limit).into_response(),
+        Ok(bytes) => {
+            #[derive(serde::Deserialize)]
+            struct Named {
+                model: Option<String>,
+            }
+            let model = if state.log_format().is_some() && bytes.len() < (1 << 20) && bytes.first() == Some(&b'{') {
+                serde_json::from_slice::<Named>(&bytes).ok().and_then(|n| n.model)
+            } else {
+                None
+            };
+            (next.run(Request::from_parts(parts, Body::from(bytes))).await, model)
+        }
+        Err(_) => (ApiError::too_large(limit).into_response(), None),
     }
 }
 
@@ -254,12 +326,46 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serve `app(state)` on `addr` until the process is interrupted.
-pub async fn serve(state: AppState, listener: tokio::net::TcpListener) -> std::io::Result<()> {
-    axum::serve(listener, app(state)).with_graceful_shutdown(async {
+/// Serve `app(state)` until SIGINT or SIGTERM; then stop accepting, let running requests finish
+/// for up to `grace`, and return.
+pub async fn serve(state: AppState, listener: tokio::net::TcpListener, grace: std::time::Duration) -> std::io::Result<()> {
+    let stop = std::sync::Arc::new(tokio::sync::Notify::new());
+    let signalled = stop.clone();
+    let running = state.clone();
+    let signal = async move {
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let sigterm = async move {
+                match term.as_mut() {
+                    Some(t) => {
+                        t.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = sigterm => {}
+            }
+        }
+        #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
-    })
-    .await
+        let busy: usize = running.models().iter().map(|m| m.engine.stats.running.load(std::sync::atomic::Ordering::Relaxed) + m.engine.stats.waiting.load(std::sync::atomic::Ordering::Relaxed)).sum();
+        eprintln!("shutting down: no new connections; waiting up to {}s for {busy} running request(s)", grace.as_secs());
+        signalled.notify_one();
+    };
+    let server = axum::serve(listener, app(state)).with_graceful_shutdown(signal);
+    tokio::select! {
+        r = server => {
+            r?;
+            eprintln!("stopped");
+        }
+        _ = async { stop.notified().await; tokio::time::sleep(grace).await } => {
+            eprintln!("stopped: requests still running after {}s were cut off (--shutdown-timeout)", grace.as_secs());
+        }
+    }
+    Ok(())
 }
 
 

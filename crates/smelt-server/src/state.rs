@@ -78,6 +78,8 @@ struct Inner {
     moderation_model: std::sync::OnceLock<String>,
     /// The model a request without `model` goes to (`--default-model`; else the first served).
     default_model: std::sync::OnceLock<String>,
+    /// Request log lines, when kept (`--log-format`).
+    log: std::sync::OnceLock<crate::LogFormat>,
 }
 
 /// Where chat completions are stored, and which.
@@ -93,7 +95,7 @@ pub struct AppState(Arc<Inner>);
 
 impl AppState {
     pub fn new(config: ServerConfig) -> AppState {
-        AppState(Arc::new(Inner { models: RwLock::new(Vec::new()), ready: AtomicBool::new(false), config, metrics: Metrics::default(), jobs: std::sync::OnceLock::new(), records: std::sync::OnceLock::new(), guard: std::sync::OnceLock::new(), moderation_model: std::sync::OnceLock::new(), default_model: std::sync::OnceLock::new() }))
+        AppState(Arc::new(Inner { models: RwLock::new(Vec::new()), ready: AtomicBool::new(false), config, metrics: Metrics::default(), jobs: std::sync::OnceLock::new(), records: std::sync::OnceLock::new(), guard: std::sync::OnceLock::new(), moderation_model: std::sync::OnceLock::new(), default_model: std::sync::OnceLock::new(), log: std::sync::OnceLock::new() }))
     }
 
     pub fn add_model(&self, entry: ModelEntry) {
@@ -131,6 +133,14 @@ impl AppState {
 
     pub fn set_guard(&self, policy: smelt_guard::Policy) {
         let _ = self.0.guard.set(policy);
+    }
+
+    pub fn set_log_format(&self, format: crate::LogFormat) {
+        let _ = self.0.log.set(format);
+    }
+
+    pub fn log_format(&self) -> Option<crate::LogFormat> {
+        self.0.log.get().copied()
     }
 
     pub fn set_default_model(&self, model: String) {

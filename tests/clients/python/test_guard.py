@@ -1,6 +1,9 @@
 """Moderation and guardrails through the official client: /v1/moderations on the shared server,
 and a server of its own started with --guard, whose answers are forced with the `regex`
 extension so that what the guard must do to them is known exactly."""
+import json
+import time
+
 import openai
 import pytest
 
@@ -39,7 +42,7 @@ def test_moderations(client):
 @pytest.mark.skipif(not SMELT, reason="needs SMELT_BIN (the Rust test server_clients sets it)")
 def test_guardrails_on_requests_and_answers():
     rules = "input:injection=block,input:secrets=block,input:email=redact,output:pii=redact,output:api_key=block"
-    server = Server(["--guard", rules, "--store", "all"])
+    server = Server(["--guard", rules, "--store", "all", "--log-format", "json"])
     try:
         c = server.client
 
@@ -87,6 +90,15 @@ def test_guardrails_on_requests_and_answers():
         assert stored.choices[0].message.content == "Use " and stored.choices[0].finish_reason == "content_filter"
     finally:
         server.stop()
+    # One JSON log line per request (tokens and time counted to the end of streams), and a clean stop.
+    deadline = time.time() + 10
+    while time.time() < deadline and not any(l.strip() == "stopped" for l in server.log):
+        time.sleep(0.1)
+    lines = [json.loads(l) for l in server.log if l.startswith("{")]
+    assert any(l["path"] == "/v1/chat/completions" and l["status"] == 200 and l["model"] == CHAT_MODEL and l["tokens"] > 0 and l["ms"] > 0 for l in lines), lines
+    assert any(l["status"] == 400 for l in lines)
+    assert not any(l["path"] == "/health" for l in lines)
+    assert any(l.startswith("shutting down") for l in server.log) and any(l.strip() == "stopped" for l in server.log)
 
 
 def test_moderation_with_a_served_model_as_judge(client):

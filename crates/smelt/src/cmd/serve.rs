@@ -75,6 +75,12 @@ pub struct Args {
     /// or redact. E.g. `input:injection=block,output:pii=redact`.
     #[arg(long, value_name = "RULES", value_parser = smelt_guard::parse_policy)]
     guard: Option<smelt_guard::Policy>,
+    /// One log line per request on standard error: text, json, or off.
+    #[arg(long, default_value = "text", value_parser = ["text", "json", "off"])]
+    log_format: String,
+    /// On SIGINT/SIGTERM, how long running requests may take to finish before the server stops.
+    #[arg(long, value_name = "AGE", default_value = "30s", value_parser = parse_duration)]
+    shutdown_timeout: std::time::Duration,
     /// The model that answers requests which name none (default: the first --model).
     #[arg(long, value_name = "MODEL")]
     default_model: Option<String>,
@@ -178,6 +184,11 @@ pub fn run(mut a: Args) -> Result<()> {
         eprintln!("{} API key(s), {limited} with limits", keys.len());
     }
     let state = AppState::new(ServerConfig { keys: keys.map(Keys::new), max_body: a.max_body });
+    match a.log_format.as_str() {
+        "text" => state.set_log_format(smelt_server::LogFormat::Text),
+        "json" => state.set_log_format(smelt_server::LogFormat::Json),
+        _ => {}
+    }
     if let Some(policy) = a.guard.clone() {
         state.set_guard(policy);
     }
@@ -215,6 +226,7 @@ pub fn run(mut a: Args) -> Result<()> {
         }
     };
     let train_threads = a.train_threads.unwrap_or_else(|| threads(a.threads));
+    let grace = a.shutdown_timeout;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let addr = format!("{}:{}", a.host, a.port);
@@ -245,6 +257,6 @@ pub fn run(mut a: Args) -> Result<()> {
             eprintln!("error: {}", failure.replace('\n', " "));
             std::process::exit(1);
         });
-        smelt_server::serve(state, listener).await.context("server error")
+        smelt_server::serve(state, listener, grace).await.context("server error")
     })
 }
