@@ -18,22 +18,12 @@ use smelt_engine::scheduler::Engine;
 use smelt_eval::engine::{EngineSampler, Resolve};
 use smelt_eval::{EvalSpec, Sample};
 use smelt_model::lora::LoraSet;
+use crate::stored::{db_error, owner, page_json, paging as stored_paging, query_pairs};
 use smelt_records::{ObjectQuery, Query, Records};
 use std::sync::Arc;
 
 fn records(state: &AppState) -> Result<Records, ApiError> {
     state.storage().map(|s| s.records.clone()).ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "Evals need the database; this server was started with --store off").code("storage_off"))
-}
-
-fn owner(state: &AppState, meter: &Meter) -> Option<String> {
-    state.config().keys.as_ref().map(|_| meter.name().unwrap_or("").to_string())
-}
-
-fn db(e: smelt_records::Error) -> ApiError {
-    match e {
-        smelt_records::Error::Invalid(m) => ApiError::bad_request(m),
-        e => ApiError::internal(e.to_string()),
-    }
 }
 
 fn not_found(what: &str, id: &str) -> ApiError {
@@ -53,17 +43,12 @@ struct Paging {
 }
 
 fn paging(raw: Option<String>) -> Result<Paging, ApiError> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw.as_deref().unwrap_or("")).map_err(|e| ApiError::bad_request(format!("Invalid query string: {e}")))?;
     let (mut limit, mut desc, mut after, mut status) = (20, false, None, None);
-    for (k, v) in pairs {
+    for (k, v) in query_pairs(raw)? {
+        if stored_paging(&k, &v, &mut limit, &mut desc, &mut after)? {
+            continue;
+        }
         match k.as_str() {
-            "limit" => limit = v.parse::<usize>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| ApiError::invalid("limit", "limit must be a whole number from 1 to 100"))?,
-            "order" => desc = match v.as_str() {
-                "asc" => false,
-                "desc" => true,
-                _ => return Err(ApiError::invalid("order", "order must be asc or desc")),
-            },
-            "after" => after = Some(v),
             "status" => status = Some(v),
             // Evals are listed by creation time (updates do not move them).
             "order_by" => {}
@@ -79,25 +64,19 @@ async fn listing(state: &AppState, meter: &Meter, kind: &str, parent: Option<Str
     let owner = owner(state, meter);
     let Some(status) = p.status else {
         let q = ObjectQuery { kind: kind.into(), parent, owner, after: p.after, limit: p.limit, descending: p.descending };
-        let (data, more) = records.list_objects(q).get().await.map_err(db)?;
-        return Ok(page(data, more));
+        let (data, more) = records.list_objects(q).get().await.map_err(db_error)?;
+        return Ok(page_json(data, more));
     };
     // Filtered: read them all (runs and items of one eval are few), then page.
     let q = ObjectQuery { kind: kind.into(), parent, owner, after: None, limit: 100_000, descending: p.descending };
-    let (all, _) = records.list_objects(q).get().await.map_err(db)?;
+    let (all, _) = records.list_objects(q).get().await.map_err(db_error)?;
     let all: Vec<Value> = all.into_iter().filter(|o| o["status"] == status.as_str()).collect();
     let start = match &p.after {
         Some(a) => all.iter().position(|o| o["id"] == a.as_str()).map(|i| i + 1).ok_or_else(|| ApiError::invalid("after", format!("no {kind} '{a}' in this listing")))?,
         None => 0,
     };
     let more = all.len() > start + p.limit;
-    Ok(page(all.into_iter().skip(start).take(p.limit).collect(), more))
-}
-
-fn page(data: Vec<Value>, has_more: bool) -> Value {
-    let first = data.first().map(|d| d["id"].clone()).unwrap_or(Value::Null);
-    let last = data.last().map(|d| d["id"].clone()).unwrap_or(Value::Null);
-    json!({"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": has_more})
+    Ok(page_json(all.into_iter().skip(start).take(p.limit).collect(), more))
 }
 
 fn metadata(v: Option<&Value>) -> Result<Map<String, Value>, ApiError> {
@@ -152,12 +131,12 @@ pub async fn create(State(state): State<AppState>, Extension(meter): Extension<M
         "created_at": created,
         "metadata": metadata(req.get("metadata"))?,
     });
-    records.put_object("eval", &id, None, meter.name().unwrap_or(""), created, &eval).get().await.map_err(db)?;
+    records.put_object("eval", &id, None, meter.name().unwrap_or(""), created, &eval).get().await.map_err(db_error)?;
     Ok(axum::Json(eval))
 }
 
 async fn find_eval(state: &AppState, meter: &Meter, id: &str) -> Result<Value, ApiError> {
-    records(state)?.get_object("eval", owner(state, meter).as_deref(), id).get().await.map_err(db)?.ok_or_else(|| not_found("eval", id))
+    records(state)?.get_object("eval", owner(state, meter).as_deref(), id).get().await.map_err(db_error)?.ok_or_else(|| not_found("eval", id))
 }
 
 /// GET /v1/evals
@@ -180,13 +159,13 @@ pub async fn update(State(state): State<AppState>, Extension(meter): Extension<M
     if req.get("metadata").is_some() {
         eval["metadata"] = Value::Object(metadata(req.get("metadata"))?);
     }
-    records(&state)?.put_object("eval", &id, None, meter.name().unwrap_or(""), eval["created_at"].as_u64().unwrap_or(0), &eval).get().await.map_err(db)?;
+    records(&state)?.put_object("eval", &id, None, meter.name().unwrap_or(""), eval["created_at"].as_u64().unwrap_or(0), &eval).get().await.map_err(db_error)?;
     Ok(axum::Json(eval))
 }
 
 /// DELETE /v1/evals/{id}: the eval with its runs and their output items.
 pub async fn delete(State(state): State<AppState>, Extension(meter): Extension<Meter>, Path(id): Path<String>) -> Result<axum::Json<Value>, ApiError> {
-    if !records(&state)?.delete_object("eval", owner(&state, &meter).as_deref(), &id).get().await.map_err(db)? {
+    if !records(&state)?.delete_object("eval", owner(&state, &meter).as_deref(), &id).get().await.map_err(db_error)? {
         return Err(not_found("eval", &id));
     }
     Ok(axum::Json(json!({"object": "eval.deleted", "deleted": true, "eval_id": id})))
@@ -235,7 +214,7 @@ async fn load_items(state: &AppState, meter: &Meter, source: &Value, at: &str) -
                 descending: true,
                 ..Query::default()
             };
-            let page = storage.records.list(q).get().await.map_err(db)?;
+            let page = storage.records.list(q).get().await.map_err(db_error)?;
             Ok(page
                 .records
                 .into_iter()
@@ -331,7 +310,7 @@ pub async fn create_run(State(state): State<AppState>, Extension(meter): Extensi
         "error": null,
     });
     let key = meter.name().unwrap_or("").to_string();
-    records.put_object("eval.run", &id, Some(&eval_id), &key, created, &run).get().await.map_err(db)?;
+    records.put_object("eval.run", &id, Some(&eval_id), &key, created, &run).get().await.map_err(db_error)?;
     let (st, run_in) = (state.clone(), run.clone());
     tokio::spawn(async move { execute(st, records, run_in, spec, entries, model, key).await });
     Ok(axum::Json(run))
@@ -377,7 +356,7 @@ async fn execute(state: AppState, records: Records, mut run: Value, spec: EvalSp
 }
 
 async fn find_run(state: &AppState, meter: &Meter, eval_id: &str, run_id: &str) -> Result<Value, ApiError> {
-    let run = records(state)?.get_object("eval.run", owner(state, meter).as_deref(), run_id).get().await.map_err(db)?;
+    let run = records(state)?.get_object("eval.run", owner(state, meter).as_deref(), run_id).get().await.map_err(db_error)?;
     run.filter(|r| r["eval_id"] == eval_id).ok_or_else(|| not_found("eval run", run_id))
 }
 
@@ -395,7 +374,7 @@ pub async fn get_run(State(state): State<AppState>, Extension(meter): Extension<
 /// DELETE /v1/evals/{id}/runs/{run_id}
 pub async fn delete_run(State(state): State<AppState>, Extension(meter): Extension<Meter>, Path((eval_id, run_id)): Path<(String, String)>) -> Result<axum::Json<Value>, ApiError> {
     find_run(&state, &meter, &eval_id, &run_id).await?;
-    records(&state)?.delete_object("eval.run", owner(&state, &meter).as_deref(), &run_id).get().await.map_err(db)?;
+    records(&state)?.delete_object("eval.run", owner(&state, &meter).as_deref(), &run_id).get().await.map_err(db_error)?;
     Ok(axum::Json(json!({"object": "eval.run.deleted", "deleted": true, "run_id": run_id})))
 }
 
@@ -408,7 +387,7 @@ pub async fn list_output_items(State(state): State<AppState>, Extension(meter): 
 /// GET /v1/evals/{id}/runs/{run_id}/output_items/{item_id}
 pub async fn get_output_item(State(state): State<AppState>, Extension(meter): Extension<Meter>, Path((eval_id, run_id, item_id)): Path<(String, String, String)>) -> Result<axum::Json<Value>, ApiError> {
     find_run(&state, &meter, &eval_id, &run_id).await?;
-    let item = records(&state)?.get_object("eval.run.output_item", owner(&state, &meter).as_deref(), &item_id).get().await.map_err(db)?;
+    let item = records(&state)?.get_object("eval.run.output_item", owner(&state, &meter).as_deref(), &item_id).get().await.map_err(db_error)?;
     Ok(axum::Json(item.filter(|i| i["run_id"] == run_id.as_str()).ok_or_else(|| not_found("output item", &item_id))?))
 }
 

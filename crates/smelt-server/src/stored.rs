@@ -120,7 +120,7 @@ fn storage(state: &AppState) -> Result<&Storage, ApiError> {
 }
 
 /// Whose completions a request may see: its key's, on a server with keys; all otherwise.
-fn owner(state: &AppState, meter: &Meter) -> Option<String> {
+pub(crate) fn owner(state: &AppState, meter: &Meter) -> Option<String> {
     state.config().keys.as_ref().map(|_| meter.name().unwrap_or("").to_string())
 }
 
@@ -128,7 +128,7 @@ fn not_found(id: &str) -> ApiError {
     ApiError { param: Some("completion_id".into()), ..ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", format!("No stored chat completion found with id '{id}'")) }.code("not_found")
 }
 
-fn db_error(e: smelt_records::Error) -> ApiError {
+pub(crate) fn db_error(e: smelt_records::Error) -> ApiError {
     match e {
         smelt_records::Error::Invalid(m) => ApiError::bad_request(m),
         e => ApiError::internal(e.to_string()),
@@ -153,12 +153,12 @@ fn feedback_json(f: &Feedback) -> Value {
 }
 
 /// Query parameters as (name, value) pairs.
-fn query_pairs(raw: Option<String>) -> Result<Vec<(String, String)>, ApiError> {
+pub(crate) fn query_pairs(raw: Option<String>) -> Result<Vec<(String, String)>, ApiError> {
     serde_urlencoded::from_str::<Vec<(String, String)>>(raw.as_deref().unwrap_or("")).map_err(|e| ApiError::bad_request(format!("Invalid query string: {e}")))
 }
 
 /// `limit`, `order` and `after`, shared by both listings.
-fn paging(name: &str, value: &str, limit: &mut usize, descending: &mut bool, after: &mut Option<String>) -> Result<bool, ApiError> {
+pub(crate) fn paging(name: &str, value: &str, limit: &mut usize, descending: &mut bool, after: &mut Option<String>) -> Result<bool, ApiError> {
     match name {
         "limit" => *limit = value.parse::<usize>().ok().filter(|n| (1..=100).contains(n)).ok_or_else(|| ApiError::invalid("limit", format!("limit must be a whole number from 1 to 100, got {value:?}")))?,
         "order" => {
@@ -174,7 +174,7 @@ fn paging(name: &str, value: &str, limit: &mut usize, descending: &mut bool, aft
     Ok(true)
 }
 
-fn page_json(data: Vec<Value>, has_more: bool) -> Value {
+pub(crate) fn page_json(data: Vec<Value>, has_more: bool) -> Value {
     let first = data.first().map(|d| d["id"].clone()).unwrap_or(Value::Null);
     let last = data.last().map(|d| d["id"].clone()).unwrap_or(Value::Null);
     json!({"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": has_more})

@@ -37,6 +37,14 @@ pub fn progress_bar() -> ProgressBar {
     pb
 }
 
+/// A bar counting items (model calls, probes) rather than bytes.
+pub fn count_bar(msg: impl Into<String>) -> ProgressBar {
+    let pb = ProgressBar::new(0);
+    pb.set_style(ProgressStyle::with_template("{msg:50} [{bar:30}] {pos}/{len} eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
+    pb.set_message(msg.into());
+    pb
+}
+
 /// A progress callback drawing `pb`.
 pub fn report_to(pb: &ProgressBar) -> impl FnMut(Progress) + '_ {
     move |p: Progress| {

@@ -1,8 +1,7 @@
 //! `smelt eval`: run a suite against models or adapters, side by side.
 
-use crate::common::{model_path, threads};
+use crate::common::{count_bar, model_path, threads};
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use smelt_engine::scheduler::{Engine, EngineConfig};
 use smelt_eval::engine::{EngineSampler, Resolve};
@@ -110,9 +109,7 @@ pub fn run(a: Args) -> Result<()> {
     for m in &a.model {
         // Load first, so a bad model or adapter is a one-line error before any work.
         engines.0.load(m)?;
-        let pb = ProgressBar::new(0);
-        pb.set_style(ProgressStyle::with_template("{msg:40} [{bar:30}] {pos}/{len} eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
-        pb.set_message(m.clone());
+        let pb = count_bar(m.clone());
         let report = smelt_eval::run(&spec, &items, Some(m), &mut engines, &mut |done, total| {
             pb.set_length(total as u64);
             pb.set_position(done as u64);

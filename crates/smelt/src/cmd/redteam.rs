@@ -2,14 +2,14 @@
 //! eval runs so that models, adapters and system prompts can be compared later.
 
 use crate::cmd::eval::{pct, Engines};
-use crate::common::{default_database, threads};
+use crate::common::{count_bar, default_database, threads};
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use smelt_eval::engine::EngineSampler;
 use smelt_eval::redteam::{families, mutate, Family};
 use smelt_eval::RunReport;
 use smelt_records::{ObjectQuery, Records};
+use smelt_server::state::now;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -48,10 +48,6 @@ pub struct Args {
     /// Write every probe's answer and grade as JSON here.
     #[arg(long, value_name = "FILE")]
     json: Option<std::path::PathBuf>,
-}
-
-fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
 
 fn new_id(prefix: &str) -> String {
@@ -108,14 +104,8 @@ pub fn run(a: Args) -> Result<()> {
     for m in a.model.iter().chain(&a.attacker) {
         sampler.0.load(m)?;
     }
-    let bar = |msg: String| {
-        let pb = ProgressBar::new(0);
-        pb.set_style(ProgressStyle::with_template("{msg:50} [{bar:30}] {pos}/{len} eta {eta}").unwrap_or_else(|_| ProgressStyle::default_bar()).progress_chars("=> "));
-        pb.set_message(msg);
-        pb
-    };
     if let Some(attacker) = &a.attacker {
-        let pb = bar(format!("mutating probes with {attacker}"));
+        let pb = count_bar(format!("mutating probes with {attacker}"));
         pb.set_length(fams.iter().map(|f| f.items.len() as u64).sum());
         let mutated = mutate(&fams, attacker, &mut sampler, &mut || pb.inc(1));
         pb.finish_and_clear();
@@ -127,7 +117,7 @@ pub fn run(a: Args) -> Result<()> {
     for f in &fams {
         let mut row = Vec::new();
         for m in &a.model {
-            let pb = bar(format!("{}: {m}", f.name));
+            let pb = count_bar(format!("{}: {m}", f.name));
             let report = smelt_eval::run(&f.spec, &f.items, Some(m), &mut sampler, &mut |done, total| {
                 pb.set_length(total as u64);
                 pb.set_position(done as u64);
