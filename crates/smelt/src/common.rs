@@ -30,7 +30,7 @@ pub struct ModelArgs {
 pub fn progress_bar() -> ProgressBar {
     let pb = ProgressBar::new(0);
     pb.set_style(
-        ProgressStyle::with_template("{msg:30} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+        ProgressStyle::with_template("{msg:26} [{bar:25}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} eta {eta}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
@@ -64,15 +64,30 @@ pub fn model_path(model: &str) -> Result<PathBuf> {
         Err(e) => {
             if smelt_store::known_models().iter().any(|m| m.name == model) {
                 eprintln!("{model} is not in the store yet; pulling it");
-                let pb = progress_bar();
-                let path = store.pull(model, &mut report_to(&pb))?;
-                pb.finish_and_clear();
-                Ok(path)
+                pull(&store, model)
             } else {
                 Err(e.into())
             }
         }
     }
+}
+
+/// Pull a model with a progress bar, then say what was done in one line on standard error.
+pub fn pull(store: &Store, name: &str) -> Result<PathBuf> {
+    let present = store.path_of(name).is_ok_and(|p| p.is_file());
+    let start = std::time::Instant::now();
+    let pb = progress_bar();
+    let path = store.pull(name, &mut report_to(&pb))?;
+    pb.finish_and_clear();
+    let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+    let secs = start.elapsed().as_secs_f64();
+    if present {
+        eprintln!("{name}: already in the store, checked ({})", smelt_store::human_size(bytes));
+    } else {
+        let rate = smelt_store::human_size((bytes as f64 / secs.max(1e-3)) as u64);
+        eprintln!("{name}: pulled {} in {secs:.1}s ({rate}/s), checked", smelt_store::human_size(bytes));
+    }
+    Ok(path)
 }
 
 /// The default database of stored completions: `$SMELT_HOME/smelt.db`.

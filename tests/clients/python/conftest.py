@@ -39,10 +39,12 @@ class Server:
     """A `smelt serve` of a test's own (the chat model, plus `args`); its log is kept for
     failures."""
 
-    def __init__(self, args, api_key="none"):
+    def __init__(self, args, api_key="none", command=None):
         if "--database" not in args:
             args = [*args, "--database", tempfile.mkdtemp(prefix="smelt-db-") + "/smelt.db"]
-        self.proc = subprocess.Popen([SMELT, "serve", "-m", CHAT_MODEL, "--port", "0", "-t", "2", "--kv-memory", "256M", *args],
+        # `command` replaces the usual serve line (the README test starts the README's own).
+        command = command or ["serve", "-m", CHAT_MODEL, "--kv-memory", "256M"]
+        self.proc = subprocess.Popen([SMELT, *command, "--port", "0", "-t", "2", *args],
                                      stderr=subprocess.PIPE, text=True)
         self.log = []
         for line in self.proc.stderr:

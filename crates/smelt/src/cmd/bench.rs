@@ -150,7 +150,7 @@ fn batch_gen_rep(model: &Model, ws: &mut Workspace, n: usize, sets: &[&LoraSet])
 fn lora_speeds(model: &Model, ws: &mut Workspace, rank: usize, n: usize, reps: usize) -> Result<[f64; 4]> {
     use smelt_model::lora::{Adapter, Target};
     let adapters: Vec<Arc<Adapter>> = (0..4).map(|i| Arc::new(Adapter::random(model, &format!("random{i}"), rank, 2.0 * rank as f32, &Target::ALL, DType::F16, 0.02, i as u64 + 1))).collect();
-    eprintln!("adapters: 4 × rank {rank} on every projection, {:.1} MB each (f16)", adapters[0].bytes as f64 / 1e6);
+    eprintln!("adapters: 4 × rank {rank} on every projection, {} each (f16)", smelt_store::human_size(adapters[0].bytes as u64));
     let base = LoraSet::default();
     let sets: Vec<LoraSet> = adapters.iter().map(|a| LoraSet::one(a.clone(), 1.0)).collect();
     let mixed: Vec<&LoraSet> = (0..8).map(|s| &sets[s % 4]).collect();
@@ -279,22 +279,22 @@ pub fn run(a: Args) -> Result<()> {
     println!("| model | size | threads | test | t/s |");
     println!("| --- | ---: | ---: | ---: | ---: |");
     for (test, _, _, avg, sd, _) in &results {
-        println!("| {name} | {:.1} MiB | {n_threads} | {test} | {avg:.2} ± {sd:.2} |", file_size as f64 / (1 << 20) as f64);
+        println!("| {name} | {} | {n_threads} | {test} | {avg:.2} ± {sd:.2} |", smelt_store::human_size(file_size));
     }
     if let Some((_, _, _, avg, _, _)) = results.iter().find(|r| r.2 > 0) {
-        let per_tok = bytes as f64 / 1e6;
-        print!("generation reads {per_tok:.0} MB of weights per token: {:.1} GB/s", per_tok * avg / 1e3);
+        // Binary units throughout, as for file sizes (the probe measures decimal GB/s).
+        const GIB: f64 = (1u64 << 30) as f64;
+        let got = bytes as f64 * avg / GIB;
+        print!("generation reads {} of weights per token: {got:.1} GiB/s", smelt_store::human_size(bytes as u64));
         match &bw {
             Some(bw) => {
-                let got = per_tok * avg / 1e3;
+                let (mean, best) = (bw.mean * 1e9 / GIB, bw.best * 1e9 / GIB);
                 println!(
-                    ", {:.0}% of the {:.1} GB/s a plain read of memory reached between the repetitions (mean of {} passes; bound {:.1} t/s); {:.0}% of the fastest pass ({:.1} GB/s)",
-                    100.0 * got / bw.mean,
-                    bw.mean,
+                    ", {:.0}% of the {mean:.1} GiB/s a plain read of memory reached between the repetitions (mean of {} passes; bound {:.1} t/s); {:.0}% of the fastest pass ({best:.1} GiB/s)",
+                    100.0 * got / mean,
                     bw.passes,
-                    bw.mean * 1e3 / per_tok,
-                    100.0 * got / bw.best,
-                    bw.best
+                    mean * GIB / bytes as f64,
+                    100.0 * got / best,
                 )
             }
             None => println!(),

@@ -64,8 +64,8 @@ impl Engines {
             let n_ctx = self.ctx.min(model.hp.n_ctx_train);
             let block = BlockPool::block_bytes(model.hp.n_layer, model.hp.n_head_kv * model.hp.head_dim);
             let kv_blocks = (self.kv_memory / block as u64) as usize;
-            anyhow::ensure!(kv_blocks * BLOCK_SIZE >= n_ctx, "--kv-memory {} MB holds less than one context of {n_ctx} tokens of {base}; raise it or lower --ctx", self.kv_memory >> 20);
-            eprintln!("{base}: {} layers, KV cache {} MB", model.hp.n_layer, (kv_blocks * block) >> 20);
+            anyhow::ensure!(kv_blocks * BLOCK_SIZE >= n_ctx, "--kv-memory {} holds less than one context of {n_ctx} tokens of {base}; raise it or lower --ctx", smelt_store::human_size(self.kv_memory));
+            eprintln!("{base}: {} layers, KV cache {}", model.hp.n_layer, smelt_store::human_size((kv_blocks * block) as u64));
             let config = EngineConfig { n_ctx, max_seqs: self.max_batch, kv_blocks, step_tokens: 256, queue: 4096 };
             let engine = Engine::start(model, Arc::new(ThreadPool::new(self.threads)), config);
             self.bases.insert(base.to_string(), engine);

@@ -128,13 +128,13 @@ fn load_engine(arg: &str, a: &Args) -> Result<ModelEntry> {
     let kv_blocks = (a.kv_memory / block) as usize;
     anyhow::ensure!(
         kv_blocks * BLOCK_SIZE >= n_ctx,
-        "--kv-memory {} MB holds {} tokens of {arg}'s KV cache, less than one context of {n_ctx}; raise --kv-memory or lower --ctx",
-        a.kv_memory >> 20,
+        "--kv-memory {} holds {} tokens of {arg}'s KV cache, less than one context of {n_ctx}; raise --kv-memory or lower --ctx",
+        smelt_store::human_size(a.kv_memory),
         kv_blocks * BLOCK_SIZE
     );
     let pool = Arc::new(ThreadPool::new(threads(a.threads)));
     let config = EngineConfig { n_ctx, max_seqs: a.max_batch.max(1), kv_blocks, step_tokens: a.step_tokens.max(1), queue: a.queue.max(1) };
-    eprintln!("{}: {} layers, context {n_ctx}, KV cache {} MB ({} tokens)", model_id(arg), model.hp.n_layer, (kv_blocks as u64 * block) >> 20, kv_blocks * BLOCK_SIZE);
+    eprintln!("{}: {} layers, context {n_ctx}, KV cache {} ({} tokens)", model_id(arg), model.hp.n_layer, smelt_store::human_size(kv_blocks as u64 * block), kv_blocks * BLOCK_SIZE);
     let engine = Engine::start(model, pool, config);
     Ok(ModelEntry::new(model_id(arg), engine))
 }
@@ -154,7 +154,7 @@ fn parse_lora(arg: &str, ids: &[String]) -> Result<(String, String, String)> {
 fn load_adapters(entry: &ModelEntry, loras: &[(String, String, String)]) -> Result<()> {
     for (base, name, file) in loras.iter().filter(|(b, _, _)| *b == entry.id) {
         let adapter = Adapter::load(std::path::Path::new(file), &entry.engine.model, name).map_err(|e| anyhow::anyhow!("--lora {base}:{name}: {e}"))?;
-        eprintln!("{}: adapter {name} (rank {}, {} KB) from {file}", entry.id, adapter.rank(), adapter.bytes >> 10);
+        eprintln!("{}: adapter {name} (rank {}, {}) from {file}", entry.id, adapter.rank(), smelt_store::human_size(adapter.bytes as u64));
         let served = ServedAdapter { adapter: Arc::new(adapter), path: file.clone(), created: smelt_server::state::now() };
         let mut adapters = entry.adapters.write().unwrap_or_else(|e| e.into_inner());
         anyhow::ensure!(adapters.insert(name.clone(), served).is_none(), "--lora {base}:{name} is given twice");

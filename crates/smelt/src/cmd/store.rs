@@ -1,8 +1,7 @@
 //! `smelt pull`, `smelt list`, `smelt rm`: the local model store.
 
-use crate::common::{progress_bar, report_to};
 use anyhow::Result;
-use smelt_store::{known_models, Store};
+use smelt_store::{human_size as size, known_models, Store};
 
 #[derive(clap::Args)]
 pub struct PullArgs {
@@ -24,20 +23,9 @@ pub struct RmArgs {
 }
 
 pub fn pull(a: PullArgs) -> Result<()> {
-    let store = Store::from_env();
-    let pb = progress_bar();
-    let path = store.pull(&a.name, &mut report_to(&pb))?;
-    pb.finish_and_clear();
+    let path = crate::common::pull(&Store::from_env(), &a.name)?;
     println!("{}", path.display());
     Ok(())
-}
-
-fn size(bytes: u64) -> String {
-    if bytes >= 1 << 30 {
-        format!("{:.1} GB", bytes as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.0} MB", bytes as f64 / (1u64 << 20) as f64)
-    }
 }
 
 pub fn list(a: ListArgs) -> Result<()> {

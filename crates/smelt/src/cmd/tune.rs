@@ -157,7 +157,7 @@ pub fn run(a: Args) -> Result<()> {
     let counted: usize = train.iter().map(|e| e.counted()).sum();
     let total_tokens: usize = train.iter().map(|e| e.tokens.len()).sum();
     eprintln!(
-        "{}: {} examples ({total_tokens} tokens, {counted} trained on), {} validation; rank {} on {}; {} steps of ~{} tokens over {} epochs; {n_threads} threads; set up in {:.1}s ({} MB for training)",
+        "{}: {} examples ({total_tokens} tokens, {counted} trained on), {} validation; rank {} on {}; {} steps of ~{} tokens over {} epochs; {n_threads} threads; set up in {:.1}s ({} for training)",
         model.name,
         train.len(),
         valid.len(),
@@ -167,7 +167,7 @@ pub fn run(a: Args) -> Result<()> {
         trainer.cfg.batch_tokens,
         trainer.cfg.epochs,
         t_setup.elapsed().as_secs_f64(),
-        trainer.extra_bytes() >> 20
+        smelt_store::human_size(trainer.extra_bytes() as u64)
     );
     if trainer.step > 0 {
         eprintln!("resuming at step {} of {} from {}", trainer.step, trainer.steps(), ckpt_dir.display());
@@ -208,10 +208,10 @@ pub fn run(a: Args) -> Result<()> {
     let (first, last) = (trainer.history.first().map_or(0.0, |h| h.0), trainer.history.last().map_or(0.0, |h| h.0));
     let secs = started.elapsed().as_secs_f64();
     eprintln!(
-        "wrote {} (rank {}, {} KB); train loss {first:.4} → {last:.4}{}; {tokens} tokens in {secs:.1}s ({:.1} tokens/s, {n_threads} threads)",
+        "wrote {} (rank {}, {}); train loss {first:.4} → {last:.4}{}; {tokens} tokens in {secs:.1}s ({:.1} tokens/s, {n_threads} threads)",
         run_args.out.display(),
         adapter.rank(),
-        adapter.bytes >> 10,
+        smelt_store::human_size(adapter.bytes as u64),
         last_valid.map_or(String::new(), |v| format!(", validation loss {v:.4}")),
         tokens as f64 / secs.max(1e-9)
     );
