@@ -213,8 +213,8 @@ def main():
             n = sum(v for (k, s), v in stats.status.items() if k == "normal")
             five = sum(v for (k, s), v in stats.status.items() if isinstance(s, int) and s >= 500)
         caches = cache_gauges(port)
-        caches = f"{caches:6.1f} MB" if caches is not None else "?"
-        print(f"{m:5.1f} min  rss {samples[-1][1]:7.1f} MB  caches {caches}  normal requests {n}  5xx {five}", flush=True)
+        caches = f"{caches:6.1f} MiB" if caches is not None else "?"
+        print(f"{m:5.1f} min  rss {samples[-1][1]:7.1f} MiB  caches {caches}  normal requests {n}  5xx {five}", flush=True)
     for w in workers:
         w.join(timeout=660)
     alive = server.poll() is None
@@ -232,9 +232,9 @@ def main():
     for (kind, status), v in sorted(stats.status.items(), key=lambda x: str(x)):
         print(f"  {kind:10} {status!s:22} {v}")
     print(f"normal requests: {len(lat)}, latency p50 {p(0.5):.2f} s, p99 {p(0.99):.2f} s")
-    print("resident memory (MB) by minute: " + ", ".join(f"{m:.0f}:{r:.0f}" for m, r in samples))
+    print("resident memory (MiB) by minute: " + ", ".join(f"{m:.0f}:{r:.0f}" for m, r in samples))
     if late:
-        print(f"after minute 5: min {min(r for _, r in late):.0f} MB, max {max(r for _, r in late):.0f} MB, trend {slope(late):+.2f} MB/min")
+        print(f"after minute 5: min {min(r for _, r in late):.0f} MiB, max {max(r for _, r in late):.0f} MiB, trend {slope(late):+.2f} MiB/min")
     if stats.errors:
         print(f"transport errors ({len(stats.errors)}), first: {stats.errors[:3]}")
     sys.exit(1 if crashed or five else 0)

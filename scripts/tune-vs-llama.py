@@ -23,7 +23,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def timed(cmd, log, must=True):
-    """Run `cmd` under /usr/bin/time; (stderr text, peak RSS in MB), or None when it fails and
+    """Run `cmd` under /usr/bin/time; (stderr text, peak RSS in MiB), or None when it fails and
     `must` is false."""
     with open(log, "w") as f:
         p = subprocess.run(["/usr/bin/time", "-f", "MAXRSS_KB %M", *cmd], stdout=subprocess.DEVNULL, stderr=f)
@@ -96,10 +96,10 @@ def main():
             log, srss = timed([a.smelt, "tune", "-m", str(model), "--data", str(work / "train.jsonl"), "--out", str(work / f"{name}-lora.gguf"), "--epochs", "1",
                                "--rank", "16", "--ctx", str(4 * a.ctx), "-t", str(a.threads), "--json", *(["--recompute"] if recompute else [])], work / f"smelt-{name}.log")
             smelt_rate = float(re.search(r"\(([\d.]+) tokens/s", log).group(1))
-            llama = f"llama-finetune {llama_rate:.1f} tokens/s, peak {rss:.0f} MB" if llama_rate else f"llama-finetune cannot train it ({why})"
+            llama = f"llama-finetune {llama_rate:.1f} tokens/s, peak {rss:.0f} MiB" if llama_rate else f"llama-finetune cannot train it ({why})"
             ratio = f"{smelt_rate / llama_rate:.1f}x" if llama_rate else "-"
             what = "smelt tune --recompute" if recompute else "smelt tune"
-            print(f"{name}: {llama}  |  {what} (LoRA r16) {smelt_rate:.1f} tokens/s, peak {srss:.0f} MB  |  {ratio}")
+            print(f"{name}: {llama}  |  {what} (LoRA r16) {smelt_rate:.1f} tokens/s, peak {srss:.0f} MiB  |  {ratio}")
             results.append({"model": name, "recompute": recompute, "llama_tokens_per_s": llama_rate and round(llama_rate, 2), "llama_peak_mb": rss and round(rss), "llama_error": why,
                             "smelt_tokens_per_s": smelt_rate, "smelt_peak_mb": round(srss), "ratio": llama_rate and round(smelt_rate / llama_rate, 2)})
     print(json.dumps({"cpu": cpu, "threads": a.threads, "ctx": a.ctx, "results": results}))

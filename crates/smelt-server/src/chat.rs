@@ -111,6 +111,11 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
     let mut plan = plan(&req.sampling, model.hp.n_vocab, entry.engine.config.n_ctx, want_logprobs.then_some(top))?;
     plan.lora = lora;
     let template = model.chat_template().map_err(|e| ApiError::internal(e.to_string()))?;
+    if let Some(format) = model.fallback_chat_format() {
+        if !entry.warned_no_template.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprintln!("warning: {model_id} has no chat template (a base model?); chat requests to it use {format} and may get rambling answers (said once)");
+        }
+    }
     let tools = tools::setup(req.tools.as_ref(), req.tool_choice.as_ref(), req.parallel_tool_calls, &template.source)?;
     let mut messages = template_messages(&req.messages)?;
     if !tools::template_knows_tool_messages(&template.source) {

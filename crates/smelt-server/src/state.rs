@@ -15,6 +15,8 @@ pub struct ModelEntry {
     /// LoRA adapters of this base model, by name: requests pick one with the model id
     /// `BASE:NAME`. Loaded and unloaded while serving; a request holds its adapter until done.
     pub adapters: RwLock<BTreeMap<String, ServedAdapter>>,
+    /// Whether the log has said that this model, lacking a chat template, answered a chat.
+    pub warned_no_template: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Clone)]
@@ -27,7 +29,7 @@ pub struct ServedAdapter {
 
 impl ModelEntry {
     pub fn new(id: impl Into<String>, engine: Engine) -> ModelEntry {
-        ModelEntry { id: id.into(), engine, created: now(), adapters: RwLock::new(BTreeMap::new()) }
+        ModelEntry { id: id.into(), engine, created: now(), adapters: RwLock::new(BTreeMap::new()), warned_no_template: Default::default() }
     }
 
     pub fn adapters(&self) -> Vec<(String, ServedAdapter)> {

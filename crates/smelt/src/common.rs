@@ -72,6 +72,39 @@ pub fn model_path(model: &str) -> Result<PathBuf> {
     }
 }
 
+/// Text given as an argument, in a file (`-` for standard input), or piped in; `missing` is the
+/// error when there is none.
+pub fn read_text(arg: Option<&str>, file: Option<&std::path::Path>, missing: &str) -> Result<String> {
+    use std::io::{IsTerminal, Read};
+    fn read_stdin() -> Result<String> {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).context("standard input is not UTF-8 text")?;
+        Ok(s)
+    }
+    match (arg, file) {
+        (Some(t), _) => Ok(t.to_string()),
+        (None, Some(p)) if p.as_os_str() == "-" => read_stdin(),
+        (None, Some(p)) => {
+            let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+            String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", p.display()))
+        }
+        // Piped-in text; nothing at all (a closed or empty input) is a missing argument.
+        (None, None) if !std::io::stdin().is_terminal() => Some(read_stdin()?).filter(|t| !t.is_empty()).context(missing.to_string()),
+        (None, None) => anyhow::bail!("{missing}"),
+    }
+}
+
+/// A model's short name: its store name, or a file's name without `.gguf` (also its API id
+/// when served).
+pub fn model_id(arg: &str) -> String {
+    let p = std::path::Path::new(arg);
+    if p.is_file() {
+        p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| arg.to_string())
+    } else {
+        arg.strip_suffix(".gguf").unwrap_or(arg).to_string()
+    }
+}
+
 /// Pull a model with a progress bar, then say what was done in one line on standard error.
 pub fn pull(store: &Store, name: &str) -> Result<PathBuf> {
     let present = store.path_of(name).is_ok_and(|p| p.is_file());

@@ -77,6 +77,26 @@ fn tokenize_reads_files_and_standard_input() {
     assert_eq!(stdout(&run(&["tokenize", "-m", QWEN, "-f", path.to_str().unwrap()])), stdout(&run(&["tokenize", "-m", QWEN, "Hello, world!"])));
 }
 
+#[test]
+fn generate_reads_the_prompt_from_a_file_or_standard_input() {
+    let dir = temp("prompt-file");
+    let path = dir.join("prompt.txt");
+    std::fs::write(&path, "The capital of France is").unwrap();
+    let from_arg = generate_json(&["-m", GEMMA, "-p", "The capital of France is", "-n", "4", "--temperature", "0"]);
+    let from_file = generate_json(&["-m", GEMMA, "--prompt-file", path.to_str().unwrap(), "-n", "4", "--temperature", "0"]);
+    assert_eq!(from_arg["prompt_ids"], from_file["prompt_ids"]);
+    assert_eq!(from_arg["text"], from_file["text"]);
+    let mut child = smelt(&["generate", "--json", "-m", GEMMA, "-n", "4", "--temperature", "0"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(b"The capital of France is").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let from_stdin: serde_json::Value = serde_json::from_str(stdout(&out).trim()).unwrap();
+    assert_eq!(from_arg["text"], from_stdin["text"]);
+    // No prompt at all (standard input closed and empty) is a one-line error.
+    let e = one_line_error(&run(&["generate", "-m", GEMMA]));
+    assert!(e.contains("--prompt-file"), "{e}");
+}
+
 fn generate_json(args: &[&str]) -> serde_json::Value {
     let mut all = vec!["generate", "--json"];
     all.extend_from_slice(args);
@@ -234,6 +254,44 @@ fn run_takes_the_model_as_a_flag_too() {
     assert!(!stdout(&out).trim().is_empty());
     // Both at once is an argument error.
     assert_eq!(run(&["run", QWEN, "-m", QWEN]).status.code(), Some(2));
+}
+
+fn chat_over_pipe(args: &[&str], input: &[u8]) -> Output {
+    let mut child = smelt(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    out
+}
+
+#[test]
+fn run_banner_commands_and_cut_replies() {
+    let out = chat_over_pipe(&["run", QWEN, "--temperature", "0", "--max-tokens", "3"], b"/frobnicate\nWrite a long poem about the sea.\n");
+    let err = stderr(&out);
+    // The banner names the stored model, its size and quantization, in lines that fit 80 columns.
+    let banner = err.lines().next().unwrap();
+    assert!(banner.starts_with(QWEN) && banner.contains("MiB") && banner.contains("Q4_K_M"), "{err}");
+    assert!(err.lines().all(|l| l.chars().count() <= 80), "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    // An unknown command is not sent to the model; a reply cut by --max-tokens is marked.
+    assert!(err.contains("unknown command /frobnicate; /help lists them"), "{err}");
+    assert_eq!(stdout(&out).lines().filter(|l| !l.trim().is_empty()).count(), 1, "one reply: {}", stdout(&out));
+    assert!(err.contains("(cut at --max-tokens 3)"), "{err}");
+
+    // A base model without a chat template is answered, with a warning first.
+    let out = chat_over_pipe(&["run", GEMMA, "--temperature", "0", "--max-tokens", "2"], b"Hi\n");
+    let err = stderr(&out);
+    assert!(err.contains("warning: this model has no chat template"), "{err}");
+    assert!(err.lines().all(|l| l.chars().count() <= 80), "{err}");
+}
+
+#[test]
+fn mistyped_models_and_directories_get_pointed_hints() {
+    let e = one_line_error(&run(&["generate", "-m", "Qwen2.5-Coder-0.5B-Instruct", "-p", "x"]));
+    assert!(e.contains(&format!("did you mean \"{QWEN}\"")), "{e}");
+    let dir = temp("model-dir");
+    let e = one_line_error(&run(&["generate", "-m", dir.to_str().unwrap(), "-p", "x"]));
+    assert!(e.contains("is a directory"), "{e}");
 }
 
 #[test]

@@ -296,6 +296,41 @@ impl Model {
         self.arch.spec()
     }
 
+    /// The chat format a model without its own template gets (see [`Model::chat_template`]);
+    /// None when it has one.
+    pub fn fallback_chat_format(&self) -> Option<&'static str> {
+        match (&self.chat_template, self.arch) {
+            (Some(_), _) => None,
+            (None, Arch::Gemma3) => Some("Gemma's turn format"),
+            (None, _) => Some("ChatML"),
+        }
+    }
+
+    /// The file's quantization as llama.cpp names it (`Q4_K_M`, from `general.file_type`), or,
+    /// without that key, the format holding most of the weights' bytes.
+    pub fn quantization(&self) -> String {
+        const NAMES: [(u64, &str); 35] = [
+            (0, "F32"), (1, "F16"), (2, "Q4_0"), (3, "Q4_1"), (7, "Q8_0"), (8, "Q5_0"), (9, "Q5_1"), (10, "Q2_K"),
+            (11, "Q3_K_S"), (12, "Q3_K_M"), (13, "Q3_K_L"), (14, "Q4_K_S"), (15, "Q4_K_M"), (16, "Q5_K_S"), (17, "Q5_K_M"),
+            (18, "Q6_K"), (19, "IQ2_XXS"), (20, "IQ2_XS"), (21, "Q2_K_S"), (22, "IQ3_XS"), (23, "IQ3_XXS"), (24, "IQ1_S"),
+            (25, "IQ4_NL"), (26, "IQ3_S"), (27, "IQ3_M"), (28, "IQ2_S"), (29, "IQ2_M"), (30, "IQ4_XS"), (31, "IQ1_M"),
+            (32, "BF16"), (36, "TQ1_0"), (37, "TQ2_0"), (38, "MXFP4"), (4, "Q4_1_F16"), (6, "Q4_3"),
+        ];
+        let h = &self.file.header;
+        // Bit 10 (1024) marks files whose type was guessed by the converter.
+        if let Some(name) = h.get_u64("general.file_type").ok().flatten().and_then(|t| NAMES.iter().find(|(k, _)| *k == t & !1024)).map(|(_, n)| n) {
+            return name.to_string();
+        }
+        let mut bytes: Vec<(smelt_kernels::formats::DType, u64)> = Vec::new();
+        for t in &h.tensors {
+            match bytes.iter_mut().find(|(d, _)| *d == t.dtype) {
+                Some((_, b)) => *b += t.n_bytes,
+                None => bytes.push((t.dtype, t.n_bytes)),
+            }
+        }
+        bytes.into_iter().max_by_key(|(_, b)| *b).map(|(d, _)| d.name().to_string()).unwrap_or_default()
+    }
+
     /// A KV cache for one sequence of up to `n_ctx` positions, fed at most `max_batch` tokens per pass.
     pub fn new_cache(&self, n_ctx: usize, max_batch: usize) -> crate::kv::KvCache {
         crate::kv::KvCache::new(&self.hp.window, self.hp.n_head_kv * self.hp.head_dim, n_ctx, max_batch)

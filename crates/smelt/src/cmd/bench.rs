@@ -15,7 +15,7 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model: a .gguf path or a stored name.
+    /// Model: a .gguf path, a stored name, or a pullable short name (pulled on first use).
     #[arg(long, short = 'm', default_value = smelt_store::DEFAULT_MODEL)]
     model: String,
     /// Worker threads (default: all cores).

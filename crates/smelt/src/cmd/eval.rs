@@ -18,7 +18,7 @@ pub struct Args {
     /// The suite: JSONL of items, optionally led by an `{"eval": {...}}` line with the testing
     /// criteria and input template (see the README).
     suite: std::path::PathBuf,
-    /// A model to evaluate (repeatable): a .gguf path, a stored name, or MODEL+ADAPTER.gguf for
+    /// A model to evaluate (repeatable): a .gguf path, a stored or pullable name, or MODEL+ADAPTER.gguf for
     /// the model under a LoRA adapter.
     #[arg(long, short = 'm', required = true)]
     model: Vec<String>,

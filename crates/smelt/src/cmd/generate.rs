@@ -12,8 +12,12 @@ pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
     /// The prompt (BOS is added as the model asks; special-token text is parsed).
-    #[arg(long, short = 'p')]
-    prompt: String,
+    #[arg(long, short = 'p', conflicts_with = "prompt_file")]
+    prompt: Option<String>,
+    /// Read the prompt from this file ("-" for standard input), for prompts too long for the
+    /// command line.
+    #[arg(long, value_name = "FILE")]
+    prompt_file: Option<std::path::PathBuf>,
     /// Most tokens to generate.
     #[arg(long, short = 'n', default_value_t = 128)]
     max_tokens: usize,
@@ -61,8 +65,9 @@ pub fn run(a: Args) -> Result<()> {
     anyhow::ensure!(a.logprobs <= 100, "--logprobs must be at most 100");
     anyhow::ensure!(a.logprobs == 0 || a.json, "--logprobs needs --json (the alternatives are reported in its steps)");
     let grammar = constraint(&a)?;
+    let text = crate::common::read_text(a.prompt.as_deref(), a.prompt_file.as_deref(), "give the prompt with --prompt TEXT, --prompt-file FILE, or on standard input")?;
     let (model, pool, n_ctx) = load(&a.model)?;
-    let prompt = model.tokenizer.encode_prompt(&a.prompt);
+    let prompt = model.tokenizer.encode_prompt(&text);
     let mut session = Session::new(model.clone(), pool, n_ctx);
     session.set_lora(crate::common::loras(&model, &a.model.lora)?);
     let params = GenerateParams {

@@ -13,7 +13,7 @@ use smelt_server::state::now;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A model to attack (repeatable): a .gguf path, a stored name, or MODEL+ADAPTER.gguf.
+    /// A model to attack (repeatable): a .gguf path, a stored or pullable name, or MODEL+ADAPTER.gguf.
     #[arg(long, short = 'm', required = true)]
     model: Vec<String>,
     /// The system prompt under test (default: a generic assistant's); the probes add their

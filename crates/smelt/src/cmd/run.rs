@@ -36,7 +36,7 @@ pub struct Args {
     sampling: SamplingArgs,
 }
 
-const HELP: &str = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops a reply";
+const HELP: &str = "commands: /reset (forget the conversation), /help, /exit (or Ctrl-D);\nCtrl-C stops a reply";
 
 pub fn run(a: Args) -> Result<()> {
     let name = a.model.clone().or(a.model_flag.clone()).unwrap_or_else(|| smelt_store::DEFAULT_MODEL.to_string());
@@ -61,7 +61,14 @@ pub fn run(a: Args) -> Result<()> {
         }
     };
     reset(&mut messages);
-    eprintln!("{} ({} layers, context {n_ctx}). {HELP}", model.name, model.hp.n_layer);
+    // Short lines: the banner must not wrap on an 80-column terminal.
+    let size = std::fs::metadata(crate::common::model_path(&name)?).map(|m| m.len()).unwrap_or(0);
+    eprintln!("{} ({}, {}, context {n_ctx})", crate::common::model_id(&name), smelt_store::human_size(size), model.quantization());
+    if let Some(format) = model.fallback_chat_format() {
+        eprintln!("warning: this model has no chat template (a base model?); chat uses");
+        eprintln!("{format} and replies may ramble. `smelt generate` completes text.");
+    }
+    eprintln!("/help for commands; Ctrl-C stops a reply, Ctrl-D exits");
     let params = GenerateParams { max_tokens: a.max_tokens.unwrap_or(usize::MAX), sampling: a.sampling.params(), ..Default::default() };
     loop {
         let line = match editor.readline(">>> ") {
@@ -83,6 +90,11 @@ pub fn run(a: Args) -> Result<()> {
             }
             "/help" | "/?" => {
                 eprintln!("{HELP}");
+                continue;
+            }
+            // A lone `/word` is a command; text such as a path (`/usr/bin`) is a message.
+            cmd if cmd.starts_with('/') && cmd.len() > 1 && cmd[1..].chars().all(|c| c.is_ascii_alphabetic()) => {
+                eprintln!("unknown command {cmd}; /help lists them");
                 continue;
             }
             _ => {}
@@ -109,6 +121,7 @@ pub fn run(a: Args) -> Result<()> {
                 match g.finish {
                     FinishReason::Cancelled => eprintln!("(stopped)"),
                     FinishReason::Length if session.tokens().len() >= n_ctx => eprintln!("(context full; /reset to start over)"),
+                    FinishReason::Length => eprintln!("(cut at --max-tokens {})", params.max_tokens),
                     _ => {}
                 }
                 messages.push(serde_json::json!({"role": "assistant", "content": g.text}));

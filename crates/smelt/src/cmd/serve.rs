@@ -1,6 +1,6 @@
 //! `smelt serve`: the OpenAI-compatible HTTP server.
 
-use crate::common::{default_database, model_path, parse_duration, threads};
+use crate::common::{default_database, model_id, model_path, parse_duration, threads};
 use anyhow::{Context, Result};
 use smelt_engine::scheduler::{Engine, EngineConfig};
 use smelt_kernels::pool::ThreadPool;
@@ -108,16 +108,6 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((v * mult as f64) as u64)
 }
 
-/// A model's id in the API: its store name, or a file's name without `.gguf`.
-fn model_id(arg: &str) -> String {
-    let p = std::path::Path::new(arg);
-    if p.is_file() {
-        p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| arg.to_string())
-    } else {
-        arg.strip_suffix(".gguf").unwrap_or(arg).to_string()
-    }
-}
-
 fn load_engine(arg: &str, a: &Args) -> Result<ModelEntry> {
     let path = model_path(arg)?;
     let model = Arc::new(Model::load(&path).with_context(|| format!("cannot load {}", path.display()))?);
@@ -134,7 +124,8 @@ fn load_engine(arg: &str, a: &Args) -> Result<ModelEntry> {
     );
     let pool = Arc::new(ThreadPool::new(threads(a.threads)));
     let config = EngineConfig { n_ctx, max_seqs: a.max_batch.max(1), kv_blocks, step_tokens: a.step_tokens.max(1), queue: a.queue.max(1) };
-    eprintln!("{}: {} layers, context {n_ctx}, KV cache {} ({} tokens)", model_id(arg), model.hp.n_layer, smelt_store::human_size(kv_blocks as u64 * block), kv_blocks * BLOCK_SIZE);
+    let no_template = model.fallback_chat_format().map(|f| format!("; no chat template (chat requests use {f})")).unwrap_or_default();
+    eprintln!("{}: {} layers, context {n_ctx}, KV cache {} ({} tokens){no_template}", model_id(arg), model.hp.n_layer, smelt_store::human_size(kv_blocks as u64 * block), kv_blocks * BLOCK_SIZE);
     let engine = Engine::start(model, pool, config);
     Ok(ModelEntry::new(model_id(arg), engine))
 }

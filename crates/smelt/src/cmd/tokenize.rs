@@ -23,20 +23,7 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<()> {
-    use anyhow::Context;
-    use std::io::{IsTerminal, Read};
-    let text = match (&a.text, &a.file) {
-        (Some(t), _) => t.clone(),
-        (None, Some(p)) if p.as_os_str() == "-" => read_stdin()?,
-        (None, Some(p)) => std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?,
-        (None, None) if !std::io::stdin().is_terminal() => read_stdin()?,
-        (None, None) => anyhow::bail!("give the text to tokenize as an argument, with --file FILE, or on standard input"),
-    };
-    fn read_stdin() -> Result<String> {
-        let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("standard input is not UTF-8 text")?;
-        Ok(s)
-    }
+    let text = crate::common::read_text(a.text.as_deref(), a.file.as_deref(), "give the text to tokenize as an argument, with --file FILE, or on standard input")?;
     let file = GgufFile::open(&model_path(&a.model)?)?;
     let tok = Tokenizer::from_gguf(&file.header)?;
     let ids = tok.encode(&text, a.special, a.special);
