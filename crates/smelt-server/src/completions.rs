@@ -76,8 +76,9 @@ impl LegacyLogprobs {
 
     fn push(&mut self, entry: &ModelEntry, id: u32, lp: Option<f32>, top: &[(u32, f32)]) {
         let (text, _) = token_text(entry, id);
+        // Offsets count characters, as the clients index the returned text.
         self.offsets.push(self.offset);
-        self.offset += text.len();
+        self.offset += text.chars().count();
         self.tokens.push(text);
         self.token_logprobs.push(lp.map(|v| json!(v)).unwrap_or(Value::Null));
         if lp.is_none() {
@@ -135,6 +136,14 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
         return Err(ApiError::invalid("echo", "echo with logprobs is not supported when streaming"));
     }
     let prompt_lp = if req.echo && k.is_some() { k } else { None };
+    // Echoed prompts leave out a BOS the tokenizer added to a text prompt (it is not in the
+    // request's text), so that the echoed text and its tokens' offsets line up.
+    let tok = &model.tokenizer;
+    let added_bos = |p: &[u32]| match (&req.prompt, tok.bos) {
+        (Input::Text(_) | Input::Texts(_), Some(bos)) if tok.add_bos && p.first() == Some(&bos) => 1,
+        _ => 0,
+    };
+    let echoed: Vec<&[u32]> = prompts.iter().map(|p| &p[added_bos(p)..]).collect();
     let choices_n = prompts.len() * plan.n;
     plan.compile_grammar(&entry).await?;
     let rx = submit(&entry, &prompts, &plan, prompt_lp)?;
@@ -143,7 +152,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
     let prompt_total: usize = prompts.iter().map(|p| p.len()).sum();
     let mut bill = meter.bill(prompt_total);
     if plan.stream {
-        let echo_text: Vec<String> = prompts.iter().map(|p| if req.echo { model.tokenizer.decode(p, false) } else { String::new() }).collect();
+        let echo_text: Vec<String> = echoed.iter().map(|p| if req.echo { tok.decode(p, true) } else { String::new() }).collect();
         return Ok(stream(state, entry, model_id, rx, plan.n, choices_n, prompt_total, k.is_some(), plan.include_usage, echo_text, id, created, start, bill));
     }
     let choices = collect(&state, rx, choices_n, start).await?;
@@ -154,10 +163,10 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
         .map(|(i, c)| {
             let summary = c.summary.as_ref();
             completion += summary.map(|s| s.completion_tokens).unwrap_or(0);
-            let prompt = &prompts[i / plan.n];
+            let echo = echoed[i / plan.n];
             let mut text = String::new();
             if req.echo {
-                text.push_str(&model.tokenizer.decode(prompt, false));
+                text.push_str(&tok.decode(echo, true));
             }
             text.push_str(&c.text);
             let logprobs = match k {
@@ -165,7 +174,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
                 Some(_) => {
                     let mut l = LegacyLogprobs::new();
                     if let Some(lp) = &c.prompt_logprobs {
-                        l.prompt(&entry, lp);
+                        l.prompt(&entry, &lp[lp.len().saturating_sub(echo.len())..]);
                     }
                     for s in &c.steps {
                         l.step(&entry, s);

@@ -104,9 +104,21 @@ def test_completions_with_logprobs_and_echo(client):
     c = r.choices[0]
     assert c.text.startswith(prompt) and len(c.text) > len(prompt)
     n_prompt = r.usage.prompt_tokens
-    assert len(c.logprobs.tokens) == n_prompt + 5 == len(c.logprobs.token_logprobs)
-    assert c.logprobs.token_logprobs[0] is None and all(lp <= 0 for lp in c.logprobs.token_logprobs[1:])
-    assert all(len(t) <= 3 for t in c.logprobs.top_logprobs[1:])
+    # Gemma's BOS (added by the tokenizer, not in the text) is not echoed: the tokens spell the
+    # text, and each offset points at its token. The first echoed token follows BOS, so it has
+    # a log-probability too.
+    assert len(c.logprobs.tokens) == n_prompt - 1 + 5 == len(c.logprobs.token_logprobs)
+    assert "".join(c.logprobs.tokens) == c.text
+    assert all(c.text[o:o + len(t)] == t for o, t in zip(c.logprobs.text_offset, c.logprobs.tokens))
+    assert all(lp <= 0 for lp in c.logprobs.token_logprobs)
+    assert all(len(t) <= 3 for t in c.logprobs.top_logprobs)
+    # A model without BOS: the first token has nothing before it, so no log-probability; special
+    # tokens written in the prompt are echoed as written.
+    chat = "<|im_start|>user\nHi<|im_end|>\n"
+    q = client.completions.create(model=CHAT_MODEL, prompt=chat, max_tokens=2, temperature=0, logprobs=1, echo=True).choices[0]
+    assert q.text.startswith(chat) and "".join(q.logprobs.tokens) == q.text
+    assert q.logprobs.tokens[0] == "<|im_start|>" and q.logprobs.token_logprobs[0] is None
+    assert all(q.text[o:o + len(t)] == t for o, t in zip(q.logprobs.text_offset, q.logprobs.tokens))
     # The golden prompt ids (BOS added as Gemma asks) and llama.cpp's first greedy token.
     g = golden("gemma-3-270m.greedy.jsonl")[0]
     assert n_prompt == len(g["prompt_ids"])

@@ -11,7 +11,7 @@ import tempfile
 
 import pytest
 
-from conftest import SMELT, Server
+from conftest import Server, wait_for
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 README_URL = "http://127.0.0.1:8080"
@@ -100,3 +100,18 @@ def test_readme_javascript_example(readme_server):
     finally:
         path.unlink()
     assert out.strip()
+
+
+def test_chat_with_a_base_model_is_warned_about_once(readme_server):
+    # The README's server also serves Gemma 3 270M base, which has no chat template: a chat
+    # request to it is answered, and the log says once why the answer may ramble.
+    server, _ = readme_server
+    client = server.client_for("sk-local")
+    for _ in range(2):
+        r = client.chat.completions.create(model="gemma-3-270m", messages=[{"role": "user", "content": "Hi"}], max_tokens=2)
+        assert r.choices[0].message.content is not None
+    # The log is read by another thread: wait for the line to arrive.
+    wait_for("the warning in the log", lambda: "warning: gemma-3-270m" in "".join(server.log), timeout=30)
+    log = "".join(server.log)
+    assert "gemma-3-270m: " in log and "no chat template (chat requests use Gemma's turn format)" in log, log
+    assert log.count("warning: gemma-3-270m has no chat template") == 1, log
