@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
 """Side-by-side speed of llama.cpp and smelt on the same machine, models and threads.
 
-usage: scripts/bench-vs-llama.py [--threads 2] [--reps 3] [-p 512] [-n 128] [MODEL ...]
+usage: scripts/bench-vs-llama.py [--threads 2] [--reps 3] [-p 512] [-n 128] [-d 0] [MODEL ...]
 
 MODEL is a store name or .gguf path (default: the two reference models). llama.cpp's llama-bench
 is found through $LLAMA_BENCH (or $LLAMA_CPP_DIR/bin/llama-bench, or
 ~/.cache/smelt-ref/llama.cpp/bin/llama-bench; README says how to build it). The two programs run
 alternately, one repetition each at a time, so both see the same machine conditions, and the
-table gives mean t/s and the ratio smelt / llama.cpp.
+table gives mean t/s and the ratio smelt / llama.cpp. `-d DEPTH` measures both after DEPTH
+tokens of context (llama-bench's -d; each program fills its cache, untimed, in every run).
 """
 import argparse, json, os, shutil, statistics, subprocess, sys
 
@@ -29,13 +30,13 @@ def model_path(smelt, name):
     out = subprocess.run([smelt, "pull", name], check=True, capture_output=True, text=True).stdout.strip()
     return out.splitlines()[-1]
 
-def llama_rep(bench, path, threads, p, n):
-    out = subprocess.run([bench, "-m", path, "-t", str(threads), "-p", str(p), "-n", str(n), "-r", "1", "-o", "json"],
+def llama_rep(bench, path, threads, p, n, d):
+    out = subprocess.run([bench, "-m", path, "-t", str(threads), "-p", str(p), "-n", str(n), "-d", str(d), "-r", "1", "-o", "json"],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out)[0]["avg_ts"]
 
-def smelt_rep(smelt, path, threads, p, n):
-    out = subprocess.run([smelt, "bench", "-m", path, "-t", str(threads), "-p", str(p), "-n", str(n), "-r", "1", "--json", "--no-bandwidth"],
+def smelt_rep(smelt, path, threads, p, n, d):
+    out = subprocess.run([smelt, "bench", "-m", path, "-t", str(threads), "-p", str(p), "-n", str(n), "-d", str(d), "-r", "1", "--json", "--no-bandwidth", "--no-grammar"],
                          check=True, capture_output=True, text=True).stdout
     return json.loads(out)[0]["avg_ts"]
 
@@ -46,6 +47,7 @@ def main():
     ap.add_argument("--reps", "-r", type=int, default=3)
     ap.add_argument("-p", type=int, default=512)
     ap.add_argument("-n", type=int, default=128)
+    ap.add_argument("-d", type=int, default=0, help="context depth before each test")
     a = ap.parse_args()
     smelt = os.path.join(root, "target", "release", "smelt")
     if not os.path.exists(smelt):
@@ -54,12 +56,13 @@ def main():
     rows = []
     for name in a.models:
         path = model_path(smelt, name)
-        for test, p, n in [(f"pp{a.p}", a.p, 0), (f"tg{a.n}", 0, a.n)]:
+        at = f" @ d{a.d}" if a.d else ""
+        for test, p, n in [(f"pp{a.p}{at}", a.p, 0), (f"tg{a.n}{at}", 0, a.n)]:
             ll, sm = [], []
             for rep in range(a.reps):
                 print(f"{name} {test}: repetition {rep + 1}/{a.reps}", file=sys.stderr, flush=True)
-                ll.append(llama_rep(bench, path, a.threads, p, n))
-                sm.append(smelt_rep(smelt, path, a.threads, p, n))
+                ll.append(llama_rep(bench, path, a.threads, p, n, a.d))
+                sm.append(smelt_rep(smelt, path, a.threads, p, n, a.d))
             rows.append((name, test, statistics.mean(ll), statistics.mean(sm)))
     print(f"\nthreads: {a.threads}, repetitions: {a.reps} (alternating)\n")
     print("| model | test | llama.cpp t/s | smelt t/s | ratio |")

@@ -124,6 +124,11 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
     }
     let mut plan = plan(&req.sampling, model.hp.n_vocab, entry.engine.config.n_ctx, k)?;
     plan.lora = lora;
+    if req.echo && req.suffix.is_some() {
+        // The model sees the prompt and suffix wrapped in fill-in-the-middle tokens: there is no
+        // prompt text to echo that its tokens would spell.
+        return Err(ApiError::invalid("echo", "echo cannot be combined with suffix"));
+    }
     let prompts = match (&req.suffix, &req.prompt) {
         (Some(suffix), Input::Text(p)) => vec![with_suffix(&entry, p, suffix)?],
         (Some(_), _) => return Err(ApiError::invalid("suffix", "suffix needs a single text prompt")),
@@ -139,11 +144,18 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
     // Echoed prompts leave out a BOS the tokenizer added to a text prompt (it is not in the
     // request's text), so that the echoed text and its tokens' offsets line up.
     let tok = &model.tokenizer;
-    let added_bos = |p: &[u32]| match (&req.prompt, tok.bos) {
-        (Input::Text(_) | Input::Texts(_), Some(bos)) if tok.add_bos && p.first() == Some(&bos) => 1,
+    let texts: Vec<&str> = match &req.prompt {
+        Input::Text(t) => vec![t.as_str()],
+        Input::Texts(ts) => ts.iter().map(String::as_str).collect(),
+        _ => Vec::new(),
+    };
+    let bos_text = tok.bos.map(|b| String::from_utf8_lossy(tok.piece(b, true)).into_owned()).unwrap_or_default();
+    let added_bos = |i: usize, p: &[u32]| match (texts.get(i), tok.bos) {
+        // A BOS the request wrote itself stays.
+        (Some(t), Some(bos)) if tok.add_bos && p.first() == Some(&bos) && !t.starts_with(bos_text.as_str()) => 1,
         _ => 0,
     };
-    let echoed: Vec<&[u32]> = prompts.iter().map(|p| &p[added_bos(p)..]).collect();
+    let echoed: Vec<&[u32]> = prompts.iter().enumerate().map(|(i, p)| &p[added_bos(i, p)..]).collect();
     let choices_n = prompts.len() * plan.n;
     plan.compile_grammar(&entry).await?;
     let rx = submit(&entry, &prompts, &plan, prompt_lp)?;

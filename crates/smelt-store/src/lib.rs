@@ -88,10 +88,10 @@ impl Store {
             }
         } else if registry::find(model).is_some() || fetch::is_hf_source(model) {
             format!("model {model:?} is not in the store; run `smelt pull {model}`")
-        } else if let Some(near) = self.nearest_name(model) {
-            format!("unknown model {model:?}; did you mean {near:?}?")
         } else if model.contains('/') || model.ends_with(".gguf") {
             format!("no such file or stored model: {model:?}")
+        } else if let Some(near) = self.nearest_name(model) {
+            format!("unknown model {model:?}; did you mean {near:?}?")
         } else {
             format!(
                 "unknown model {model:?}; pass a .gguf path, a stored name (`smelt list`), or pull one of: {}",
@@ -260,7 +260,7 @@ mod tests {
         let store = Store::at(std::env::temp_dir().join(format!("smelt-store-near-{}", std::process::id())));
         assert_eq!(store.nearest_name("Qwen2.5-Coder-0.5B-Instruct").as_deref(), Some("qwen2.5-coder-0.5b-instruct"));
         assert_eq!(store.nearest_name("gemma3-270m").as_deref(), Some("gemma-3-270m"));
-        assert_eq!(store.nearest_name("gemma-3-270m.gguf").as_deref(), Some("gemma-3-270m"));
+        assert_eq!(store.nearest_name("gemma3-270m.gguf").as_deref(), Some("gemma-3-270m"));
         assert_eq!(store.nearest_name("llama-3-8b"), None);
         assert_eq!(edit_distance("kitten", "sitting"), 3);
     }

@@ -18,7 +18,7 @@ pub struct ModelArgs {
     /// Worker threads (default: all cores).
     #[arg(long, short = 't')]
     pub threads: Option<usize>,
-    /// Context size in tokens (default: 4096, at most the model's training context).
+    /// Context size in tokens (default: 4096; 0: the model's training context, also the most).
     #[arg(long)]
     pub ctx: Option<usize>,
     /// Apply a LoRA adapter (GGUF), optionally scaled (repeatable; as llama.cpp's
@@ -73,20 +73,27 @@ pub fn model_path(model: &str) -> Result<PathBuf> {
 }
 
 /// Text given as an argument, in a file (`-` for standard input), or piped in; `missing` is the
-/// error when there is none.
+/// error when there is none. One final newline of a file or piped text is dropped, as llama.cpp's
+/// `-f` does (an editor's or `echo`'s, not part of the prompt).
 pub fn read_text(arg: Option<&str>, file: Option<&std::path::Path>, missing: &str) -> Result<String> {
     use std::io::{IsTerminal, Read};
     fn read_stdin() -> Result<String> {
         let mut s = String::new();
         std::io::stdin().read_to_string(&mut s).context("standard input is not UTF-8 text")?;
-        Ok(s)
+        Ok(without_final_newline(s))
+    }
+    fn without_final_newline(mut s: String) -> String {
+        if s.ends_with('\n') {
+            s.pop();
+        }
+        s
     }
     match (arg, file) {
         (Some(t), _) => Ok(t.to_string()),
         (None, Some(p)) if p.as_os_str() == "-" => read_stdin(),
         (None, Some(p)) => {
             let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
-            String::from_utf8(bytes).map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", p.display()))
+            String::from_utf8(bytes).map(without_final_newline).map_err(|_| anyhow::anyhow!("{} is not UTF-8 text", p.display()))
         }
         // Piped-in text; nothing at all (a closed or empty input) is a missing argument.
         (None, None) if !std::io::stdin().is_terminal() => Some(read_stdin()?).filter(|t| !t.is_empty()).context(missing.to_string()),
@@ -107,14 +114,16 @@ pub fn model_id(arg: &str) -> String {
 
 /// Pull a model with a progress bar, then say what was done in one line on standard error.
 pub fn pull(store: &Store, name: &str) -> Result<PathBuf> {
-    let present = store.path_of(name).is_ok_and(|p| p.is_file());
+    let stamp = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let before = store.path_of(name).ok().and_then(|p| stamp(&p));
     let start = std::time::Instant::now();
     let pb = progress_bar();
     let path = store.pull(name, &mut report_to(&pb))?;
     pb.finish_and_clear();
     let bytes = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
     let secs = start.elapsed().as_secs_f64();
-    if present {
+    // A stored copy that failed its check is downloaded again: say so, by the file's new time.
+    if before.is_some() && before == stamp(&path) {
         eprintln!("{name}: already in the store, checked ({})", smelt_store::human_size(bytes));
     } else {
         let rate = smelt_store::human_size((bytes as f64 / secs.max(1e-3)) as u64);
@@ -154,12 +163,20 @@ pub fn threads(requested: Option<usize>) -> usize {
 pub fn load(args: &ModelArgs) -> Result<(Arc<Model>, Arc<ThreadPool>, usize)> {
     let path = model_path(&args.model)?;
     let model = Model::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
-    let n_ctx = args.ctx.unwrap_or(4096).min(model.hp.n_ctx_train).max(1);
-    if let Some(c) = args.ctx {
-        anyhow::ensure!(c > 0, "--ctx must be at least 1");
-    }
+    let n_ctx = context_size(args.ctx, model.hp.n_ctx_train);
     let pool = Arc::new(ThreadPool::new(threads(args.threads)));
     Ok((Arc::new(model), pool, n_ctx))
+}
+
+/// The context for a `--ctx` argument: 4096 by default, 0 for the model's full training
+/// context, never more than that.
+pub fn context_size(ctx: Option<usize>, n_ctx_train: usize) -> usize {
+    match ctx {
+        None => 4096.min(n_ctx_train),
+        Some(0) => n_ctx_train,
+        Some(c) => c.min(n_ctx_train),
+    }
+    .max(1)
 }
 
 /// The adapters of `--lora FILE[:SCALE]` arguments, checked against `model`.

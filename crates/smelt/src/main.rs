@@ -24,6 +24,8 @@ enum Command {
     Serve(cmd::serve::Args),
     /// Measure prompt-processing and generation speed (like llama-bench).
     Bench(cmd::bench::Args),
+    /// Perplexity of a model over a text file (chunked as llama.cpp's llama-perplexity does).
+    Perplexity(cmd::perplexity::Args),
     /// Fine-tune a LoRA adapter from a JSONL dataset (OpenAI chat format or prompt/completion).
     Tune(cmd::tune::Args),
     /// Fold LoRA adapters into a new GGUF model (re-quantized to the base's formats).
@@ -53,6 +55,7 @@ fn main() {
         Command::Tokenize(a) => cmd::tokenize::run(a),
         Command::Bench(a) => cmd::bench::run(a),
         Command::Serve(a) => cmd::serve::run(a),
+        Command::Perplexity(a) => cmd::perplexity::run(a),
         Command::Tune(a) => cmd::tune::run(a),
         Command::Merge(a) => cmd::merge::run(a),
         Command::Eval(a) => cmd::eval::run(a),

@@ -81,7 +81,8 @@ fn tokenize_reads_files_and_standard_input() {
 fn generate_reads_the_prompt_from_a_file_or_standard_input() {
     let dir = temp("prompt-file");
     let path = dir.join("prompt.txt");
-    std::fs::write(&path, "The capital of France is").unwrap();
+    // One final newline (an editor's) is not part of the prompt, as with llama.cpp's -f.
+    std::fs::write(&path, "The capital of France is\n").unwrap();
     let from_arg = generate_json(&["-m", GEMMA, "-p", "The capital of France is", "-n", "4", "--temperature", "0"]);
     let from_file = generate_json(&["-m", GEMMA, "--prompt-file", path.to_str().unwrap(), "-n", "4", "--temperature", "0"]);
     assert_eq!(from_arg["prompt_ids"], from_file["prompt_ids"]);

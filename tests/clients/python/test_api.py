@@ -119,6 +119,13 @@ def test_completions_with_logprobs_and_echo(client):
     assert q.text.startswith(chat) and "".join(q.logprobs.tokens) == q.text
     assert q.logprobs.tokens[0] == "<|im_start|>" and q.logprobs.token_logprobs[0] is None
     assert all(q.text[o:o + len(t)] == t for o, t in zip(q.logprobs.text_offset, q.logprobs.tokens))
+    # A BOS the prompt writes itself is part of its text, so it is echoed.
+    b = client.completions.create(model=BASE_MODEL, prompt="<bos>" + prompt, max_tokens=1, temperature=0, logprobs=1, echo=True).choices[0]
+    assert b.text.startswith("<bos>" + prompt) and b.logprobs.tokens[0] == "<bos>"
+    # With a suffix the model sees fill-in-the-middle tokens, not the prompt: no echo.
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=CHAT_MODEL, prompt="def f(", suffix=")", max_tokens=2, echo=True)
+    assert e.value.body["param"] == "echo"
     # The golden prompt ids (BOS added as Gemma asks) and llama.cpp's first greedy token.
     g = golden("gemma-3-270m.greedy.jsonl")[0]
     assert n_prompt == len(g["prompt_ids"])

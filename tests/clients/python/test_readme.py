@@ -11,7 +11,9 @@ import tempfile
 
 import pytest
 
-from conftest import Server, wait_for
+from conftest import SMELT, Server, wait_for
+
+pytestmark = pytest.mark.skipif(not SMELT, reason="needs SMELT_BIN (set by the Rust test server_clients)")
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 README_URL = "http://127.0.0.1:8080"

@@ -27,6 +27,10 @@ pub struct Args {
     /// Tokens to generate (0 = skip).
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     n_gen: usize,
+    /// Measure after this many tokens of context (llama-bench's -d): the cache is filled once,
+    /// untimed, and each repetition starts from it.
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    n_depth: usize,
     /// Repetitions of each test.
     #[arg(short = 'r', long, default_value_t = 5)]
     reps: usize,
@@ -119,16 +123,51 @@ fn tokens(model: &Model, n: usize) -> Vec<u32> {
     (0..n as u64).map(|i| ((i * 2_654_435_761 + 12345) % v) as u32).collect()
 }
 
-fn prompt_rep(model: &Model, ws: &mut Workspace, n: usize) -> Result<f64> {
-    let mut caches = vec![model.new_cache(n, n)];
-    let batch: Vec<BatchToken> = tokens(model, n).into_iter().enumerate().map(|(pos, token)| BatchToken { token, pos, seq: 0, logits: pos == n - 1 }).collect();
+/// A cache holding `depth` tokens of context (filled untimed), with room for `n` more.
+fn filled_cache(model: &Model, ws: &mut Workspace, depth: usize, n: usize) -> Result<Vec<smelt_model::kv::KvCache>> {
+    const FILL: usize = 512;
+    let mut caches = vec![model.new_cache(depth + n, n.max(FILL))];
+    let toks = tokens(model, depth);
+    for (c, chunk) in toks.chunks(FILL).enumerate() {
+        eprint!("\rfilling {depth} tokens of context: {}", c * FILL + chunk.len());
+        let batch: Vec<BatchToken> = chunk.iter().enumerate().map(|(i, &token)| BatchToken { token, pos: c * FILL + i, seq: 0, logits: false }).collect();
+        model.forward(&batch, &mut caches, ws)?;
+    }
+    if depth > 0 {
+        eprintln!();
+    }
+    Ok(caches)
+}
+
+/// Prompt tokens per second of a prompt of `n` tokens after the cache's `depth`.
+fn prompt_rep(model: &Model, ws: &mut Workspace, caches: &mut Vec<smelt_model::kv::KvCache>, depth: usize, n: usize) -> Result<f64> {
+    caches[0].truncate(depth).map_err(anyhow::Error::msg)?;
+    let batch: Vec<BatchToken> = tokens(model, n).into_iter().enumerate().map(|(i, token)| BatchToken { token, pos: depth + i, seq: 0, logits: i == n - 1 }).collect();
     let t = Instant::now();
-    model.forward(&batch, &mut caches, ws)?;
+    model.forward(&batch, caches, ws)?;
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
 fn gen_rep(model: &Model, ws: &mut Workspace, n: usize) -> Result<f64> {
     batch_gen_rep(model, ws, n, &[&LoraSet::default()])
+}
+
+/// Generated tokens per second of one sequence decoding `n` tokens after the cache's `depth`.
+fn depth_gen_rep(model: &Model, ws: &mut Workspace, caches: &mut Vec<smelt_model::kv::KvCache>, depth: usize, n: usize) -> Result<f64> {
+    caches[0].truncate(depth).map_err(anyhow::Error::msg)?;
+    let toks = tokens(model, n);
+    let t = Instant::now();
+    for (i, &token) in toks.iter().enumerate() {
+        model.forward(&[BatchToken { token, pos: depth + i, seq: 0, logits: true }], caches, ws)?;
+    }
+    Ok(n as f64 / t.elapsed().as_secs_f64())
+}
+
+/// KV bytes attention reads for one token at position `pos` (f16 keys and values; sliding-window
+/// layers only their window).
+fn kv_bytes_at(model: &Model, pos: usize) -> usize {
+    let row = model.hp.n_head_kv * model.hp.head_dim;
+    model.hp.window.iter().map(|w| w.map_or(pos, |w| w.min(pos)) * row * 2 * std::mem::size_of::<u16>()).sum()
 }
 
 /// Generated tokens per second of `sets.len()` sequences decoding together for `n` steps,
@@ -183,7 +222,7 @@ pub fn run(a: Args) -> Result<()> {
     let model = Arc::new(Model::load(&path)?);
     let load_s = t_load.elapsed().as_secs_f64();
     let n_threads = threads(a.threads);
-    anyhow::ensure!(a.n_prompt + a.n_gen <= model.hp.n_ctx_train, "-p + -n exceeds the model's context of {}", model.hp.n_ctx_train);
+    anyhow::ensure!(a.n_depth + a.n_prompt.max(a.n_gen) <= model.hp.n_ctx_train, "-d + -p (or -n) exceeds the model's context of {}", model.hp.n_ctx_train);
     let pool = Arc::new(ThreadPool::new(n_threads));
     let mut ws = Workspace::new(pool.clone());
     let file_size = std::fs::metadata(&path)?.len();
@@ -192,6 +231,8 @@ pub fn run(a: Args) -> Result<()> {
 
     // Warm up: touch every weight once so page-cache faults are not timed.
     gen_rep(&model, &mut ws, 2)?;
+    let mut caches = filled_cache(&model, &mut ws, a.n_depth, a.n_prompt.max(a.n_gen))?;
+    let at = if a.n_depth > 0 { format!(" @ d{}", a.n_depth) } else { String::new() };
     let probe = (a.n_gen > 0 && !a.no_bandwidth).then(|| ReadProbe::new(&pool));
     let mut passes = Vec::new();
     let mut results = Vec::new();
@@ -210,14 +251,17 @@ pub fn run(a: Args) -> Result<()> {
         for rep in 0..a.reps {
             eprint!("\r{test}{n}: repetition {}/{} ", rep + 1, a.reps);
             sample_bandwidth();
-            samples.push(if n_prompt > 0 { prompt_rep(&model, &mut ws, n)? } else { gen_rep(&model, &mut ws, n)? });
+            samples.push(if n_prompt > 0 { prompt_rep(&model, &mut ws, &mut caches, a.n_depth, n)? } else { depth_gen_rep(&model, &mut ws, &mut caches, a.n_depth, n)? });
         }
         sample_bandwidth();
         eprintln!();
         let (avg, sd) = stats(&samples);
-        results.push((format!("{test}{n}"), n_prompt, n_gen, avg, sd, samples));
+        results.push((format!("{test}{n}{at}"), n_prompt, n_gen, avg, sd, samples));
     }
-    let bytes = model.weight_bytes_per_token();
+    drop(caches);
+    // Bytes read per generated token: the weights, and the KV cache at the generation's middle.
+    let kv_bytes = kv_bytes_at(&model, a.n_depth + a.n_gen / 2);
+    let bytes = model.weight_bytes_per_token() + kv_bytes;
     drop(probe);
     let bw = (!passes.is_empty()).then(|| Bandwidth { mean: passes.iter().sum::<f64>() / passes.len() as f64, best: passes.iter().cloned().fold(0.0, f64::max), passes: passes.len() });
     let tg_avg = results.iter().find(|r| r.2 > 0).map(|r| r.3);
@@ -241,6 +285,7 @@ pub fn run(a: Args) -> Result<()> {
                     "model_size": file_size,
                     "n_prompt": np,
                     "n_gen": ng,
+                    "n_depth": a.n_depth,
                     "n_threads": n_threads,
                     "avg_ts": avg,
                     "stddev_ts": sd,
@@ -255,7 +300,8 @@ pub fn run(a: Args) -> Result<()> {
                         o["grammar_full_mask_ms"] = serde_json::json!({"cold": m.cold_ms, "warm": m.warm_ms});
                         o["grammar_trie_ms"] = m.trie_ms.into();
                     }
-                    o["weight_bytes_per_token"] = bytes.into();
+                    o["weight_bytes_per_token"] = model.weight_bytes_per_token().into();
+                    o["kv_bytes_per_token"] = kv_bytes.into();
                     if let Some(bw) = &bw {
                         o["memory_bandwidth_gbs"] = bw.mean.into();
                         o["memory_bandwidth_best_gbs"] = bw.best.into();
@@ -285,7 +331,8 @@ pub fn run(a: Args) -> Result<()> {
         // Binary units throughout, as for file sizes (the probe measures decimal GB/s).
         const GIB: f64 = (1u64 << 30) as f64;
         let got = bytes as f64 * avg / GIB;
-        print!("generation reads {} of weights per token: {got:.1} GiB/s", smelt_store::human_size(bytes as u64));
+        let kv = if kv_bytes > 0 { format!(" and {} of KV cache", smelt_store::human_size(kv_bytes as u64)) } else { String::new() };
+        print!("generation reads {} of weights{kv} per token: {got:.1} GiB/s", smelt_store::human_size(model.weight_bytes_per_token() as u64));
         match &bw {
             Some(bw) => {
                 let (mean, best) = (bw.mean * 1e9 / GIB, bw.best * 1e9 / GIB);

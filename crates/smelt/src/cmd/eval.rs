@@ -28,7 +28,7 @@ pub struct Args {
     /// Sequences generated at once.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
-    /// Context per sequence.
+    /// Context per sequence (0: the model's training context).
     #[arg(long, default_value_t = 4096)]
     ctx: usize,
     /// KV cache memory per model, e.g. 512M, 2G.
@@ -54,14 +54,14 @@ pub struct Engines {
 
 impl Engines {
     pub fn new(threads: usize, max_batch: usize, ctx: usize, kv_memory: u64) -> Engines {
-        Engines { threads, max_batch: max_batch.max(1), ctx: ctx.max(64), kv_memory, bases: HashMap::new(), adapters: HashMap::new() }
+        Engines { threads, max_batch: max_batch.max(1), ctx: if ctx == 0 { 0 } else { ctx.max(64) }, kv_memory, bases: HashMap::new(), adapters: HashMap::new() }
     }
 
     fn engine(&mut self, base: &str) -> Result<&Engine> {
         if !self.bases.contains_key(base) {
             let path = model_path(base)?;
             let model = Arc::new(Model::load(&path).with_context(|| format!("cannot load {}", path.display()))?);
-            let n_ctx = self.ctx.min(model.hp.n_ctx_train);
+            let n_ctx = crate::common::context_size(Some(self.ctx), model.hp.n_ctx_train);
             let block = BlockPool::block_bytes(model.hp.n_layer, model.hp.n_head_kv * model.hp.head_dim);
             let kv_blocks = (self.kv_memory / block as u64) as usize;
             anyhow::ensure!(kv_blocks * BLOCK_SIZE >= n_ctx, "--kv-memory {} holds less than one context of {n_ctx} tokens of {base}; raise it or lower --ctx", smelt_store::human_size(self.kv_memory));

@@ -3,6 +3,7 @@ pub mod data;
 pub mod eval;
 pub mod generate;
 pub mod merge;
+pub mod perplexity;
 pub mod redteam;
 pub mod run;
 pub mod serve;

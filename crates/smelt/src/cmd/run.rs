@@ -20,7 +20,7 @@ pub struct Args {
     /// Worker threads (default: all cores).
     #[arg(long, short = 't')]
     threads: Option<usize>,
-    /// Context size in tokens (default: 4096).
+    /// Context size in tokens (default: 4096; 0: the model's training context).
     #[arg(long)]
     ctx: Option<usize>,
     /// Apply a LoRA adapter (GGUF), optionally scaled (repeatable).

@@ -30,7 +30,7 @@ pub struct Args {
     /// `rpm=N`, `tpm=N` (tokens per minute) and `concurrency=N`; `#` starts a comment.
     #[arg(long, conflicts_with = "api_key")]
     api_key_file: Option<std::path::PathBuf>,
-    /// Context size per sequence in tokens (default 4096, at most the model's).
+    /// Context size per sequence in tokens (default 4096; 0: the model's training context, also the most).
     #[arg(long)]
     ctx: Option<usize>,
     /// Most sequences generated at once.
@@ -111,7 +111,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
 fn load_engine(arg: &str, a: &Args) -> Result<ModelEntry> {
     let path = model_path(arg)?;
     let model = Arc::new(Model::load(&path).with_context(|| format!("cannot load {}", path.display()))?);
-    let n_ctx = a.ctx.unwrap_or(4096).min(model.hp.n_ctx_train);
+    let n_ctx = crate::common::context_size(a.ctx, model.hp.n_ctx_train);
     anyhow::ensure!(n_ctx >= 16, "--ctx must be at least 16");
     let row = model.hp.n_head_kv * model.hp.head_dim;
     let block = BlockPool::block_bytes(model.hp.n_layer, row) as u64;
@@ -218,6 +218,13 @@ pub fn run(mut a: Args) -> Result<()> {
     };
     let train_threads = a.train_threads.unwrap_or_else(|| threads(a.threads));
     let grace = a.shutdown_timeout;
+    // Bounded memory under hours of traffic: few malloc arenas, and freed memory handed back
+    // to the system every minute (see scripts/soak.py and the README's soak results).
+    smelt_kernels::pool::limit_malloc_arenas(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2));
+    std::thread::Builder::new().name("smelt-trim".into()).spawn(|| loop {
+        std::thread::sleep(std::time::Duration::from_secs(60));
+        smelt_kernels::pool::return_free_memory();
+    })?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
         let addr = format!("{}:{}", a.host, a.port);

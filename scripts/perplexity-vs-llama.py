@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Perplexity from llama.cpp's llama-perplexity and from `smelt perplexity` on the same text,
+models, context and chunks, side by side.
+
+usage: scripts/perplexity-vs-llama.py -f TEXT [--ctx 512] [--chunks 20] [--threads 2] [MODEL ...]
+
+MODEL is a store name or .gguf path (default: the two reference models). llama-perplexity is
+found through $LLAMA_PERPLEXITY (or $LLAMA_CPP_DIR/bin, or ~/.cache/smelt-ref/llama.cpp/bin;
+scripts/build-llama-cpp.sh builds it). The table gives both estimates with their standard errors,
+the relative difference, and each program's time.
+"""
+import argparse, json, os, re, shutil, subprocess, sys, time
+
+here = os.path.dirname(os.path.abspath(__file__))
+root = os.path.dirname(here)
+
+
+def find_llama_perplexity():
+    for cand in [os.environ.get("LLAMA_PERPLEXITY"),
+                 os.environ.get("LLAMA_CPP_DIR") and os.path.join(os.environ["LLAMA_CPP_DIR"], "bin", "llama-perplexity"),
+                 os.path.expanduser("~/.cache/smelt-ref/llama.cpp/bin/llama-perplexity"),
+                 shutil.which("llama-perplexity")]:
+        if cand and os.path.exists(cand):
+            return cand
+    sys.exit("llama-perplexity not found: set LLAMA_PERPLEXITY or run scripts/build-llama-cpp.sh")
+
+
+def model_path(smelt, name):
+    if os.path.exists(name):
+        return name
+    out = subprocess.run([smelt, "pull", name], check=True, capture_output=True, text=True).stdout.strip()
+    return out.splitlines()[-1]
+
+
+def llama(binary, path, text, ctx, chunks, threads):
+    t = time.time()
+    out = subprocess.run([binary, "-m", path, "-f", text, "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads)],
+                         capture_output=True, text=True)
+    m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", out.stdout + out.stderr)
+    if not m:
+        sys.exit(f"llama-perplexity failed on {path}:\n{out.stderr[-2000:]}")
+    return float(m.group(1)), float(m.group(2)), time.time() - t
+
+
+def smelt_ppl(smelt, path, text, ctx, chunks, threads):
+    t = time.time()
+    out = subprocess.run([smelt, "perplexity", "-m", path, "-f", text, "--ctx", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads), "--json"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"smelt perplexity failed on {path}:\n{out.stderr[-2000:]}")
+    r = json.loads(out.stdout)
+    return r["perplexity"], r["error"], time.time() - t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("models", nargs="*", default=["gemma-3-270m", "qwen2.5-coder-0.5b-instruct"])
+    ap.add_argument("-f", "--file", required=True)
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--chunks", type=int, default=20)
+    ap.add_argument("--threads", "-t", type=int, default=os.cpu_count())
+    a = ap.parse_args()
+    smelt = os.path.join(root, "target", "release", "smelt")
+    if not os.path.exists(smelt):
+        subprocess.run(["cargo", "build", "--release", "-p", "smelt"], check=True, cwd=root)
+    binary = find_llama_perplexity()
+    rows = []
+    for name in a.models:
+        path = model_path(smelt, name)
+        print(f"{name}: llama-perplexity", file=sys.stderr, flush=True)
+        ll = llama(binary, path, a.file, a.ctx, a.chunks, a.threads)
+        print(f"{name}: smelt perplexity", file=sys.stderr, flush=True)
+        sm = smelt_ppl(smelt, path, a.file, a.ctx, a.chunks, a.threads)
+        rows.append((name, ll, sm))
+    print(f"\ntext: {a.file}; context {a.ctx}, {a.chunks} chunks, {a.threads} threads\n")
+    print("| model | llama-perplexity | smelt perplexity | difference | llama.cpp s | smelt s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, (lp, le, lt), (sp, se, st) in rows:
+        print(f"| {name} | {lp:.4f} ± {le:.4f} | {sp:.4f} ± {se:.4f} | {100 * (sp / lp - 1):+.3f}% | {lt:.1f} | {st:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
