@@ -384,13 +384,24 @@ fn bench_json_has_llama_bench_keys_and_the_bandwidth_share() {
     }
     // Generation: the weights read per token, and the bandwidth sampled around the repetitions
     // (one pass before each and one after), the fraction being of the mean pass.
+    // The bytes count the weights and the KV cache the generation's middle token reads.
     let g = &tests[1];
-    let (bytes, avg) = (g["weight_bytes_per_token"].as_f64().unwrap(), g["avg_ts"].as_f64().unwrap());
+    let (weights, kv, avg) = (g["weight_bytes_per_token"].as_f64().unwrap(), g["kv_bytes_per_token"].as_f64().unwrap(), g["avg_ts"].as_f64().unwrap());
     let (mean, best) = (g["memory_bandwidth_gbs"].as_f64().unwrap(), g["memory_bandwidth_best_gbs"].as_f64().unwrap());
-    assert!(bytes > 100e6 && mean > 0.0 && best >= mean, "{g}");
+    assert!(weights > 100e6 && kv > 0.0 && mean > 0.0 && best >= mean, "{g}");
     let frac = g["bandwidth_fraction"].as_f64().unwrap();
-    assert!((frac - bytes * avg / 1e9 / mean).abs() < 1e-9 * frac.max(1.0), "{g}");
+    assert!((frac - (weights + kv) * avg / 1e9 / mean).abs() < 1e-9 * frac.max(1.0), "{g}");
     assert!(g["bandwidth_fraction_of_best"].as_f64().unwrap() <= frac, "{g}");
+
+    // At a depth: both tests run after it, and generation reads that much more KV cache
+    // (Gemma's sliding-window layers only their window, which 600 positions exceed).
+    let o = run(&["bench", "-m", GEMMA, "-t", "2", "-p", "8", "-n", "4", "-d", "600", "-r", "1", "--json", "--no-grammar", "--no-bandwidth"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let deep = v.as_array().unwrap();
+    assert!(deep.iter().all(|t| t["n_depth"] == 600 && t["avg_ts"].as_f64().unwrap() > 0.0), "{v}");
+    let deep_kv = deep[1]["kv_bytes_per_token"].as_f64().unwrap();
+    assert!(deep_kv > 10.0 * kv, "{deep_kv} vs {kv}");
 }
 
 /// The `train_loss` of each step event `smelt tune --json` printed, by step.
