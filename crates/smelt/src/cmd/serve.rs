@@ -154,6 +154,9 @@ fn load_adapters(entry: &ModelEntry, loras: &[(String, String, String)]) -> Resu
 }
 
 pub fn run(mut a: Args) -> Result<()> {
+    // Bounded memory under hours of traffic: few malloc arenas, set before any thread starts
+    // (see scripts/soak.py and the README's soak results).
+    smelt_kernels::pool::limit_malloc_arenas(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2));
     if a.model.is_empty() {
         a.model.push(smelt_store::DEFAULT_MODEL.to_string());
     }
@@ -218,12 +221,15 @@ pub fn run(mut a: Args) -> Result<()> {
     };
     let train_threads = a.train_threads.unwrap_or_else(|| threads(a.threads));
     let grace = a.shutdown_timeout;
-    // Bounded memory under hours of traffic: few malloc arenas, and freed memory handed back
-    // to the system every minute (see scripts/soak.py and the README's soak results).
-    smelt_kernels::pool::limit_malloc_arenas(std::thread::available_parallelism().map_or(2, |n| n.get()).max(2));
-    std::thread::Builder::new().name("smelt-trim".into()).spawn(|| loop {
-        std::thread::sleep(std::time::Duration::from_secs(60));
-        smelt_kernels::pool::return_free_memory();
+    // Freed memory goes back to the system when the server is idle (a trim locks the arenas,
+    // so never under requests).
+    let idle = state.clone();
+    std::thread::Builder::new().name("smelt-trim".into()).spawn(move || loop {
+        std::thread::sleep(std::time::Duration::from_secs(30));
+        use std::sync::atomic::Ordering::Relaxed;
+        if idle.models().iter().all(|m| m.engine.stats.running.load(Relaxed) + m.engine.stats.waiting.load(Relaxed) == 0) {
+            smelt_kernels::pool::return_free_memory();
+        }
     })?;
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(async move {
