@@ -149,7 +149,7 @@ pub async fn handler(State(state): State<AppState>, Extension(meter): Extension<
         Input::Texts(ts) => ts.iter().map(String::as_str).collect(),
         _ => Vec::new(),
     };
-    let bos_text = tok.bos.map(|b| String::from_utf8_lossy(tok.piece(b, true)).into_owned()).unwrap_or_default();
+    let bos_text = tok.bos.map(|b| token_text(&entry, b).0).unwrap_or_default();
     let added_bos = |i: usize, p: &[u32]| match (texts.get(i), tok.bos) {
         // A BOS the request wrote itself stays.
         (Some(t), Some(bos)) if tok.add_bos && p.first() == Some(&bos) && !t.starts_with(bos_text.as_str()) => 1,

@@ -351,7 +351,7 @@ pub async fn serve(state: AppState, listener: tokio::net::TcpListener, grace: st
         }
         #[cfg(not(unix))]
         let _ = tokio::signal::ctrl_c().await;
-        let busy: usize = running.models().iter().map(|m| m.engine.stats.running.load(std::sync::atomic::Ordering::Relaxed) + m.engine.stats.waiting.load(std::sync::atomic::Ordering::Relaxed)).sum();
+        let busy = running.busy();
         eprintln!("shutting down: no new connections; waiting up to {}s for {busy} running request(s)", grace.as_secs());
         signalled.notify_one();
     };

@@ -169,6 +169,12 @@ impl AppState {
         self.0.models.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
+    /// Requests the engines are running or holding in their queues, over all models.
+    pub fn busy(&self) -> usize {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.models().iter().map(|m| m.engine.stats.running.load(Relaxed) + m.engine.stats.waiting.load(Relaxed)).sum()
+    }
+
     /// The model a request names: a served model's id, `BASE:ADAPTER` for one of its adapters,
     /// or a fine-tuned model's `ft:` id (the first served model when it names none).
     pub fn resolve(&self, name: Option<&str>) -> Result<Resolved, ApiError> {

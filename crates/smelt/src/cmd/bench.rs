@@ -148,10 +148,6 @@ fn prompt_rep(model: &Model, ws: &mut Workspace, caches: &mut Vec<smelt_model::k
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
-fn gen_rep(model: &Model, ws: &mut Workspace, n: usize) -> Result<f64> {
-    batch_gen_rep(model, ws, n, &[&LoraSet::default()])
-}
-
 /// Generated tokens per second of one sequence decoding `n` tokens after the cache's `depth`.
 fn depth_gen_rep(model: &Model, ws: &mut Workspace, caches: &mut Vec<smelt_model::kv::KvCache>, depth: usize, n: usize) -> Result<f64> {
     caches[0].truncate(depth).map_err(anyhow::Error::msg)?;
@@ -229,9 +225,9 @@ pub fn run(a: Args) -> Result<()> {
     let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
     eprintln!("{name}: loaded in {load_s:.2}s, {n_threads} threads, kernels: {}", smelt_kernels::dispatch::kernels().isa.name());
 
-    // Warm up: touch every weight once so page-cache faults are not timed.
-    gen_rep(&model, &mut ws, 2)?;
     let mut caches = filled_cache(&model, &mut ws, a.n_depth, a.n_prompt.max(a.n_gen))?;
+    // Warm up: touch every weight once so page-cache faults are not timed.
+    depth_gen_rep(&model, &mut ws, &mut caches, a.n_depth, a.n_prompt.max(a.n_gen).min(2))?;
     let at = if a.n_depth > 0 { format!(" @ d{}", a.n_depth) } else { String::new() };
     let probe = (a.n_gen > 0 && !a.no_bandwidth).then(|| ReadProbe::new(&pool));
     let mut passes = Vec::new();

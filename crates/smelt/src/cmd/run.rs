@@ -62,7 +62,7 @@ pub fn run(a: Args) -> Result<()> {
     };
     reset(&mut messages);
     // Short lines: the banner must not wrap on an 80-column terminal.
-    let size = std::fs::metadata(crate::common::model_path(&name)?).map(|m| m.len()).unwrap_or(0);
+    let size = std::fs::metadata(&model.file.path).map(|m| m.len()).unwrap_or(0);
     eprintln!("{} ({}, {}, context {n_ctx})", crate::common::model_id(&name), smelt_store::human_size(size), model.quantization());
     if let Some(format) = model.fallback_chat_format() {
         eprintln!("warning: this model has no chat template (a base model?); chat uses");

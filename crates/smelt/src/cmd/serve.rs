@@ -226,8 +226,7 @@ pub fn run(mut a: Args) -> Result<()> {
     let idle = state.clone();
     std::thread::Builder::new().name("smelt-trim".into()).spawn(move || loop {
         std::thread::sleep(std::time::Duration::from_secs(30));
-        use std::sync::atomic::Ordering::Relaxed;
-        if idle.models().iter().all(|m| m.engine.stats.running.load(Relaxed) + m.engine.stats.waiting.load(Relaxed) == 0) {
+        if idle.busy() == 0 {
             smelt_kernels::pool::return_free_memory();
         }
     })?;
