@@ -5,7 +5,7 @@ use crate::grammar::{sample_constrained, AutomatonCache, Compiled, Constraint, T
 use crate::sampling::{log_sum_exp, top_logprobs, Sampler, SamplingParams};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, ModelError, Workspace};
-use smelt_model::kv::KvCache;
+use smelt_model::kv::{KvCache, KvTypes};
 use smelt_model::lora::LoraSet;
 use smelt_model::tokenizer::{StreamDecoder, Tokenizer};
 use std::sync::Arc;
@@ -105,6 +105,14 @@ impl Session {
         let n_ctx = n_ctx.max(1);
         let cache = model.new_cache(n_ctx, PREFILL_CHUNK);
         Session { ws: Workspace::new(pool), caches: vec![cache], tokens: Vec::new(), n_ctx, model, trie: None, automata: AutomatonCache::default(), lora: LoraSet::default() }
+    }
+
+    /// Store keys and values in `types` from now on (the cache is dropped); an error when the
+    /// model's head size does not suit them.
+    pub fn set_kv_types(&mut self, types: KvTypes) -> Result<(), ModelError> {
+        self.caches = vec![self.model.new_cache_typed(self.n_ctx, PREFILL_CHUNK, types)?];
+        self.tokens.clear();
+        Ok(())
     }
 
     /// Run under these adapters from now on (the cache, computed without them, is dropped).

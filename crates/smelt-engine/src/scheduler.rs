@@ -17,7 +17,7 @@ use crate::grammar::{AutomatonCache, Constraint, TokenTrie};
 use crate::sampling::{log_sum_exp, top_logprobs};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, Workspace};
-use smelt_model::kv::{BlockPool, PagedKv, PagedSeq, BLOCK_SIZE};
+use smelt_model::kv::{BlockPool, KvTypes, PagedKv, PagedSeq, BLOCK_SIZE};
 use smelt_model::lora::LoraSet;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,6 +36,9 @@ pub struct EngineConfig {
     pub step_tokens: usize,
     /// Requests that may wait for admission before new ones are refused.
     pub queue: usize,
+    /// How the KV pool stores keys and values (checked against the model by the caller, with
+    /// `Model::check_kv_types`).
+    pub kv_types: KvTypes,
 }
 
 /// Where a request's events go. `send` returns false when nobody listens any more.
@@ -216,8 +219,7 @@ struct Work {
 
 impl Runner {
     fn new(model: Arc<Model>, pool: Arc<ThreadPool>, config: EngineConfig, stats: Arc<Stats>, trie: SharedTrie) -> Runner {
-        let row = model.hp.n_head_kv * model.hp.head_dim;
-        let kv = BlockPool::new(&model.hp.window, row, config.kv_blocks);
+        let kv = BlockPool::new(&model.hp.window, model.kv_row(), config.kv_blocks, config.kv_types);
         stats.kv_blocks_total.store(config.kv_blocks, Ordering::Relaxed);
         Runner {
             ws: Workspace::new(pool),

@@ -4,6 +4,7 @@
 use smelt_engine::scheduler::{EmbedRequest, Engine, EngineConfig, Event, GenRequest, Job, Sink, Summary};
 use smelt_engine::{FinishReason, GenerateParams, SamplingParams, Session};
 use smelt_kernels::pool::ThreadPool;
+use smelt_model::kv::{KvType, KvTypes};
 use smelt_model::arch::Model;
 use smelt_model::synthetic::{tiny_model, TinySpec};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,10 +12,15 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
 
 fn model(arch: &'static str) -> Arc<Model> {
+    model_of(&TinySpec::new(arch))
+}
+
+fn model_of(spec: &TinySpec) -> Arc<Model> {
+    let arch = spec.arch;
     static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let k = COUNTER.fetch_add(1, Ordering::SeqCst);
     let path = std::env::temp_dir().join(format!("smelt-sched-{arch}-{}-{k}.gguf", std::process::id()));
-    std::fs::write(&path, tiny_model(&TinySpec::new(arch)).to_bytes()).unwrap();
+    std::fs::write(&path, tiny_model(spec).to_bytes()).unwrap();
     let m = Model::load(&path).unwrap();
     let _ = std::fs::remove_file(&path);
     Arc::new(m)
@@ -41,7 +47,7 @@ fn sink() -> (Box<dyn Sink>, Receiver<Event>, Arc<AtomicBool>) {
 }
 
 fn config(kv_blocks: usize) -> EngineConfig {
-    EngineConfig { n_ctx: 256, max_seqs: 16, kv_blocks, step_tokens: 48, queue: 64 }
+    EngineConfig { n_ctx: 256, max_seqs: 16, kv_blocks, step_tokens: 48, queue: 64, kv_types: Default::default() }
 }
 
 fn params(max_tokens: usize, seed: Option<u64>) -> GenerateParams {
@@ -70,7 +76,12 @@ fn collect(rx: &Receiver<Event>) -> (Vec<u32>, Summary) {
 }
 
 fn alone(m: &Arc<Model>, p: &[u32], gp: &GenerateParams) -> Vec<u32> {
+    alone_typed(m, p, gp, KvTypes::default())
+}
+
+fn alone_typed(m: &Arc<Model>, p: &[u32], gp: &GenerateParams, types: KvTypes) -> Vec<u32> {
     let mut s = Session::new(m.clone(), Arc::new(ThreadPool::new(1)), 256);
+    s.set_kv_types(types).unwrap();
     s.generate(p, gp, |_| true).unwrap().steps.iter().map(|s| s.id).collect()
 }
 
@@ -339,4 +350,33 @@ fn requests_on_different_adapters_share_steps_and_never_share_kv() {
     assert_eq!(run(&sets[3]), 0, "an adapter's KV was reused under another set");
     assert!(run(&sets[1]) >= 64, "the adapter's own cached prompt was not reused");
     assert!(run(&sets[0]) >= 64);
+}
+
+#[test]
+fn quantized_kv_in_the_engine_matches_solo_runs_and_reuses_prefixes() {
+    // Heads of 64 values, so keys and values are also stored rotated.
+    let m = model_of(&TinySpec { head_dim: 64, ..TinySpec::new("qwen2") });
+    let types = KvTypes { k: KvType::Q8_0, v: KvType::Q4_0 };
+    let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(2)), EngineConfig { kv_types: types, ..config(512) });
+    let doc = prompt(60, 1);
+    let mut pending = Vec::new();
+    for r in 0..6u32 {
+        let mut p = doc.clone();
+        p.extend(prompt(3 + r as usize, r + 2));
+        let gp = params(10, if r % 2 == 0 { None } else { Some(r as u64) });
+        let (sk, rx, _) = sink();
+        engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: gp.clone(), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
+        pending.push((p, gp, rx));
+    }
+    for (p, gp, rx) in &pending {
+        let (ids, _) = collect(rx);
+        assert_eq!(ids, alone_typed(&m, p, gp, types), "batched output under quantized KV differs from solo");
+    }
+    // The same prompt again comes from the (quantized) prefix cache, with the same answer.
+    let (p, gp, _) = &pending[0];
+    let (sk, rx, _) = sink();
+    engine.submit(Job::Generate(GenRequest { prompt: p.clone(), params: gp.clone(), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
+    let (again, summary) = collect(&rx);
+    assert_eq!(summary.cached_tokens, p.len() - 1);
+    assert_eq!(again, alone_typed(&m, p, gp, types));
 }

@@ -28,7 +28,7 @@ impl Isa {
 /// `gate = act(gate) * up` in place.
 pub type GatedFn = fn(&mut [f32], &[f32]);
 /// See `ops::attend`.
-pub type AttendFn = fn(&[f32], usize, &[half::f16], &[half::f16], usize, usize, &[std::ops::Range<usize>], f32, &mut Vec<f32>, &mut [f32]);
+pub type AttendFn = fn(&[f32], usize, crate::kv::KvRows, crate::kv::KvRows, usize, usize, &[std::ops::Range<usize>], f32, &mut Vec<f32>, &mut [f32]);
 
 pub struct Kernels {
     pub isa: Isa,
@@ -184,7 +184,7 @@ impl Kernels {
     /// Softmax attention of query heads sharing a key/value head (see `ops::attend`); the SIMD
     /// version needs a head size that is a multiple of 8.
     #[allow(clippy::too_many_arguments)]
-    pub fn attend(&self, q: &[f32], hd: usize, keys: &[half::f16], values: &[half::f16], stride: usize, offset: usize, ranges: &[std::ops::Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+    pub fn attend(&self, q: &[f32], hd: usize, keys: crate::kv::KvRows, values: crate::kv::KvRows, stride: usize, offset: usize, ranges: &[std::ops::Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
         let f = if hd % 8 == 0 { self.attend } else { crate::ops::attend_scalar as AttendFn };
         f(q, hd, keys, values, stride, offset, ranges, scale, scores, out)
     }

@@ -2,6 +2,7 @@
 //! small f32 operations around them. Everything a forward pass computes goes through these
 //! functions, so another backend (GPU) can replace them behind the same signatures.
 
+use crate::kv::KvRows;
 use crate::dispatch::kernels;
 use crate::formats::{dequantize_row, DType};
 use crate::pool::ThreadPool;
@@ -312,6 +313,29 @@ impl Rope {
     }
 }
 
+/// Rotate each group of `n` consecutive values of `x` (n a power of two) by the orthonormal
+/// Walsh-Hadamard matrix H_n / √n (its own inverse), with the fast transform: log2 n passes of
+/// sums and differences.
+pub fn hadamard(x: &mut [f32], n: usize) {
+    assert!(n.is_power_of_two() && x.len() % n == 0, "hadamard: groups of a power of two");
+    let scale = 1.0 / (n as f32).sqrt();
+    for g in x.chunks_exact_mut(n) {
+        let mut h = 1;
+        while h < n {
+            for block in g.chunks_exact_mut(2 * h) {
+                let (a, b) = block.split_at_mut(h);
+                for (u, v) in a.iter_mut().zip(b) {
+                    (*u, *v) = (*u + *v, *u - *v);
+                }
+            }
+            h *= 2;
+        }
+        for v in g.iter_mut() {
+            *v *= scale;
+        }
+    }
+}
+
 /// gate = silu(gate) * up, in place in `gate`.
 pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
     (kernels().silu_mul)(gate, up)
@@ -423,34 +447,34 @@ pub fn f16_bytes(x: &[half::f16]) -> &[u8] {
 
 /// Softmax attention of query heads over cached keys/values: for each head h (the `hd` floats
 /// `q[h * hd..]`), out_h = Σ_j softmax_j(q_h·k_j * scale) v_j over the slots j in `ranges`
-/// (half-open slot ranges); slot j's key and value are the `hd` f16 values at
-/// `keys[j * stride + offset ..]` (all heads given share them: one key/value head). A head's
-/// result is the same whether it is attended alone or with others.
+/// (half-open slot ranges); slot j's key and value are the `hd` values at
+/// `keys[j * stride + offset ..]` (all heads given share them: one key/value head), stored in
+/// any [`KvType`](crate::kv::KvType) (quantized heads are whole blocks). A head's result is the
+/// same whether it is attended alone or with others.
 #[allow(clippy::too_many_arguments)]
-pub fn attend(q: &[f32], hd: usize, keys: &[half::f16], values: &[half::f16], stride: usize, offset: usize, ranges: &[std::ops::Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+pub fn attend(q: &[f32], hd: usize, keys: KvRows, values: KvRows, stride: usize, offset: usize, ranges: &[std::ops::Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     kernels().attend(q, hd, keys, values, stride, offset, ranges, scale, scores, out)
 }
 
-/// Scalar reference of `attend`.
+/// Scalar reference of `attend`. With quantized keys a score is Σ over blocks of the block's
+/// scale times the dot with its unscaled values; quantized values add (weight × scale) × value.
 #[allow(clippy::too_many_arguments)]
-pub fn attend_scalar(
-    q: &[f32],
-    hd: usize,
-    keys: &[half::f16],
-    values: &[half::f16],
-    stride: usize,
-    offset: usize,
-    ranges: &[std::ops::Range<usize>],
-    scale: f32,
-    scores: &mut Vec<f32>,
-    out: &mut [f32],
-) {
+pub fn attend_scalar(q: &[f32], hd: usize, keys: KvRows, values: KvRows, stride: usize, offset: usize, ranges: &[std::ops::Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     for (q, out) in q.chunks_exact(hd).zip(out.chunks_exact_mut(hd)) {
         scores.clear();
         let mut max = f32::NEG_INFINITY;
         for j in ranges.iter().flat_map(|r| r.clone()) {
-            let k = &keys[j * stride + offset..][..hd];
-            let s = q.iter().zip(k).map(|(a, b)| a * b.to_f32()).sum::<f32>() * scale;
+            let at = j * stride + offset;
+            let dot = match keys {
+                KvRows::F16(k) => q.iter().zip(&k[at..at + hd]).map(|(a, b)| a * b.to_f32()).sum::<f32>(),
+                _ => (0..hd / 32)
+                    .map(|b| {
+                        let (d, vals) = keys.block(at + 32 * b);
+                        d * q[32 * b..32 * b + 32].iter().zip(vals).map(|(a, v)| a * v).sum::<f32>()
+                    })
+                    .sum(),
+            };
+            let s = dot * scale;
             max = max.max(s);
             scores.push(s);
         }
@@ -462,8 +486,19 @@ pub fn attend_scalar(
         out.fill(0.0);
         let inv = if sum > 0.0 { 1.0 / sum } else { 0.0 };
         for (j, &p) in ranges.iter().flat_map(|r| r.clone()).zip(scores.iter()) {
-            let v = &values[j * stride + offset..][..hd];
-            axpy(out, p * inv, v);
+            let at = j * stride + offset;
+            match values {
+                KvRows::F16(v) => axpy(out, p * inv, &v[at..at + hd]),
+                _ => {
+                    for (b, o) in out.chunks_exact_mut(32).enumerate() {
+                        let (d, vals) = values.block(at + 32 * b);
+                        let w = p * inv * d;
+                        for (o, v) in o.iter_mut().zip(vals) {
+                            *o += w * v;
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -524,12 +559,32 @@ mod tests {
     }
 
     #[test]
+    fn hadamard_is_an_orthonormal_involution() {
+        let x: Vec<f32> = (0..128).map(|i| ((i * 29 % 17) as f32 - 8.0) * 0.5).collect();
+        let mut y = x.clone();
+        hadamard(&mut y, 64);
+        // Against the matrix: H[i][j] = (-1)^popcount(i & j) / 8 within each group of 64.
+        for g in 0..2 {
+            for i in 0..64 {
+                let want: f32 = (0..64).map(|j| if (i & j as usize).count_ones() % 2 == 0 { 1.0 } else { -1.0 } * x[g * 64 + j] / 8.0).sum();
+                assert!((y[g * 64 + i] - want).abs() < 1e-4, "row {i}: {} vs {want}", y[g * 64 + i]);
+            }
+        }
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>();
+        assert!((norm(&x) - norm(&y)).abs() < 1e-3 * norm(&x));
+        hadamard(&mut y, 64);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
     fn attention_weights_sum_to_one() {
         let q = [1.0, 0.0];
         let keys = [1.0, 0.0, 0.0, 1.0, 1.0, 0.0].map(half::f16::from_f32);
         let values = [1.0, 1.0, 3.0, 3.0, 5.0, 5.0].map(half::f16::from_f32);
         let mut out = [0.0; 2];
-        attend(&q, 2, &keys, &values, 2, 0, &[0..1, 1..3], 1.0, &mut Vec::new(), &mut out);
+        attend(&q, 2, KvRows::F16(&keys), KvRows::F16(&values), 2, 0, &[0..1, 1..3], 1.0, &mut Vec::new(), &mut out);
         let e = 1f32.exp();
         let want = (e * 1.0 + 3.0 + e * 5.0) / (2.0 * e + 1.0);
         assert!((out[0] - want).abs() < 1e-5 && (out[1] - want).abs() < 1e-5);

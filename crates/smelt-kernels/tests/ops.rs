@@ -2,6 +2,7 @@
 //! odd sizes.
 
 use smelt_kernels::dispatch::Kernels;
+use smelt_kernels::kv::{KvRows, KvType};
 use smelt_kernels::ops::{attend_scalar, gelu_mul_scalar, silu_mul_scalar};
 
 struct Rng(u64);
@@ -50,8 +51,8 @@ fn attention_matches_the_scalar_reference() {
             let values: Vec<half::f16> = (0..slots.max(1) * stride).map(|_| half::f16::from_f32(rng.f())).collect();
             let q: Vec<f32> = (0..heads * hd).map(|_| rng.f() * 4.0).collect();
             let (mut a, mut b) = (vec![0f32; heads * hd], vec![0f32; heads * hd]);
-            k.attend(&q, hd, &keys, &values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut a);
-            attend_scalar(&q, hd, &keys, &values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut b);
+            k.attend(&q, hd, KvRows::F16(&keys), KvRows::F16(&values), stride, hd, &ranges, 0.125, &mut Vec::new(), &mut a);
+            attend_scalar(&q, hd, KvRows::F16(&keys), KvRows::F16(&values), stride, hd, &ranges, 0.125, &mut Vec::new(), &mut b);
             for i in 0..heads * hd {
                 assert!(close(a[i], b[i], 1e-5), "{isa:?} hd={hd} heads={heads}: {} vs {}", a[i], b[i]);
             }
@@ -59,8 +60,67 @@ fn attention_matches_the_scalar_reference() {
             // not depend on how the work was split).
             for h in 0..heads {
                 let mut one = vec![0f32; hd];
-                k.attend(&q[h * hd..(h + 1) * hd], hd, &keys, &values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut one);
+                k.attend(&q[h * hd..(h + 1) * hd], hd, KvRows::F16(&keys), KvRows::F16(&values), stride, hd, &ranges, 0.125, &mut Vec::new(), &mut one);
                 assert_eq!(one, a[h * hd..(h + 1) * hd], "{isa:?} hd={hd}: head {h} of {heads}");
+            }
+        }
+    }
+}
+
+/// Keys or values of `slots` rows of `stride` random values, stored in `t`.
+fn kv_rows(rng: &mut Rng, t: KvType, slots: usize, stride: usize, halves: &mut Vec<half::f16>, bytes: &mut Vec<u8>) {
+    let x: Vec<f32> = (0..slots.max(1) * stride).map(|_| rng.f()).collect();
+    *halves = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+    *bytes = vec![0u8; t.bytes(x.len())];
+    if t != KvType::F16 {
+        t.encode(&x, bytes);
+    }
+}
+
+fn as_rows<'a>(t: KvType, halves: &'a [half::f16], bytes: &'a [u8]) -> KvRows<'a> {
+    match t {
+        KvType::F16 => KvRows::F16(halves),
+        KvType::Q8_0 => KvRows::Q8_0(bytes),
+        KvType::Q4_0 => KvRows::Q4_0(bytes),
+    }
+}
+
+#[test]
+fn quantized_attention_matches_the_scalar_reference() {
+    let mut rng = Rng(23);
+    for isa in Kernels::available_isas() {
+        let k = Kernels::for_isa(isa);
+        let cases = [(64, 5, vec![0..5], 7), (256, 40, vec![30..40, 0..7], 4), (32, 1, vec![0..1], 3), (96, 300, vec![0..300], 9), (64, 0, vec![], 2), (128, 600, vec![100..600, 0..50], 1)];
+        for kt in KvType::ALL {
+            for vt in KvType::ALL {
+                for (hd, slots, ranges, heads) in cases.clone() {
+                    let stride = hd * 2;
+                    let (mut kh, mut kb, mut vh, mut vb) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+                    kv_rows(&mut rng, kt, slots, stride, &mut kh, &mut kb);
+                    kv_rows(&mut rng, vt, slots, stride, &mut vh, &mut vb);
+                    let (keys, values) = (as_rows(kt, &kh, &kb), as_rows(vt, &vh, &vb));
+                    let q: Vec<f32> = (0..heads * hd).map(|_| rng.f() * 4.0).collect();
+                    let (mut a, mut b) = (vec![0f32; heads * hd], vec![0f32; heads * hd]);
+                    k.attend(&q, hd, keys, values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut a);
+                    attend_scalar(&q, hd, keys, values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut b);
+                    for i in 0..heads * hd {
+                        assert!(close(a[i], b[i], 1e-5), "{isa:?} k {kt:?} v {vt:?} hd={hd} heads={heads}: {} vs {}", a[i], b[i]);
+                    }
+                    for h in 0..heads {
+                        let mut one = vec![0f32; hd];
+                        k.attend(&q[h * hd..(h + 1) * hd], hd, keys, values, stride, hd, &ranges, 0.125, &mut Vec::new(), &mut one);
+                        assert_eq!(one, a[h * hd..(h + 1) * hd], "{isa:?} k {kt:?} v {vt:?} hd={hd}: head {h} of {heads}");
+                    }
+                    // Quantized keys and values are close to the f16 ones they replace.
+                    if slots > 0 {
+                        let mut f = vec![0f32; heads * hd];
+                        attend_scalar(&q, hd, KvRows::F16(&kh), KvRows::F16(&vh), stride, hd, &ranges, 0.125, &mut Vec::new(), &mut f);
+                        let tol = if kt == KvType::Q4_0 || vt == KvType::Q4_0 { 0.25 } else { 0.03 };
+                        for i in 0..heads * hd {
+                            assert!((a[i] - f[i]).abs() <= tol, "k {kt:?} v {vt:?} hd={hd}: {} vs f16 {}", a[i], f[i]);
+                        }
+                    }
+                }
             }
         }
     }

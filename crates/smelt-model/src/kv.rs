@@ -5,7 +5,8 @@
 //!   (the server: the engine allocates blocks, shares them between sequences with a common
 //!   prefix and evicts them under a memory budget).
 //!
-//! Both keep keys and values at f16 precision, so results do not depend on the store.
+//! Both store keys and values in the cache types chosen ([`KvTypes`]: f16 by default, or
+//! q8_0 / q4_0 blocks), the same way, so results do not depend on the store.
 //!
 //! [`KvCache`]:
 //! A sequence's tokens occupy positions 0..len. Full-attention layers keep every position (slot =
@@ -15,11 +16,127 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+pub use smelt_kernels::kv::{KvRows, KvType};
 use std::ops::Range;
+
+/// The formats keys and values are cached in (llama.cpp's `--cache-type-k` / `--cache-type-v`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvTypes {
+    pub k: KvType,
+    pub v: KvType,
+}
+
+impl KvTypes {
+    /// Bytes one position takes in one layer (`row` values of keys and of values).
+    pub fn bytes_per_row(self, row: usize) -> usize {
+        self.k.bytes(row) + self.v.bytes(row)
+    }
+
+    /// Whether heads of `head_dim` values can be stored in both types.
+    pub fn check_head_dim(self, head_dim: usize) -> Result<(), String> {
+        self.k.check_head_dim(head_dim)?;
+        self.v.check_head_dim(head_dim)
+    }
+
+    /// "f16" when both are the same, else "k q8_0, v f16".
+    pub fn describe(self) -> String {
+        if self.k == self.v {
+            self.k.name().to_string()
+        } else {
+            format!("k {}, v {}", self.k.name(), self.v.name())
+        }
+    }
+}
+
+/// One layer's cached keys or values, in one [`KvType`], addressed by value index (a row of
+/// `row` values per slot; quantized rows are whole blocks).
+#[derive(Clone, Debug)]
+pub enum KvBuf {
+    F16(Vec<f16>),
+    Q8_0(Vec<u8>),
+    Q4_0(Vec<u8>),
+}
+
+impl KvBuf {
+    pub fn new(t: KvType, values: usize) -> KvBuf {
+        let mut b = match t {
+            KvType::F16 => KvBuf::F16(Vec::new()),
+            KvType::Q8_0 => KvBuf::Q8_0(Vec::new()),
+            KvType::Q4_0 => KvBuf::Q4_0(Vec::new()),
+        };
+        b.resize(values);
+        b
+    }
+
+    pub fn kv_type(&self) -> KvType {
+        match self {
+            KvBuf::F16(_) => KvType::F16,
+            KvBuf::Q8_0(_) => KvType::Q8_0,
+            KvBuf::Q4_0(_) => KvType::Q4_0,
+        }
+    }
+
+    /// Values stored.
+    pub fn len(&self) -> usize {
+        self.rows().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Grow (or shrink) to `values` values; new ones are zero.
+    pub fn resize(&mut self, values: usize) {
+        let t = self.kv_type();
+        match self {
+            KvBuf::F16(v) => v.resize(values, f16::ZERO),
+            KvBuf::Q8_0(b) | KvBuf::Q4_0(b) => b.resize(t.bytes(values), 0),
+        }
+    }
+
+    /// Store `src` as values `at..at + src.len()`.
+    pub fn write(&mut self, at: usize, src: &[f32]) {
+        let t = self.kv_type();
+        match self {
+            // The slice conversion uses F16C where the CPU has it (eight at a time, the same
+            // rounding).
+            KvBuf::F16(v) => v[at..at + src.len()].convert_from_f32_slice(src),
+            KvBuf::Q8_0(b) | KvBuf::Q4_0(b) => t.encode(src, &mut b[t.bytes(at)..t.bytes(at + src.len())]),
+        }
+    }
+
+    /// Copy values `src` to start at value `dst` (whole blocks).
+    pub fn copy_within(&mut self, src: Range<usize>, dst: usize) {
+        let t = self.kv_type();
+        match self {
+            KvBuf::F16(v) => v.copy_within(src, dst),
+            KvBuf::Q8_0(b) | KvBuf::Q4_0(b) => b.copy_within(t.bytes(src.start)..t.bytes(src.end), t.bytes(dst)),
+        }
+    }
+
+    /// The values as attention reads them.
+    pub fn rows(&self) -> KvRows<'_> {
+        match self {
+            KvBuf::F16(v) => KvRows::F16(v),
+            KvBuf::Q8_0(b) => KvRows::Q8_0(b),
+            KvBuf::Q4_0(b) => KvRows::Q4_0(b),
+        }
+    }
+
+    /// Bytes allocated.
+    pub fn bytes(&self) -> usize {
+        match self {
+            KvBuf::F16(v) => std::mem::size_of_val(v.as_slice()),
+            KvBuf::Q8_0(b) | KvBuf::Q4_0(b) => b.len(),
+        }
+    }
+}
 
 /// What the forward pass needs from the caches of the sequences in a batch.
 pub trait KvStore: Sync {
     fn n_seqs(&self) -> usize;
+    /// How the sequence's keys and values are stored.
+    fn types(&self, seq: usize) -> KvTypes;
     /// Positions stored for a sequence (the next token goes at this position).
     fn len(&self, seq: usize) -> usize;
     /// Most positions the sequence may hold.
@@ -32,22 +149,15 @@ pub trait KvStore: Sync {
     fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]);
     /// The keys and values of `layer` (rows of n_kv_heads × head_dim floats) and the row ranges
     /// a query at `pos` attends to.
-    fn view(&self, seq: usize, layer: usize, pos: usize, ranges: &mut Vec<Range<usize>>) -> (&[f16], &[f16]);
+    fn view(&self, seq: usize, layer: usize, pos: usize, ranges: &mut Vec<Range<usize>>) -> (KvRows<'_>, KvRows<'_>);
     /// Record that `n` positions were added.
     fn advance(&mut self, seq: usize, n: usize);
 }
 
-/// Keys and values are stored as f16 (llama.cpp's default cache type): half the memory and
-/// half the traffic of f32 when attention streams them.
-fn store_f16(dst: &mut [f16], src: &[f32]) {
-    // The slice conversion uses F16C where the CPU has it (eight at a time, the same rounding).
-    dst.convert_from_f32_slice(src);
-}
-
 #[derive(Clone, Debug)]
 pub struct LayerKv {
-    pub k: Vec<f16>,
-    pub v: Vec<f16>,
+    pub k: KvBuf,
+    pub v: KvBuf,
     /// Ring size for sliding-window layers.
     pub ring: Option<usize>,
     /// Attention window (keys with query_pos - key_pos < window are visible).
@@ -65,22 +175,24 @@ pub struct KvCache {
     pub n_ctx: usize,
     /// Most tokens one forward pass may add to this sequence.
     pub max_batch: usize,
+    pub types: KvTypes,
 }
 
 /// Positions are allocated in steps of this many, so storage grows without per-token reallocation.
 const GROW: usize = 256;
 
 impl KvCache {
-    /// `windows[l]` is layer l's sliding window (None = full attention).
-    pub fn new(windows: &[Option<usize>], row: usize, n_ctx: usize, max_batch: usize) -> KvCache {
+    /// `windows[l]` is layer l's sliding window (None = full attention); `types` must suit the
+    /// head size (see [`KvTypes::check_head_dim`]).
+    pub fn new(windows: &[Option<usize>], row: usize, n_ctx: usize, max_batch: usize, types: KvTypes) -> KvCache {
         let layers = windows
             .iter()
             .map(|&window| {
                 let ring = window.map(|w| (w + max_batch).min(n_ctx));
-                LayerKv { k: Vec::new(), v: Vec::new(), ring, window }
+                LayerKv { k: KvBuf::new(types.k, 0), v: KvBuf::new(types.v, 0), ring, window }
             })
             .collect();
-        KvCache { layers, row, len: 0, n_ctx, max_batch }
+        KvCache { layers, row, len: 0, n_ctx, max_batch, types }
     }
 
     /// Make room for positions up to `end` (exclusive).
@@ -93,8 +205,8 @@ impl KvCache {
             }
             .min(self.n_ctx.max(1));
             if l.k.len() < slots * row {
-                l.k.resize(slots * row, f16::ZERO);
-                l.v.resize(slots * row, f16::ZERO);
+                l.k.resize(slots * row);
+                l.v.resize(slots * row);
             }
         }
     }
@@ -111,8 +223,8 @@ impl KvCache {
         let row = self.row;
         let l = &mut self.layers[layer];
         let s = Self::slot(l, pos);
-        store_f16(&mut l.k[s * row..(s + 1) * row], k);
-        store_f16(&mut l.v[s * row..(s + 1) * row], v);
+        l.k.write(s * row, k);
+        l.v.write(s * row, v);
     }
 
     /// The slot ranges a query at `pos` attends to in `layer` (causal, windowed where the layer is).
@@ -154,13 +266,16 @@ impl KvCache {
 
     /// Bytes of KV storage currently allocated.
     pub fn allocated_bytes(&self) -> usize {
-        self.layers.iter().map(|l| (l.k.len() + l.v.len()) * std::mem::size_of::<f16>()).sum()
+        self.layers.iter().map(|l| l.k.bytes() + l.v.bytes()).sum()
     }
 }
 
 impl KvStore for [KvCache] {
     fn n_seqs(&self) -> usize {
         self.len()
+    }
+    fn types(&self, seq: usize) -> KvTypes {
+        self[seq].types
     }
     fn len(&self, seq: usize) -> usize {
         self[seq].len
@@ -178,10 +293,10 @@ impl KvStore for [KvCache] {
     fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         self[seq].write(layer, pos, k, v)
     }
-    fn view(&self, seq: usize, layer: usize, pos: usize, ranges: &mut Vec<Range<usize>>) -> (&[f16], &[f16]) {
+    fn view(&self, seq: usize, layer: usize, pos: usize, ranges: &mut Vec<Range<usize>>) -> (KvRows<'_>, KvRows<'_>) {
         let c = &self[seq];
         c.visible(layer, pos, ranges);
-        (&c.layers[layer].k, &c.layers[layer].v)
+        (c.layers[layer].k.rows(), c.layers[layer].v.rows())
     }
     fn advance(&mut self, seq: usize, n: usize) {
         self[seq].len += n;
@@ -191,6 +306,9 @@ impl KvStore for [KvCache] {
 impl KvStore for Vec<KvCache> {
     fn n_seqs(&self) -> usize {
         self.as_slice().n_seqs()
+    }
+    fn types(&self, seq: usize) -> KvTypes {
+        self.as_slice().types(seq)
     }
     fn len(&self, seq: usize) -> usize {
         KvStore::len(self.as_slice(), seq)
@@ -207,7 +325,7 @@ impl KvStore for Vec<KvCache> {
     fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         self.as_mut_slice().write(seq, layer, pos, k, v)
     }
-    fn view(&self, seq: usize, layer: usize, pos: usize, ranges: &mut Vec<Range<usize>>) -> (&[f16], &[f16]) {
+    fn view(&self, seq: usize, layer: usize, pos: usize, ranges: &mut Vec<Range<usize>>) -> (KvRows<'_>, KvRows<'_>) {
         self.as_slice().view(seq, layer, pos, ranges)
     }
     fn advance(&mut self, seq: usize, n: usize) {
@@ -225,20 +343,23 @@ pub const BLOCK_SIZE: usize = 16;
 pub struct BlockPool {
     pub n_blocks: usize,
     row: usize,
-    k: Vec<Vec<f16>>,
-    v: Vec<Vec<f16>>,
+    pub types: KvTypes,
+    k: Vec<KvBuf>,
+    v: Vec<KvBuf>,
     windows: Vec<Option<usize>>,
 }
 
 impl BlockPool {
-    /// `windows[l]`: layer l's sliding window; `row`: floats per position per layer.
-    pub fn new(windows: &[Option<usize>], row: usize, n_blocks: usize) -> BlockPool {
+    /// `windows[l]`: layer l's sliding window; `row`: values per position per layer; `types`
+    /// must suit the head size (see [`KvTypes::check_head_dim`]).
+    pub fn new(windows: &[Option<usize>], row: usize, n_blocks: usize, types: KvTypes) -> BlockPool {
         let size = n_blocks * BLOCK_SIZE * row;
         BlockPool {
             n_blocks,
             row,
-            k: windows.iter().map(|_| vec![f16::ZERO; size]).collect(),
-            v: windows.iter().map(|_| vec![f16::ZERO; size]).collect(),
+            types,
+            k: windows.iter().map(|_| KvBuf::new(types.k, size)).collect(),
+            v: windows.iter().map(|_| KvBuf::new(types.v, size)).collect(),
             windows: windows.to_vec(),
         }
     }
@@ -254,8 +375,8 @@ impl BlockPool {
     }
 
     /// Bytes one block takes (all layers, keys and values).
-    pub fn block_bytes(windows: usize, row: usize) -> usize {
-        windows * 2 * BLOCK_SIZE * row * std::mem::size_of::<f16>()
+    pub fn block_bytes(layers: usize, row: usize, types: KvTypes) -> usize {
+        layers * BLOCK_SIZE * types.bytes_per_row(row)
     }
 }
 
@@ -277,6 +398,9 @@ impl KvStore for PagedKv<'_> {
     fn n_seqs(&self) -> usize {
         self.seqs.len()
     }
+    fn types(&self, _seq: usize) -> KvTypes {
+        self.pool.types
+    }
     fn len(&self, seq: usize) -> usize {
         self.seqs[seq].len
     }
@@ -296,10 +420,10 @@ impl KvStore for PagedKv<'_> {
     fn write(&mut self, seq: usize, layer: usize, pos: usize, k: &[f32], v: &[f32]) {
         let row = self.pool.row;
         let slot = self.seqs[seq].blocks[pos / BLOCK_SIZE] as usize * BLOCK_SIZE + pos % BLOCK_SIZE;
-        store_f16(&mut self.pool.k[layer][slot * row..(slot + 1) * row], k);
-        store_f16(&mut self.pool.v[layer][slot * row..(slot + 1) * row], v);
+        self.pool.k[layer].write(slot * row, k);
+        self.pool.v[layer].write(slot * row, v);
     }
-    fn view(&self, seq: usize, layer: usize, pos: usize, ranges: &mut Vec<Range<usize>>) -> (&[f16], &[f16]) {
+    fn view(&self, seq: usize, layer: usize, pos: usize, ranges: &mut Vec<Range<usize>>) -> (KvRows<'_>, KvRows<'_>) {
         ranges.clear();
         let first = match self.pool.windows[layer] {
             Some(w) => (pos + 1).saturating_sub(w),
@@ -318,7 +442,7 @@ impl KvStore for PagedKv<'_> {
             }
             p = end;
         }
-        (&self.pool.k[layer], &self.pool.v[layer])
+        (self.pool.k[layer].rows(), self.pool.v[layer].rows())
     }
     fn advance(&mut self, seq: usize, n: usize) {
         self.seqs[seq].len += n;
@@ -331,7 +455,7 @@ mod tests {
 
     #[test]
     fn sliding_window_ring_covers_exactly_the_window() {
-        let mut c = KvCache::new(&[None, Some(4)], 1, 100, 2);
+        let mut c = KvCache::new(&[None, Some(4)], 1, 100, 2, KvTypes::default());
         c.reserve(20);
         let mut r = Vec::new();
         c.visible(0, 9, &mut r);
@@ -346,7 +470,10 @@ mod tests {
         for pos in 0..20 {
             c.write(1, pos, &[pos as f32], &[0.0]);
             c.visible(1, pos, &mut r);
-            let seen: Vec<f32> = r.iter().flat_map(|s| s.clone()).map(|s| c.layers[1].k[s].to_f32()).collect();
+            let seen: Vec<f32> = r.iter().flat_map(|s| s.clone()).map(|s| match &c.layers[1].k {
+                KvBuf::F16(k) => k[s].to_f32(),
+                _ => unreachable!("an f16 cache"),
+            }).collect();
             let mut want: Vec<f32> = ((pos + 1).saturating_sub(4)..=pos).map(|p| p as f32).collect();
             let mut got = seen.clone();
             got.sort_by(f32::total_cmp);

@@ -4,6 +4,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::Model;
+use smelt_model::kv::{KvType, KvTypes};
 use smelt_model::lora::{parse_file_scale, Adapter, LoraSet};
 use smelt_store::{Progress, Store};
 use std::path::PathBuf;
@@ -25,6 +26,25 @@ pub struct ModelArgs {
     /// --lora / --lora-scaled).
     #[arg(long, value_name = "FILE[:SCALE]")]
     pub lora: Vec<String>,
+    #[command(flatten)]
+    pub kv: KvArgs,
+}
+
+/// How the KV cache stores keys and values (llama.cpp's flag names).
+#[derive(clap::Args, Clone, Copy, Debug, Default)]
+pub struct KvArgs {
+    /// KV cache type for keys: f16, q8_0 (half the memory, near-identical results) or q4_0.
+    #[arg(long, value_name = "TYPE", default_value = "f16", value_parser = KvType::parse)]
+    pub cache_type_k: KvType,
+    /// KV cache type for values: f16, q8_0 or q4_0.
+    #[arg(long, value_name = "TYPE", default_value = "f16", value_parser = KvType::parse)]
+    pub cache_type_v: KvType,
+}
+
+impl KvArgs {
+    pub fn types(&self) -> KvTypes {
+        KvTypes { k: self.cache_type_k, v: self.cache_type_v }
+    }
 }
 
 pub fn progress_bar() -> ProgressBar {
@@ -163,6 +183,7 @@ pub fn threads(requested: Option<usize>) -> usize {
 pub fn load(args: &ModelArgs) -> Result<(Arc<Model>, Arc<ThreadPool>, usize)> {
     let path = model_path(&args.model)?;
     let model = Model::load(&path).with_context(|| format!("cannot load {}", path.display()))?;
+    model.check_kv_types(args.kv.types())?;
     let n_ctx = context_size(args.ctx, model.hp.n_ctx_train);
     let pool = Arc::new(ThreadPool::new(threads(args.threads)));
     Ok((Arc::new(model), pool, n_ctx))

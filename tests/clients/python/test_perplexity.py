@@ -56,3 +56,25 @@ def test_perplexity_needs_enough_text(tmp_path):
     assert out.returncode == 1
     lines = [l for l in out.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and "needs at least 1024" in lines[0], out.stderr
+
+
+def test_quantized_kv_cache_types(tmp_path):
+    """--cache-type-k / -v: q8_0 keys and values stay close to f16 in perplexity, q4_0 further
+    off; an unknown type is a one-line error."""
+    path = tmp_path / "text.txt"
+    path.write_text(README.read_text())
+    ppl = {}
+    for t in ["f16", "q8_0", "q4_0"]:
+        out = subprocess.run([SMELT, "perplexity", "-m", BASE_MODEL, "-f", str(path), "--ctx", "256", "--chunks", "3", "-t", "2", "--json",
+                              "--cache-type-k", t, "--cache-type-v", t], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        got = json.loads(out.stdout)
+        assert got["type_k"] == t and got["type_v"] == t
+        assert f"KV cache {t}" in out.stderr
+        ppl[t] = got["perplexity"]
+    assert ppl["q8_0"] != ppl["f16"], "q8_0 changed nothing"
+    assert abs(ppl["q8_0"] / ppl["f16"] - 1) < 0.01, ppl
+    assert abs(ppl["q4_0"] / ppl["f16"] - 1) < 0.3, ppl
+    assert abs(ppl["q8_0"] / ppl["f16"] - 1) < abs(ppl["q4_0"] / ppl["f16"] - 1), ppl
+    bad = subprocess.run([SMELT, "perplexity", "-m", BASE_MODEL, "-f", str(path), "--cache-type-k", "q5_1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown KV cache type" in bad.stderr, bad.stderr

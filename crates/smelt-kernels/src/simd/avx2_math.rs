@@ -1,6 +1,7 @@
 //! AVX2 versions of the element-wise and attention operations: exp, SiLU/GELU gating, and
 //! softmax attention of one query head over cached keys and values.
 
+use crate::kv::{KvRows, KvType};
 use half::f16;
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -293,30 +294,121 @@ fn hmax(v: __m256) -> f32 {
     _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)))
 }
 
+/// A KV storage format as attention reads it: a head's row starts at a byte pointer, and its
+/// values come 8 at a time, unscaled, with the scale of the 32-value block holding them.
+trait KvFmt {
+    const IS_F16: bool;
+    /// Bytes of the first `elems` values of a row (whole blocks).
+    fn bytes(elems: usize) -> usize;
+    /// The scale of the block holding value `d` of the row at `row` (1 for f16).
+    unsafe fn scale(row: *const u8, d: usize) -> f32;
+    /// Values d..d + 8 of the row at `row`, unscaled (d a multiple of 8).
+    unsafe fn load8(row: *const u8, d: usize) -> __m256;
+}
+
+struct F16Fmt;
+struct Q8Fmt;
+struct Q4Fmt;
+
+impl KvFmt for F16Fmt {
+    const IS_F16: bool = true;
+    #[inline(always)]
+    fn bytes(elems: usize) -> usize {
+        2 * elems
+    }
+    #[inline(always)]
+    unsafe fn scale(_: *const u8, _: usize) -> f32 {
+        1.0
+    }
+    #[inline(always)]
+    unsafe fn load8(row: *const u8, d: usize) -> __m256 {
+        // SAFETY: the caller guarantees values d..d + 8 of the row are readable.
+        unsafe { load_f16(row.cast::<f16>().add(d)) }
+    }
+}
+
+/// The f16 scale at the start of a block.
+#[inline(always)]
+unsafe fn block_scale(p: *const u8) -> f32 {
+    // SAFETY: the caller guarantees two readable bytes; F16C is enabled in every caller.
+    unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(std::ptr::read_unaligned(p.cast::<u16>()) as i32))) }
+}
+
+impl KvFmt for Q8Fmt {
+    const IS_F16: bool = false;
+    #[inline(always)]
+    fn bytes(elems: usize) -> usize {
+        elems / 32 * 34
+    }
+    #[inline(always)]
+    unsafe fn scale(row: *const u8, d: usize) -> f32 {
+        // SAFETY: the caller guarantees the block holding value d is readable.
+        unsafe { block_scale(row.add(d / 32 * 34)) }
+    }
+    #[inline(always)]
+    unsafe fn load8(row: *const u8, d: usize) -> __m256 {
+        // SAFETY: as above; the eight bytes lie inside the block's 32 quants.
+        unsafe {
+            let p = row.add(d / 32 * 34 + 2 + d % 32);
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(p.cast())))
+        }
+    }
+}
+
+impl KvFmt for Q4Fmt {
+    const IS_F16: bool = false;
+    #[inline(always)]
+    fn bytes(elems: usize) -> usize {
+        elems / 32 * 18
+    }
+    #[inline(always)]
+    unsafe fn scale(row: *const u8, d: usize) -> f32 {
+        // SAFETY: the caller guarantees the block holding value d is readable.
+        unsafe { block_scale(row.add(d / 32 * 18)) }
+    }
+    #[inline(always)]
+    unsafe fn load8(row: *const u8, d: usize) -> __m256 {
+        // Values 0..16 of a block are the low nibbles of its 16 quant bytes, 16..32 the high
+        // ones; each stores value + 8.
+        let i = d % 32;
+        // SAFETY: as above; the eight bytes lie inside the block's 16 quant bytes.
+        unsafe {
+            let bytes = _mm_loadl_epi64(row.add(d / 32 * 18 + 2 + i % 16).cast());
+            let nib = if i < 16 { bytes } else { _mm_srli_epi16(bytes, 4) };
+            let nib = _mm_and_si128(nib, _mm_set1_epi8(15));
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_cvtepu8_epi32(nib), _mm256_set1_epi32(8)))
+        }
+    }
+}
+
+/// Attention of up to MAX_HEADS query heads (see `ops::attend`) over keys and values stored
+/// in formats K and V, from `kbytes` / `vbytes` bytes at `kp` / `vp`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f16], values: &[f16], stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+unsafe fn attend_heads<K: KvFmt, V: KvFmt>(q: &[f32], hd: usize, (kp, kbytes): (*const u8, usize), (vp, vbytes): (*const u8, usize), stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     let heads = q.len() / hd;
     assert!(heads <= MAX_HEADS && out.len() >= heads * hd);
     for r in ranges {
         if r.start < r.end {
             let last = (r.end - 1) * stride + offset + hd;
-            assert!(last <= keys.len() && last <= values.len(), "attention slots out of range");
+            assert!(K::bytes(last) <= kbytes && V::bytes(last) <= vbytes, "attention slots out of range");
         }
     }
     let n: usize = ranges.iter().map(|r| r.len()).sum();
     scores.clear();
     scores.resize(heads * n, 0.0);
-    let (kp, vp, qp, sp) = (keys.as_ptr(), values.as_ptr(), q.as_ptr(), scores.as_mut_ptr());
+    let (qp, sp) = (q.as_ptr(), scores.as_mut_ptr());
     // Scores. Every (key, head) dot product is summed exactly as a lone one, so a score
-    // depends only on its key row and query, whichever path computes it: long heads widen each
-    // key once for four heads (fewer passes over a long context's keys); short ones take eight
-    // keys per query, sharing each query load.
-    // SAFETY: the key rows lie within `keys` (asserted above); q holds `heads` queries of hd
+    // depends only on its key row and query, whichever path computes it: long f16 heads widen
+    // each key once for four heads (fewer passes over a long context's keys); short ones take
+    // eight keys per query, sharing each query load; quantized keys go block by block.
+    // SAFETY: the key rows lie within the keys (asserted above); q holds `heads` queries of hd
     // floats; scores holds heads * n floats.
     unsafe {
-        if hd >= 128 {
-            scores_by_key(qp, heads, hd, kp, stride, offset, ranges, scale, sp, n);
+        if !K::IS_F16 {
+            scores_blocks::<K>(qp, heads, hd, kp, stride, offset, ranges, scale, sp, n);
+        } else if hd >= 128 {
+            scores_by_key(qp, heads, hd, kp.cast(), stride, offset, ranges, scale, sp, n);
         } else {
             scores_by_head(qp, heads, hd, kp, stride, offset, ranges, scale, sp, n);
         }
@@ -358,13 +450,54 @@ unsafe fn attend_heads(q: &[f32], hd: usize, keys: &[f16], values: &[f16], strid
         // SAFETY: heads h0..h0 + hb exist in scores and out; the slots are checked above.
         unsafe {
             match hb {
-                4 => weigh_values::<4>(vp, stride, offset, ranges, hd, scores, n, h0, out),
-                3 => weigh_values::<3>(vp, stride, offset, ranges, hd, scores, n, h0, out),
-                2 => weigh_values::<2>(vp, stride, offset, ranges, hd, scores, n, h0, out),
-                _ => weigh_values::<1>(vp, stride, offset, ranges, hd, scores, n, h0, out),
+                4 => weigh_values::<V, 4>(vp, stride, offset, ranges, hd, scores, n, h0, out),
+                3 => weigh_values::<V, 3>(vp, stride, offset, ranges, hd, scores, n, h0, out),
+                2 => weigh_values::<V, 2>(vp, stride, offset, ranges, hd, scores, n, h0, out),
+                _ => weigh_values::<V, 1>(vp, stride, offset, ranges, hd, scores, n, h0, out),
             }
         }
         h0 += hb;
+    }
+}
+
+/// scores[h * n + i] = scale · q_h · k_i for quantized keys: per 32-value block, the dot with
+/// the unscaled values times the block's scale, summed across blocks in one vector; each key's
+/// blocks are widened once for up to four heads.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn scores_blocks<K: KvFmt>(qp: *const f32, heads: usize, hd: usize, kp: *const u8, stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, sp: *mut f32, n: usize) {
+    let mut i = 0;
+    for r in ranges {
+        for j in r.clone() {
+            let kr = kp.wrapping_add(K::bytes(j * stride + offset));
+            let mut h0 = 0;
+            while h0 < heads {
+                let hp = (heads - h0).min(4);
+                let mut tot = [_mm256_setzero_ps(); 4];
+                // SAFETY: the caller's guarantees: the key row's hd values and each query's hd
+                // floats are readable; i < n, so every stored index is below heads * n.
+                unsafe {
+                    for b in (0..hd).step_by(32) {
+                        let k: [__m256; 4] = std::array::from_fn(|c| K::load8(kr, b + 8 * c));
+                        let d = _mm256_set1_ps(K::scale(kr, b));
+                        for (x, t) in tot.iter_mut().enumerate().take(hp) {
+                            let qb = qp.add((h0 + x) * hd + b);
+                            let mut a = _mm256_mul_ps(_mm256_loadu_ps(qb), k[0]);
+                            for (c, kc) in k.iter().enumerate().skip(1) {
+                                a = _mm256_fmadd_ps(_mm256_loadu_ps(qb.add(8 * c)), *kc, a);
+                            }
+                            *t = _mm256_fmadd_ps(a, d, *t);
+                        }
+                    }
+                    for (x, t) in tot.iter().enumerate().take(hp) {
+                        *sp.add((h0 + x) * n + i) = hsum(*t) * scale;
+                    }
+                }
+                h0 += hp;
+            }
+            i += 1;
+        }
     }
 }
 
@@ -405,16 +538,17 @@ unsafe fn scores_by_key(qp: *const f32, heads: usize, hd: usize, kp: *const f16,
 }
 
 /// Calls `f(rows, i0)` for consecutive blocks of at most `cap` (≤ CAP) rows of the slots in
-/// `ranges`, in order (row of slot j: `base + j * stride + offset`); `i0` is the index of the
-/// block's first slot among all of them.
+/// `ranges`, in order (row of slot j: value `j * stride + offset` of format F at `base`); `i0`
+/// is the index of the block's first slot among all of them.
 #[inline(always)]
-fn slot_blocks<const CAP: usize>(base: *const f16, stride: usize, offset: usize, ranges: &[Range<usize>], cap: usize, mut f: impl FnMut(&[*const f16], usize)) {
+#[allow(clippy::too_many_arguments)]
+fn slot_blocks<F: KvFmt, const CAP: usize>(base: *const u8, stride: usize, offset: usize, ranges: &[Range<usize>], cap: usize, mut f: impl FnMut(&[*const u8], usize)) {
     let cap = cap.clamp(1, CAP);
     let mut rows = [base; CAP];
     let (mut filled, mut i0) = (0, 0);
     for r in ranges {
         for j in r.clone() {
-            rows[filled] = base.wrapping_add(j * stride + offset);
+            rows[filled] = base.wrapping_add(F::bytes(j * stride + offset));
             filled += 1;
             if filled == cap {
                 f(&rows[..filled], i0);
@@ -433,11 +567,11 @@ fn slot_blocks<const CAP: usize>(base: *const f16, stride: usize, offset: usize,
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn scores_by_head(qp: *const f32, heads: usize, hd: usize, kp: *const f16, stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, sp: *mut f32, n: usize) {
+unsafe fn scores_by_head(qp: *const f32, heads: usize, hd: usize, kp: *const u8, stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, sp: *mut f32, n: usize) {
     let vscale = _mm256_set1_ps(scale);
-    slot_blocks::<8>(kp, stride, offset, ranges, 8, |rows, i0| {
+    slot_blocks::<F16Fmt, 8>(kp, stride, offset, ranges, 8, |rows, i0| {
         let count = rows.len();
-        let block: [*const f16; 8] = std::array::from_fn(|b| rows[if b < count { b } else { 0 }]);
+        let block: [*const f16; 8] = std::array::from_fn(|b| rows[if b < count { b } else { 0 }].cast());
         for h in 0..heads {
             // SAFETY: the caller's guarantees; i0 + count <= n.
             unsafe {
@@ -462,11 +596,11 @@ const VALUE_BLOCK_BYTES: usize = 16 * 1024;
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn weigh_values<const HB: usize>(vp: *const f16, stride: usize, offset: usize, ranges: &[Range<usize>], hd: usize, scores: &[f32], n: usize, h0: usize, out: &mut [f32]) {
+unsafe fn weigh_values<V: KvFmt, const HB: usize>(vp: *const u8, stride: usize, offset: usize, ranges: &[Range<usize>], hd: usize, scores: &[f32], n: usize, h0: usize, out: &mut [f32]) {
     out[h0 * hd..(h0 + HB) * hd].fill(0.0);
-    slot_blocks::<256>(vp, stride, offset, ranges, (VALUE_BLOCK_BYTES / (2 * hd)).max(8), |rows, i0| {
+    slot_blocks::<V, 256>(vp, stride, offset, ranges, (VALUE_BLOCK_BYTES / V::bytes(hd).max(1)).max(8), |rows, i0| {
         // SAFETY: the caller checked every slot's row against `values`; i0 + rows.len() <= n.
-        unsafe { weigh_block::<HB>(rows, hd, scores.as_ptr().add(i0), n, h0, out) };
+        unsafe { weigh_block::<V, HB>(rows, hd, scores.as_ptr().add(i0), n, h0, out) };
     });
 }
 
@@ -474,25 +608,26 @@ unsafe fn weigh_values<const HB: usize>(vp: *const f16, stride: usize, offset: u
 /// are at `sp + h * n`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weigh_block<const HB: usize>(rows: &[*const f16], hd: usize, sp: *const f32, n: usize, h0: usize, out: &mut [f32]) {
+unsafe fn weigh_block<V: KvFmt, const HB: usize>(rows: &[*const u8], hd: usize, sp: *const f32, n: usize, h0: usize, out: &mut [f32]) {
     assert!(out.len() >= (h0 + HB) * hd);
     let op = out.as_mut_ptr();
     let mut d0 = 0;
     while d0 + 16 <= hd {
         // SAFETY: the caller's guarantees, passed on; d0 + 16 <= hd.
-        unsafe { weigh_lanes::<HB, 2>(rows, d0, hd, sp, n, h0, op) };
+        unsafe { weigh_lanes::<V, HB, 2>(rows, d0, hd, sp, n, h0, op) };
         d0 += 16;
     }
     if d0 < hd {
         // SAFETY: as above; hd is a multiple of 8, so d0 + 8 == hd.
-        unsafe { weigh_lanes::<HB, 1>(rows, d0, hd, sp, n, h0, op) };
+        unsafe { weigh_lanes::<V, HB, 1>(rows, d0, hd, sp, n, h0, op) };
     }
 }
 
-/// Dimensions d0..d0 + 8·L of [`weigh_block`].
+/// Dimensions d0..d0 + 8·L of [`weigh_block`] (within one block of a quantized row: a weight
+/// times the block's scale, then times each unscaled value).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn weigh_lanes<const HB: usize, const L: usize>(rows: &[*const f16], d0: usize, hd: usize, sp: *const f32, n: usize, h0: usize, op: *mut f32) {
+unsafe fn weigh_lanes<V: KvFmt, const HB: usize, const L: usize>(rows: &[*const u8], d0: usize, hd: usize, sp: *const f32, n: usize, h0: usize, op: *mut f32) {
     let mut acc = [[_mm256_setzero_ps(); L]; HB];
     // SAFETY (all accesses): the caller guarantees out holds (h0 + HB) * hd floats, each row hd
     // values and the weights of every head for this block; d0 + 8L <= hd.
@@ -503,10 +638,10 @@ unsafe fn weigh_lanes<const HB: usize, const L: usize>(rows: &[*const f16], d0: 
     }
     for (b, &row) in rows.iter().enumerate() {
         unsafe {
-            let row = row.add(d0);
-            let v: [__m256; L] = std::array::from_fn(|k| load_f16(row.add(8 * k)));
+            let v: [__m256; L] = std::array::from_fn(|k| V::load8(row, d0 + 8 * k));
+            let d = V::scale(row, d0);
             for (h, a) in acc.iter_mut().enumerate() {
-                let pv = _mm256_broadcast_ss(&*sp.add((h0 + h) * n + b));
+                let pv = _mm256_set1_ps(*sp.add((h0 + h) * n + b) * d);
                 for k in 0..L {
                     a[k] = _mm256_fmadd_ps(pv, v[k], a[k]);
                 }
@@ -521,13 +656,36 @@ unsafe fn weigh_lanes<const HB: usize, const L: usize>(rows: &[*const f16], d0: 
 }
 
 /// Softmax attention of query heads sharing one key/value head (see `ops::attend`); head size
-/// a multiple of 8.
+/// a multiple of 8 (of 32 for quantized keys or values).
 #[allow(clippy::too_many_arguments)]
-pub fn attend(q: &[f32], hd: usize, keys: &[f16], values: &[f16], stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
+pub fn attend(q: &[f32], hd: usize, keys: KvRows, values: KvRows, stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, scores: &mut Vec<f32>, out: &mut [f32]) {
     assert!(hd > 0 && hd % 8 == 0 && q.len() % hd == 0 && out.len() >= q.len());
+    let quantized = keys.kv_type() != KvType::F16 || values.kv_type() != KvType::F16;
+    assert!(!quantized || (hd % 32 == 0 && stride % 32 == 0 && offset % 32 == 0), "quantized heads must be whole blocks");
+    let raw = |r: KvRows| match r {
+        KvRows::F16(v) => (v.as_ptr().cast::<u8>(), std::mem::size_of_val(v)),
+        KvRows::Q8_0(b) | KvRows::Q4_0(b) => (b.as_ptr(), b.len()),
+    };
+    let (k, v) = (raw(keys), raw(values));
     for (qc, oc) in q.chunks(MAX_HEADS * hd).zip(out.chunks_mut(MAX_HEADS * hd)) {
-        // SAFETY: installed only when the CPU has AVX2, FMA and F16C; bounds are asserted inside.
-        unsafe { attend_heads(qc, hd, keys, values, stride, offset, ranges, scale, scores, oc) }
+        macro_rules! go {
+            ($k:ty, $v:ty) => {
+                // SAFETY: installed only when the CPU has AVX2, FMA and F16C; the pointers and
+                // byte counts describe the slices given; bounds are asserted inside.
+                unsafe { attend_heads::<$k, $v>(qc, hd, k, v, stride, offset, ranges, scale, scores, oc) }
+            };
+        }
+        match (keys.kv_type(), values.kv_type()) {
+            (KvType::F16, KvType::F16) => go!(F16Fmt, F16Fmt),
+            (KvType::F16, KvType::Q8_0) => go!(F16Fmt, Q8Fmt),
+            (KvType::F16, KvType::Q4_0) => go!(F16Fmt, Q4Fmt),
+            (KvType::Q8_0, KvType::F16) => go!(Q8Fmt, F16Fmt),
+            (KvType::Q8_0, KvType::Q8_0) => go!(Q8Fmt, Q8Fmt),
+            (KvType::Q8_0, KvType::Q4_0) => go!(Q8Fmt, Q4Fmt),
+            (KvType::Q4_0, KvType::F16) => go!(Q4Fmt, F16Fmt),
+            (KvType::Q4_0, KvType::Q8_0) => go!(Q4Fmt, Q8Fmt),
+            (KvType::Q4_0, KvType::Q4_0) => go!(Q4Fmt, Q4Fmt),
+        }
     }
 }
 

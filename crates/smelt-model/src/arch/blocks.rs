@@ -5,7 +5,7 @@
 //! norms and/or adds back into `x`.
 
 use super::{Activation, LayerWeights, Linear, Model, ModelError};
-use crate::kv::KvStore;
+use crate::kv::{KvStore, KvTypes};
 use crate::lora::{LoraPair, LoraSet, Target, DELTA_COLS};
 use smelt_kernels::ops::{self, attend, rms_norm, rms_norm_inplace};
 use smelt_kernels::pool::ThreadPool;
@@ -366,6 +366,16 @@ impl Block<'_> {
         per_token(&pool, &mut ws.q, nh * d, &|t, q| rope.rotate(q, d, &angles[t * half..(t + 1) * half]));
         per_token(&pool, &mut ws.k, nkv * d, &|t, k| rope.rotate(k, d, &angles[t * half..(t + 1) * half]));
         let row = nkv * d;
+        // Quantized caches keep keys and values rotated (see `KvType::key_rotation`): queries
+        // turn with the keys, so scores are unchanged, and the output turns back below.
+        let rotated = self.batch.iter().any(|bt| self.kv.types(bt.seq) != KvTypes::default());
+        if rotated {
+            let (kv, batch) = (&*self.kv, self.batch);
+            let key_rot = |t: usize| kv.types(batch[t].seq).k.key_rotation(d);
+            per_token(&pool, &mut ws.q, nh * d, &|t, q| key_rot(t).map_or((), |r| ops::hadamard(q, r)));
+            per_token(&pool, &mut ws.k, row, &|t, k| key_rot(t).map_or((), |r| ops::hadamard(k, r)));
+            per_token(&pool, &mut ws.v, row, &|t, v| kv.types(batch[t].seq).v.value_rotation(d).map_or((), |r| ops::hadamard(v, r)));
+        }
         for (t, bt) in self.batch.iter().enumerate() {
             self.kv.write(bt.seq, il, bt.pos, &ws.k[t * row..(t + 1) * row], &ws.v[t * row..(t + 1) * row]);
         }
@@ -395,6 +405,10 @@ impl Block<'_> {
                 attend(qh, d, keys, values, nkv * d, (head0 / group) * d, ranges, scale, scores, out);
             });
         });
+        if rotated {
+            let (kv, batch) = (&*self.kv, self.batch);
+            per_token(&pool, &mut ws.att, nh * d, &|t, o| kv.types(batch[t].seq).v.value_rotation(d).map_or((), |r| ops::hadamard(o, r)));
+        }
         if profile::enabled() {
             profile::add(profile::ATTENTION, t_att, 0);
         }

@@ -333,7 +333,29 @@ impl Model {
 
     /// A KV cache for one sequence of up to `n_ctx` positions, fed at most `max_batch` tokens per pass.
     pub fn new_cache(&self, n_ctx: usize, max_batch: usize) -> crate::kv::KvCache {
-        crate::kv::KvCache::new(&self.hp.window, self.hp.n_head_kv * self.hp.head_dim, n_ctx, max_batch)
+        crate::kv::KvCache::new(&self.hp.window, self.kv_row(), n_ctx, max_batch, Default::default())
+    }
+
+    /// [`Model::new_cache`] storing keys and values in `types`; an error when this model's head
+    /// size does not suit them.
+    pub fn new_cache_typed(&self, n_ctx: usize, max_batch: usize, types: crate::kv::KvTypes) -> Result<crate::kv::KvCache, ModelError> {
+        self.check_kv_types(types)?;
+        Ok(crate::kv::KvCache::new(&self.hp.window, self.kv_row(), n_ctx, max_batch, types))
+    }
+
+    /// Whether keys and values of this model can be cached in `types`.
+    pub fn check_kv_types(&self, types: crate::kv::KvTypes) -> Result<(), ModelError> {
+        types.check_head_dim(self.hp.head_dim).map_err(ModelError::Invalid)
+    }
+
+    /// Values one position stores per layer, for keys and for values alike.
+    pub fn kv_row(&self) -> usize {
+        self.hp.n_head_kv * self.hp.head_dim
+    }
+
+    /// Bytes of KV cache one position takes across all layers.
+    pub fn kv_bytes_per_position(&self, types: crate::kv::KvTypes) -> usize {
+        self.hp.n_layer * types.bytes_per_row(self.kv_row())
     }
 
     /// The model's chat template, or a fallback for models without one (Gemma's turn format for

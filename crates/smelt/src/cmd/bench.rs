@@ -9,6 +9,7 @@ use smelt_kernels::bandwidth::ReadProbe;
 use smelt_kernels::pool::ThreadPool;
 use smelt_kernels::formats::DType;
 use smelt_model::arch::{BatchToken, Model, Workspace};
+use smelt_model::kv::KvTypes;
 use smelt_model::lora::LoraSet;
 use std::sync::Arc;
 use std::time::Instant;
@@ -48,6 +49,8 @@ pub struct Args {
     /// base, and 8 sequences under 4 different adapters against 8 on the base.
     #[arg(long, default_value_t = 0)]
     lora_rank: usize,
+    #[command(flatten)]
+    kv: crate::common::KvArgs,
 }
 
 /// What constrained decoding costs on this model's vocabulary.
@@ -124,9 +127,9 @@ fn tokens(model: &Model, n: usize) -> Vec<u32> {
 }
 
 /// A cache holding `depth` tokens of context (filled untimed), with room for `n` more.
-fn filled_cache(model: &Model, ws: &mut Workspace, depth: usize, n: usize) -> Result<Vec<smelt_model::kv::KvCache>> {
+fn filled_cache(model: &Model, ws: &mut Workspace, depth: usize, n: usize, types: KvTypes) -> Result<Vec<smelt_model::kv::KvCache>> {
     const FILL: usize = 512;
-    let mut caches = vec![model.new_cache(depth + n, n.max(FILL))];
+    let mut caches = vec![model.new_cache_typed(depth + n, n.max(FILL), types)?];
     let toks = tokens(model, depth);
     for (c, chunk) in toks.chunks(FILL).enumerate() {
         eprint!("\rfilling {depth} tokens of context: {}", c * FILL + chunk.len());
@@ -159,11 +162,11 @@ fn depth_gen_rep(model: &Model, ws: &mut Workspace, caches: &mut Vec<smelt_model
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
-/// KV bytes attention reads for one token at position `pos` (f16 keys and values; sliding-window
-/// layers only their window).
-fn kv_bytes_at(model: &Model, pos: usize) -> usize {
-    let row = model.hp.n_head_kv * model.hp.head_dim;
-    model.hp.window.iter().map(|w| w.map_or(pos, |w| w.min(pos)) * row * 2 * std::mem::size_of::<u16>()).sum()
+/// KV bytes attention reads for one token at position `pos` (sliding-window layers only their
+/// window).
+fn kv_bytes_at(model: &Model, pos: usize, types: KvTypes) -> usize {
+    let row = types.bytes_per_row(model.kv_row());
+    model.hp.window.iter().map(|w| w.map_or(pos, |w| w.min(pos)) * row).sum()
 }
 
 /// Generated tokens per second of `sets.len()` sequences decoding together for `n` steps,
@@ -223,9 +226,10 @@ pub fn run(a: Args) -> Result<()> {
     let mut ws = Workspace::new(pool.clone());
     let file_size = std::fs::metadata(&path)?.len();
     let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    eprintln!("{name}: loaded in {load_s:.2}s, {n_threads} threads, kernels: {}", smelt_kernels::dispatch::kernels().isa.name());
+    eprintln!("{name}: loaded in {load_s:.2}s, {n_threads} threads, kernels: {}, KV cache {}", smelt_kernels::dispatch::kernels().isa.name(), a.kv.types().describe());
 
-    let mut caches = filled_cache(&model, &mut ws, a.n_depth, a.n_prompt.max(a.n_gen))?;
+    let types = a.kv.types();
+    let mut caches = filled_cache(&model, &mut ws, a.n_depth, a.n_prompt.max(a.n_gen), types)?;
     // Warm up: touch every weight once so page-cache faults are not timed.
     depth_gen_rep(&model, &mut ws, &mut caches, a.n_depth, a.n_prompt.max(a.n_gen).min(2))?;
     let at = if a.n_depth > 0 { format!(" @ d{}", a.n_depth) } else { String::new() };
@@ -256,7 +260,7 @@ pub fn run(a: Args) -> Result<()> {
     }
     drop(caches);
     // Bytes read per generated token: the weights, and the KV cache at the generation's middle.
-    let kv_bytes = kv_bytes_at(&model, a.n_depth + a.n_gen / 2);
+    let kv_bytes = kv_bytes_at(&model, a.n_depth + a.n_gen / 2, types);
     let bytes = model.weight_bytes_per_token() + kv_bytes;
     drop(probe);
     let bw = (!passes.is_empty()).then(|| Bandwidth { mean: passes.iter().sum::<f64>() / passes.len() as f64, best: passes.iter().cloned().fold(0.0, f64::max), passes: passes.len() });
@@ -282,6 +286,8 @@ pub fn run(a: Args) -> Result<()> {
                     "n_prompt": np,
                     "n_gen": ng,
                     "n_depth": a.n_depth,
+                    "type_k": types.k.name(),
+                    "type_v": types.v.name(),
                     "n_threads": n_threads,
                     "avg_ts": avg,
                     "stddev_ts": sd,

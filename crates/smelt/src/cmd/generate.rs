@@ -69,6 +69,7 @@ pub fn run(a: Args) -> Result<()> {
     let (model, pool, n_ctx) = load(&a.model)?;
     let prompt = model.tokenizer.encode_prompt(&text);
     let mut session = Session::new(model.clone(), pool, n_ctx);
+    session.set_kv_types(a.model.kv.types())?;
     session.set_lora(crate::common::loras(&model, &a.model.lora)?);
     let params = GenerateParams {
         max_tokens: a.max_tokens,

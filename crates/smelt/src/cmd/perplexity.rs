@@ -35,6 +35,8 @@ pub struct Args {
     /// Apply a LoRA adapter (GGUF), optionally scaled (repeatable).
     #[arg(long, value_name = "FILE[:SCALE]")]
     lora: Vec<String>,
+    #[command(flatten)]
+    kv: crate::common::KvArgs,
     /// Print one JSON object (perplexity, its standard error, the running value after each
     /// chunk) instead of text.
     #[arg(long)]
@@ -86,7 +88,7 @@ pub fn run(a: Args) -> Result<()> {
     anyhow::ensure!(a.ctx == 0 || a.ctx >= 4, "--ctx must be at least 4 tokens (or 0 for the model's training context)");
     anyhow::ensure!(a.batch >= 1, "--batch must be at least 1");
     let text = read_text(None, Some(&a.file), "give the text with --file FILE")?;
-    let margs = ModelArgs { model: a.model.clone(), threads: a.threads, ctx: Some(a.ctx), lora: a.lora.clone() };
+    let margs = ModelArgs { model: a.model.clone(), threads: a.threads, ctx: Some(a.ctx), lora: a.lora.clone(), kv: a.kv };
     let (model, pool, _) = load(&margs)?;
     anyhow::ensure!(a.ctx <= model.hp.n_ctx_train, "--ctx {} is beyond the model's training context of {} tokens", a.ctx, model.hp.n_ctx_train);
     let lora = loras(&model, &a.lora)?;
@@ -106,10 +108,11 @@ pub fn run(a: Args) -> Result<()> {
     let first = n_ctx / 2;
     let bos = if tok.add_bos { tok.bos } else { None };
     eprintln!(
-        "{} tokens; {n_chunks} chunks of {n_ctx} (scoring the last {} of each), batch {batch}, {} threads",
+        "{} tokens; {n_chunks} chunks of {n_ctx} (scoring the last {} of each), batch {batch}, {} threads, KV cache {}",
         tokens.len(),
         n_ctx - 1 - first,
-        pool.n_threads()
+        pool.n_threads(),
+        a.kv.types().describe()
     );
 
     let mut ws = Workspace::new(pool.clone());
@@ -120,7 +123,7 @@ pub fn run(a: Args) -> Result<()> {
     let start = Instant::now();
     for c in 0..n_chunks {
         let chunk = &tokens[c * n_ctx..(c + 1) * n_ctx];
-        let mut kv = vec![model.new_cache(n_ctx, batch)];
+        let mut kv = vec![model.new_cache_typed(n_ctx, batch, a.kv.types())?];
         for b in (0..n_ctx).step_by(batch) {
             let end = (b + batch).min(n_ctx);
             let pass: Vec<BatchToken> = (b..end)
@@ -150,6 +153,8 @@ pub fn run(a: Args) -> Result<()> {
         let out = serde_json::json!({
             "model": crate::common::model_id(&a.model),
             "n_ctx": n_ctx,
+            "type_k": a.kv.cache_type_k.name(),
+            "type_v": a.kv.cache_type_v.name(),
             "chunks": n_chunks,
             "tokens_scored": nll.count,
             "perplexity": nll.perplexity(),

@@ -33,6 +33,8 @@ pub struct Args {
     #[arg(long)]
     max_tokens: Option<usize>,
     #[command(flatten)]
+    kv: crate::common::KvArgs,
+    #[command(flatten)]
     sampling: SamplingArgs,
 }
 
@@ -40,10 +42,11 @@ const HELP: &str = "commands: /reset (forget the conversation), /help, /exit (or
 
 pub fn run(a: Args) -> Result<()> {
     let name = a.model.clone().or(a.model_flag.clone()).unwrap_or_else(|| smelt_store::DEFAULT_MODEL.to_string());
-    let margs = crate::common::ModelArgs { model: name.clone(), threads: a.threads, ctx: a.ctx, lora: a.lora.clone() };
+    let margs = crate::common::ModelArgs { model: name.clone(), threads: a.threads, ctx: a.ctx, lora: a.lora.clone(), kv: a.kv };
     let (model, pool, n_ctx) = load(&margs)?;
     let template = model.chat_template()?;
     let mut session = Session::new(model.clone(), pool, n_ctx);
+    session.set_kv_types(margs.kv.types())?;
     session.set_lora(crate::common::loras(&model, &margs.lora)?);
     let interrupted = Arc::new(AtomicBool::new(false));
     {

@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 use smelt_engine::scheduler::{Engine, EngineConfig};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::Model;
-use smelt_model::kv::{BlockPool, BLOCK_SIZE};
+use smelt_model::kv::{BlockPool, KvType, KvTypes, BLOCK_SIZE};
 use smelt_server::keys::{parse_key_file, KeySpec, Keys};
 use smelt_model::lora::Adapter;
 use smelt_server::state::ServedAdapter;
@@ -39,6 +39,13 @@ pub struct Args {
     /// Memory for the KV cache of each model, e.g. 512M, 2G.
     #[arg(long, default_value = "1G", value_parser = parse_size)]
     kv_memory: u64,
+    /// KV cache type for keys: f16, q8_0 (half the memory of f16, near-identical results) or
+    /// q4_0; `MODEL=TYPE` sets one model's (repeatable).
+    #[arg(long, value_name = "[MODEL=]TYPE")]
+    cache_type_k: Vec<String>,
+    /// KV cache type for values: f16, q8_0 or q4_0; `MODEL=TYPE` sets one model's (repeatable).
+    #[arg(long, value_name = "[MODEL=]TYPE")]
+    cache_type_v: Vec<String>,
     /// Most tokens per forward pass (prompt chunks and decodes together).
     #[arg(long, default_value_t = 256)]
     step_tokens: usize,
@@ -108,13 +115,49 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((v * mult as f64) as u64)
 }
 
+/// The KV cache type `--cache-type-k` / `-v` arguments give model `id`: the last `id=TYPE`,
+/// else the last plain `TYPE`, else f16.
+fn kv_type_for(args: &[String], id: &str, flag: &str) -> Result<KvType> {
+    let mut plain = None;
+    let mut own = None;
+    for arg in args {
+        match arg.rsplit_once('=') {
+            Some((m, t)) if m == id => own = Some(t),
+            Some(_) => {}
+            None => plain = Some(arg.as_str()),
+        }
+    }
+    own.or(plain).map_or(Ok(KvType::F16), |t| KvType::parse(t).map_err(|e| anyhow::anyhow!("{flag}: {e}")))
+}
+
+/// Every `--cache-type-k` / `-v` names a known type, and every `MODEL=TYPE` a model being served
+/// (checked before anything loads).
+fn check_kv_type_models(a: &Args) -> Result<()> {
+    let ids: Vec<String> = a.model.iter().map(|m| model_id(m)).collect();
+    for (flag, args) in [("--cache-type-k", &a.cache_type_k), ("--cache-type-v", &a.cache_type_v)] {
+        for arg in args {
+            let t = match arg.rsplit_once('=') {
+                Some((m, t)) => {
+                    anyhow::ensure!(ids.iter().any(|id| id == m), "{flag} {arg}: {m:?} is not one of the models served ({})", ids.join(", "));
+                    t
+                }
+                None => arg,
+            };
+            KvType::parse(t).map_err(|e| anyhow::anyhow!("{flag} {arg}: {e}"))?;
+        }
+    }
+    Ok(())
+}
+
 fn load_engine(arg: &str, a: &Args) -> Result<ModelEntry> {
     let path = model_path(arg)?;
     let model = Arc::new(Model::load(&path).with_context(|| format!("cannot load {}", path.display()))?);
     let n_ctx = crate::common::context_size(a.ctx, model.hp.n_ctx_train);
     anyhow::ensure!(n_ctx >= 16, "--ctx must be at least 16");
-    let row = model.hp.n_head_kv * model.hp.head_dim;
-    let block = BlockPool::block_bytes(model.hp.n_layer, row) as u64;
+    let id = model_id(arg);
+    let kv_types = KvTypes { k: kv_type_for(&a.cache_type_k, &id, "--cache-type-k")?, v: kv_type_for(&a.cache_type_v, &id, "--cache-type-v")? };
+    model.check_kv_types(kv_types).with_context(|| format!("cannot serve {id}"))?;
+    let block = BlockPool::block_bytes(model.hp.n_layer, model.kv_row(), kv_types) as u64;
     let kv_blocks = (a.kv_memory / block) as usize;
     anyhow::ensure!(
         kv_blocks * BLOCK_SIZE >= n_ctx,
@@ -123,9 +166,15 @@ fn load_engine(arg: &str, a: &Args) -> Result<ModelEntry> {
         kv_blocks * BLOCK_SIZE
     );
     let pool = Arc::new(ThreadPool::new(threads(a.threads)));
-    let config = EngineConfig { n_ctx, max_seqs: a.max_batch.max(1), kv_blocks, step_tokens: a.step_tokens.max(1), queue: a.queue.max(1) };
+    let config = EngineConfig { n_ctx, max_seqs: a.max_batch.max(1), kv_blocks, step_tokens: a.step_tokens.max(1), queue: a.queue.max(1), kv_types };
     let no_template = model.fallback_chat_format().map(|f| format!("; no chat template (chat requests use {f})")).unwrap_or_default();
-    eprintln!("{}: {} layers, context {n_ctx}, KV cache {} ({} tokens){no_template}", model_id(arg), model.hp.n_layer, smelt_store::human_size(kv_blocks as u64 * block), kv_blocks * BLOCK_SIZE);
+    eprintln!(
+        "{id}: {} layers, context {n_ctx}, KV cache {} {} ({} tokens){no_template}",
+        model.hp.n_layer,
+        smelt_store::human_size(kv_blocks as u64 * block),
+        kv_types.describe(),
+        kv_blocks * BLOCK_SIZE
+    );
     let engine = Engine::start(model, pool, config);
     Ok(ModelEntry::new(model_id(arg), engine))
 }
@@ -160,6 +209,7 @@ pub fn run(mut a: Args) -> Result<()> {
     if a.model.is_empty() {
         a.model.push(smelt_store::DEFAULT_MODEL.to_string());
     }
+    check_kv_type_models(&a)?;
     let ids: Vec<String> = a.model.iter().map(|m| model_id(m)).collect();
     for (i, id) in ids.iter().enumerate() {
         anyhow::ensure!(!ids[..i].contains(id), "model {id:?} is given twice");
@@ -262,4 +312,18 @@ pub fn run(mut a: Args) -> Result<()> {
         });
         smelt_server::serve(state, listener, grace).await.context("server error")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_model_s_own_kv_type_wins_over_the_plain_one() {
+        let args: Vec<String> = ["q8_0", "gemma-3-270m=q4_0", "other=f16"].map(String::from).to_vec();
+        assert_eq!(kv_type_for(&args, "gemma-3-270m", "--cache-type-k").unwrap(), KvType::Q4_0);
+        assert_eq!(kv_type_for(&args, "qwen", "--cache-type-k").unwrap(), KvType::Q8_0);
+        assert_eq!(kv_type_for(&[], "qwen", "--cache-type-k").unwrap(), KvType::F16);
+        assert!(kv_type_for(&["q9".to_string()], "qwen", "--cache-type-k").is_err());
+    }
 }
