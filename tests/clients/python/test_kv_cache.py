@@ -1,6 +1,8 @@
 """KV cache types on the server: `--cache-type-k` / `--cache-type-v` for every model or one
 (`MODEL=TYPE`); a quantized pool holds more positions in the same memory, and answers, cached
 prefixes included, come out as usual."""
+import importlib.util
+import pathlib
 import re
 import subprocess
 
@@ -10,6 +12,7 @@ from conftest import BASE_MODEL, CHAT_MODEL, SMELT, Server
 
 pytestmark = pytest.mark.skipif(not SMELT, reason="needs SMELT_BIN (set by the Rust test server_clients)")
 
+ROOT = pathlib.Path(__file__).resolve().parents[3]
 SERVE = ["serve", "-m", CHAT_MODEL, "-m", BASE_MODEL, "--kv-memory", "128M"]
 
 
@@ -55,3 +58,22 @@ def test_a_type_for_a_model_not_served_is_a_one_line_error():
     out = subprocess.run([SMELT, *SERVE, "--port", "0", "--cache-type-k", "q3_k"], capture_output=True, text=True, timeout=120)
     lines = [l for l in out.stderr.splitlines() if l.strip()]
     assert out.returncode == 1 and len(lines) == 1 and "unknown KV cache type" in lines[0], out.stderr
+
+
+def test_passkey_found_with_q8_0_wherever_f16_finds_it():
+    """scripts/passkey.py's cases at ~1,200 tokens on the base model: every key f16 keys and
+    values retrieve, q8_0 ones retrieve too."""
+    spec = importlib.util.spec_from_file_location("passkey", ROOT / "scripts" / "passkey.py")
+    passkey = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(passkey)
+    found = {"f16": set(), "q8_0": set()}
+    for depth in [0.1, 0.5, 0.9]:
+        text = passkey.prompt(48, depth, 61803)
+        for t in found:
+            out = subprocess.run([SMELT, "generate", "-m", BASE_MODEL, "--prompt-file", "-", "--max-tokens", "6", "--temperature", "0", "-t", "2",
+                                  "--cache-type-k", t, "--cache-type-v", t], input=text, capture_output=True, text=True, timeout=600)
+            assert out.returncode == 0, out.stderr
+            if re.match(r"\D{0,3}61803", out.stdout.strip()):
+                found[t].add(depth)
+    assert found["f16"], "the base model found no key with f16: the test says nothing"
+    assert found["f16"] <= found["q8_0"], found
