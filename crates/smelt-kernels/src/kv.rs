@@ -114,10 +114,10 @@ impl KvRows<'_> {
 
     /// Values stored.
     pub fn len(&self) -> usize {
+        let t = self.kv_type();
         match self {
             KvRows::F16(v) => v.len(),
-            KvRows::Q8_0(b) => b.len() / 34 * 32,
-            KvRows::Q4_0(b) => b.len() / 18 * 32,
+            KvRows::Q8_0(b) | KvRows::Q4_0(b) => b.len() / t.dtype().block_bytes() * t.block_len(),
         }
     }
 
