@@ -226,9 +226,9 @@ pub fn run(a: Args) -> Result<()> {
     let mut ws = Workspace::new(pool.clone());
     let file_size = std::fs::metadata(&path)?.len();
     let name = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    eprintln!("{name}: loaded in {load_s:.2}s, {n_threads} threads, kernels: {}, KV cache {}", smelt_kernels::dispatch::kernels().isa.name(), a.kv.types().describe());
-
     let types = a.kv.types();
+    eprintln!("{name}: loaded in {load_s:.2}s, {n_threads} threads, kernels: {}, KV cache {}", smelt_kernels::dispatch::kernels().isa.name(), types.describe());
+
     let mut caches = filled_cache(&model, &mut ws, a.n_depth, a.n_prompt.max(a.n_gen), types)?;
     // Warm up: touch every weight once so page-cache faults are not timed.
     depth_gen_rep(&model, &mut ws, &mut caches, a.n_depth, a.n_prompt.max(a.n_gen).min(2))?;

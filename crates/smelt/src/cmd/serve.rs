@@ -115,47 +115,37 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     Ok((v * mult as f64) as u64)
 }
 
-/// The KV cache type `--cache-type-k` / `-v` arguments give model `id`: the last `id=TYPE`,
-/// else the last plain `TYPE`, else f16.
-fn kv_type_for(args: &[String], id: &str, flag: &str) -> Result<KvType> {
-    let mut plain = None;
-    let mut own = None;
-    for arg in args {
-        match arg.rsplit_once('=') {
-            Some((m, t)) if m == id => own = Some(t),
-            Some(_) => {}
-            None => plain = Some(arg.as_str()),
-        }
-    }
-    own.or(plain).map_or(Ok(KvType::F16), |t| KvType::parse(t).map_err(|e| anyhow::anyhow!("{flag}: {e}")))
-}
-
-/// Every `--cache-type-k` / `-v` names a known type, and every `MODEL=TYPE` a model being served
-/// (checked before anything loads).
-fn check_kv_type_models(a: &Args) -> Result<()> {
-    let ids: Vec<String> = a.model.iter().map(|m| model_id(m)).collect();
-    for (flag, args) in [("--cache-type-k", &a.cache_type_k), ("--cache-type-v", &a.cache_type_v)] {
-        for arg in args {
-            let t = match arg.rsplit_once('=') {
+/// `--cache-type-k` / `-v` arguments as (model, or None for every model; type), checked before
+/// anything loads: every type known, every `MODEL=` one of `ids`.
+fn parse_kv_types(flag: &str, args: &[String], ids: &[String]) -> Result<Vec<(Option<String>, KvType)>> {
+    args.iter()
+        .map(|arg| {
+            let (model, t) = match arg.rsplit_once('=') {
                 Some((m, t)) => {
                     anyhow::ensure!(ids.iter().any(|id| id == m), "{flag} {arg}: {m:?} is not one of the models served ({})", ids.join(", "));
-                    t
+                    (Some(m.to_string()), t)
                 }
-                None => arg,
+                None => (None, arg.as_str()),
             };
-            KvType::parse(t).map_err(|e| anyhow::anyhow!("{flag} {arg}: {e}"))?;
-        }
-    }
-    Ok(())
+            Ok((model, KvType::parse(t).map_err(|e| anyhow::anyhow!("{flag} {arg}: {e}"))?))
+        })
+        .collect()
 }
 
-fn load_engine(arg: &str, a: &Args) -> Result<ModelEntry> {
+/// The type parsed arguments give model `id`: its own last `id=TYPE`, else the last plain
+/// `TYPE`, else f16.
+fn kv_type_for(parsed: &[(Option<String>, KvType)], id: &str) -> KvType {
+    let own = parsed.iter().rev().find(|(m, _)| m.as_deref() == Some(id));
+    let plain = parsed.iter().rev().find(|(m, _)| m.is_none());
+    own.or(plain).map_or(KvType::F16, |p| p.1)
+}
+
+fn load_engine(arg: &str, a: &Args, kv_types: KvTypes) -> Result<ModelEntry> {
     let path = model_path(arg)?;
     let model = Arc::new(Model::load(&path).with_context(|| format!("cannot load {}", path.display()))?);
     let n_ctx = crate::common::context_size(a.ctx, model.hp.n_ctx_train);
     anyhow::ensure!(n_ctx >= 16, "--ctx must be at least 16");
     let id = model_id(arg);
-    let kv_types = KvTypes { k: kv_type_for(&a.cache_type_k, &id, "--cache-type-k")?, v: kv_type_for(&a.cache_type_v, &id, "--cache-type-v")? };
     model.check_kv_types(kv_types).with_context(|| format!("cannot serve {id}"))?;
     let block = BlockPool::block_bytes(model.hp.n_layer, model.kv_row(), kv_types) as u64;
     let kv_blocks = (a.kv_memory / block) as usize;
@@ -209,11 +199,11 @@ pub fn run(mut a: Args) -> Result<()> {
     if a.model.is_empty() {
         a.model.push(smelt_store::DEFAULT_MODEL.to_string());
     }
-    check_kv_type_models(&a)?;
     let ids: Vec<String> = a.model.iter().map(|m| model_id(m)).collect();
     for (i, id) in ids.iter().enumerate() {
         anyhow::ensure!(!ids[..i].contains(id), "model {id:?} is given twice");
     }
+    let (kv_k, kv_v) = (parse_kv_types("--cache-type-k", &a.cache_type_k, &ids)?, parse_kv_types("--cache-type-v", &a.cache_type_v, &ids)?);
     let loras = a.lora.iter().map(|l| parse_lora(l, &ids)).collect::<Result<Vec<_>>>()?;
     let keys = match (&a.api_key, &a.api_key_file) {
         (Some(k), _) => Some(vec![KeySpec::plain(k.trim())]),
@@ -288,7 +278,8 @@ pub fn run(mut a: Args) -> Result<()> {
         let loading = state.clone();
         let loader = tokio::task::spawn_blocking(move || -> Result<()> {
             for m in &a.model {
-                let entry = load_engine(m, &a)?;
+                let id = model_id(m);
+                let entry = load_engine(m, &a, KvTypes { k: kv_type_for(&kv_k, &id), v: kv_type_for(&kv_v, &id) })?;
                 load_adapters(&entry, &loras)?;
                 loading.add_model(entry);
             }
@@ -320,10 +311,13 @@ mod tests {
 
     #[test]
     fn a_model_s_own_kv_type_wins_over_the_plain_one() {
-        let args: Vec<String> = ["q8_0", "gemma-3-270m=q4_0", "other=f16"].map(String::from).to_vec();
-        assert_eq!(kv_type_for(&args, "gemma-3-270m", "--cache-type-k").unwrap(), KvType::Q4_0);
-        assert_eq!(kv_type_for(&args, "qwen", "--cache-type-k").unwrap(), KvType::Q8_0);
-        assert_eq!(kv_type_for(&[], "qwen", "--cache-type-k").unwrap(), KvType::F16);
-        assert!(kv_type_for(&["q9".to_string()], "qwen", "--cache-type-k").is_err());
+        let ids: Vec<String> = ["gemma-3-270m", "qwen", "other"].map(String::from).to_vec();
+        let args: Vec<String> = ["gemma-3-270m=q4_0", "q8_0", "other=f16"].map(String::from).to_vec();
+        let parsed = parse_kv_types("--cache-type-k", &args, &ids).unwrap();
+        assert_eq!(kv_type_for(&parsed, "gemma-3-270m"), KvType::Q4_0);
+        assert_eq!(kv_type_for(&parsed, "qwen"), KvType::Q8_0);
+        assert_eq!(kv_type_for(&[], "qwen"), KvType::F16);
+        assert!(parse_kv_types("--cache-type-k", &["q9".to_string()], &ids).is_err());
+        assert!(parse_kv_types("--cache-type-k", &["nosuch=q8_0".to_string()], &ids).is_err());
     }
 }
