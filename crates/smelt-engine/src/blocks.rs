@@ -95,32 +95,43 @@ impl BlockAllocator {
 
     /// A block for new positions, evicting the least recently used cached block if needed.
     pub fn allocate(&mut self) -> Option<BlockId> {
-        let b = match self.free.pop() {
-            Some(b) => b,
+        self.allocate_evicting().map(|(b, _)| b)
+    }
+
+    /// As `allocate`, also telling which full block it evicted, if any, as (parent, hash,
+    /// tokens): its positions are still in the pool until the caller writes the new block.
+    pub fn allocate_evicting(&mut self) -> Option<(BlockId, Option<(u64, u64, Vec<u32>)>)> {
+        let (b, evicted) = match self.free.pop() {
+            Some(b) => (b, None),
             None => {
                 let (&tick, &b) = self.lru.iter().next()?;
                 self.lru.remove(&tick);
-                self.forget(b);
-                b
+                let evicted = self.forget(b).and_then(|e| Some((e.parent, e.hash?, e.tokens)));
+                (b, evicted)
             }
         };
         self.refs[b as usize] = 1;
-        Some(b)
+        Some((b, evicted))
     }
 
-    /// Remove a block from the cache indexes.
-    fn forget(&mut self, b: BlockId) {
-        if let Some(e) = self.entry[b as usize].take() {
-            if let Some(h) = e.hash {
-                self.cached.remove(&h);
-            }
-            if let Some(list) = self.children.get_mut(&e.parent) {
-                list.retain(|&c| c != b);
-                if list.is_empty() {
-                    self.children.remove(&e.parent);
-                }
+    /// Remove a block from the cache indexes; what it was registered as.
+    fn forget(&mut self, b: BlockId) -> Option<Entry> {
+        let e = self.entry[b as usize].take()?;
+        if let Some(h) = e.hash {
+            self.cached.remove(&h);
+        }
+        if let Some(list) = self.children.get_mut(&e.parent) {
+            list.retain(|&c| c != b);
+            if list.is_empty() {
+                self.children.remove(&e.parent);
             }
         }
+        Some(e)
+    }
+
+    /// Every full block findable by its hash: (block, parent, hash, tokens).
+    pub fn registered(&self) -> impl Iterator<Item = (BlockId, u64, u64, &[u32])> + '_ {
+        self.cached.iter().filter_map(|(&h, &b)| self.entry[b as usize].as_ref().map(|e| (b, e.parent, h, e.tokens.as_slice())))
     }
 
     /// Take one more reference to a block (out of the evictable set if it was there).
@@ -135,14 +146,20 @@ impl BlockAllocator {
     /// once more. `tokens` is what the lookup covers (for the hit-rate statistics).
     pub fn lookup(&mut self, hashes: &[u64], tokens: usize) -> Vec<BlockId> {
         let mut hit = Vec::new();
-        for h in hashes {
-            let Some(&b) = self.cached.get(h) else { break };
-            self.acquire(b);
+        for &h in hashes {
+            let Some(b) = self.take_cached(h) else { break };
             hit.push(b);
         }
         self.lookups += tokens as u64;
         self.hits += (hit.len() * BLOCK_SIZE).min(tokens) as u64;
         hit
+    }
+
+    /// The cached block with hash `h`, now referenced once more.
+    pub fn take_cached(&mut self, h: u64) -> Option<BlockId> {
+        let b = *self.cached.get(&h)?;
+        self.acquire(b);
+        Some(b)
     }
 
     /// The cached block after `parent` (0: the first block) whose tokens share the longest

@@ -1,6 +1,7 @@
 //! smelt-engine: running sequences on a model — sampling, stop conditions, generation.
 
 pub mod blocks;
+pub mod disk_cache;
 pub mod grammar;
 pub mod generate;
 mod rng;

@@ -12,6 +12,7 @@
 //! events back through a [`Sink`]; a sink whose receiver is gone cancels its sequence at once.
 
 use crate::blocks::{block_hash, prefix_hashes, BlockAllocator, BlockId};
+use crate::disk_cache::{self, DiskCache};
 use crate::generate::{Decoding, FinishReason, GenerateParams, Next, Step};
 use crate::grammar::{AutomatonCache, Constraint, TokenTrie};
 use crate::sampling::{log_sum_exp, top_logprobs};
@@ -39,6 +40,8 @@ pub struct EngineConfig {
     /// How the KV pool stores keys and values (checked against the model by the caller, with
     /// `Model::check_kv_types`).
     pub kv_types: KvTypes,
+    /// Where full blocks go when evicted (and on `Engine::persist`), and are found again.
+    pub kv_disk: Option<Arc<DiskCache>>,
 }
 
 /// Where a request's events go. `send` returns false when nobody listens any more.
@@ -95,6 +98,8 @@ pub struct EmbedRequest {
 pub enum Job {
     Generate(GenRequest),
     Embed(EmbedRequest),
+    /// Write every cached block not yet on disk to the disk cache; reply with how many.
+    Persist(SyncSender<usize>),
 }
 
 /// Counters the server exports as metrics.
@@ -106,6 +111,8 @@ pub struct Stats {
     pub kv_blocks_total: AtomicUsize,
     pub prefix_lookup_tokens: AtomicU64,
     pub prefix_hit_tokens: AtomicU64,
+    /// Prompt tokens whose KV was read back from the disk cache (also counted as hits).
+    pub disk_hit_tokens: AtomicU64,
     pub steps: AtomicU64,
     pub preemptions: AtomicU64,
     pub prompt_tokens: AtomicU64,
@@ -164,6 +171,15 @@ impl Engine {
         self.trie.get(&self.model)
     }
 
+    /// Write the prefix cache's blocks to the disk cache (a server stopping), waiting up to
+    /// `timeout`; how many blocks were written, or None without a disk cache or in time.
+    pub fn persist(&self, timeout: std::time::Duration) -> Option<usize> {
+        self.config.kv_disk.as_ref()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.tx.send(Job::Persist(tx)).ok()?;
+        rx.recv_timeout(timeout).ok()
+    }
+
     /// Queue a job; refused at once when the queue is full.
     pub fn submit(&self, job: Job) -> Result<(), SubmitError> {
         match self.tx.try_send(job) {
@@ -206,6 +222,10 @@ struct Runner {
     automata: AutomatonCache,
     /// Embedding requests, worked through one chunk at a time.
     embeds: VecDeque<EmbedJob>,
+    /// The disk tier of the prefix cache and this model's namespace in it.
+    disk: Option<(Arc<DiskCache>, u64)>,
+    /// A block's bytes on their way to or from disk.
+    block_bytes: Vec<u8>,
     /// Seconds of engine time embeddings may still take before the next generation step.
     embed_credit: f64,
 }
@@ -221,7 +241,16 @@ impl Runner {
     fn new(model: Arc<Model>, pool: Arc<ThreadPool>, config: EngineConfig, stats: Arc<Stats>, trie: SharedTrie) -> Runner {
         let kv = BlockPool::new(&model.hp.window, model.kv_row(), config.kv_blocks, config.kv_types);
         stats.kv_blocks_total.store(config.kv_blocks, Ordering::Relaxed);
+        let disk = config.kv_disk.clone().and_then(|cache| match smelt_model::gguf::file_digest(&model.file.path) {
+            Ok(digest) => Some((cache, DiskCache::namespace(digest, config.kv_types, model.hp.n_layer, model.kv_row()))),
+            Err(e) => {
+                eprintln!("warning: {}: no KV disk cache: cannot read {}: {e}", model.name, model.file.path.display());
+                None
+            }
+        });
         Runner {
+            disk,
+            block_bytes: Vec::new(),
             ws: Workspace::new(pool),
             kv,
             alloc: BlockAllocator::new(config.kv_blocks),
@@ -290,6 +319,9 @@ impl Runner {
                     return;
                 }
                 self.embeds.push_back(EmbedJob { req: e, input: 0, done: 0, blocks: Vec::new(), sum: Vec::new(), out: Vec::new(), total: 0 });
+            }
+            Job::Persist(reply) => {
+                let _ = reply.send(self.persist());
             }
             Job::Generate(mut req) => {
                 let constraint = match &req.params.grammar {
@@ -361,7 +393,12 @@ impl Runner {
             let root = s.req.lora.key();
             let mut hashes = prefix_hashes(root, &s.tokens[..reusable * BLOCK_SIZE]);
             let lookup_tokens = if s.dec.generated == 0 { s.n_prompt } else { 0 };
-            let hit = self.alloc.lookup(&hashes, lookup_tokens);
+            let mut hit = self.alloc.lookup(&hashes, lookup_tokens);
+            let (more, from_disk) = self.read_from_disk(&mut hit, &hashes, root, &s.tokens);
+            if s.dec.generated == 0 {
+                self.alloc.record_hit(more * BLOCK_SIZE);
+                self.stats.disk_hit_tokens.fetch_add((from_disk * BLOCK_SIZE) as u64, Ordering::Relaxed);
+            }
             s.computed = hit.len() * BLOCK_SIZE;
             hashes.truncate(hit.len());
             let parent = hashes.last().copied().unwrap_or(root);
@@ -388,6 +425,68 @@ impl Runner {
         }
     }
 
+    /// A free block, evicting the least recently used cached one if needed (written to the disk
+    /// cache first, when there is one).
+    fn allocate(&mut self) -> Option<BlockId> {
+        let (b, evicted) = self.alloc.allocate_evicting()?;
+        if let Some((parent, hash, tokens)) = evicted {
+            self.write_to_disk(b, parent, hash, &tokens);
+        }
+        Some(b)
+    }
+
+    fn write_to_disk(&mut self, b: BlockId, parent: u64, hash: u64, tokens: &[u32]) -> bool {
+        let Some((cache, ns)) = &self.disk else { return false };
+        if cache.contains(*ns, hash) {
+            return false;
+        }
+        self.block_bytes.clear();
+        self.kv.save_block(b, &mut self.block_bytes);
+        cache.put(*ns, &disk_cache::BlockId { parent, hash, tokens }, &self.block_bytes);
+        true
+    }
+
+    /// Write every cached full block not yet on disk; how many were written.
+    fn persist(&mut self) -> usize {
+        let blocks: Vec<(BlockId, u64, u64, Vec<u32>)> = self.alloc.registered().map(|(b, p, h, t)| (b, p, h, t.to_vec())).collect();
+        blocks.into_iter().filter(|(b, p, h, t)| self.write_to_disk(*b, *p, *h, t)).count()
+    }
+
+    /// Extend `hit` (the blocks found in memory for `hashes`, the chain from `root` over
+    /// `tokens`) with the blocks that follow on disk, each read into a new block and registered
+    /// in memory, and with any cached in memory after them; how many were added, and how many
+    /// of those came from disk.
+    fn read_from_disk(&mut self, hit: &mut Vec<BlockId>, hashes: &[u64], root: u64, tokens: &[u32]) -> (usize, usize) {
+        let Some((cache, ns)) = self.disk.clone() else { return (0, 0) };
+        let (before, mut read) = (hit.len(), 0);
+        let block_len = BlockPool::block_bytes(self.model.hp.n_layer, self.model.kv_row(), self.config.kv_types);
+        while let Some(&hash) = hashes.get(hit.len()) {
+            if let Some(b) = self.alloc.take_cached(hash) {
+                hit.push(b);
+                continue;
+            }
+            if !cache.contains(ns, hash) {
+                break;
+            }
+            let i = hit.len();
+            let parent = if i == 0 { root } else { hashes[i - 1] };
+            let block_tokens = &tokens[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+            let Some(b) = self.allocate() else { break };
+            match cache.get(ns, &disk_cache::BlockId { parent, hash, tokens: block_tokens }, block_len) {
+                Some(bytes) if self.kv.load_block(b, &bytes) => {
+                    self.alloc.register(b, parent, hash, block_tokens);
+                    hit.push(b);
+                    read += 1;
+                }
+                _ => {
+                    self.alloc.release(b);
+                    break;
+                }
+            }
+        }
+        (hit.len() - before, read)
+    }
+
     /// After the shared full blocks: copy the first positions of a cached block that continues
     /// the same way (the longest match, always leaving the last token to compute), so only
     /// where the prompt really diverges is recomputed.
@@ -399,7 +498,7 @@ impl Runner {
         let Some((src, j)) = self.alloc.best_partial(parent, &s.tokens[s.computed..s.computed + limit]) else { return };
         // Hold the source so allocating the copy cannot evict it.
         self.alloc.acquire(src);
-        if let Some(dst) = self.alloc.allocate() {
+        if let Some(dst) = self.allocate() {
             self.kv.copy_positions(src, dst, j);
             s.blocks.push(dst);
             s.computed += j;
@@ -425,7 +524,7 @@ impl Runner {
     /// pool is exhausted. False if even that cannot make room.
     fn ensure_blocks(&mut self, i: usize, end: usize) -> bool {
         while self.running[i].blocks.len() * BLOCK_SIZE < end {
-            match self.alloc.allocate() {
+            match self.allocate() {
                 Some(b) => self.running[i].blocks.push(b),
                 None => {
                     // Preempt the most recently admitted other sequence.
@@ -634,26 +733,30 @@ impl Runner {
             return;
         }
         let t = std::time::Instant::now();
-        let job = self.embeds.front_mut().expect("front exists");
-        let input = &job.req.inputs[job.input];
+        let job = self.embeds.front().expect("front exists");
         if job.done == 0 {
             // Blocks for the whole input, freed when it is done.
-            let need = input.len().div_ceil(BLOCK_SIZE);
-            while job.blocks.len() < need {
-                match self.alloc.allocate() {
-                    Some(b) => job.blocks.push(b),
+            let need = job.req.inputs[job.input].len().div_ceil(BLOCK_SIZE);
+            let mut blocks = Vec::with_capacity(need);
+            while blocks.len() < need {
+                match self.allocate() {
+                    Some(b) => blocks.push(b),
                     None => break,
                 }
             }
-            if job.blocks.len() < need {
+            if blocks.len() < need {
+                self.release(&mut blocks);
                 let mut job = self.embeds.pop_front().expect("front exists");
-                self.release(&mut job.blocks);
                 let n = job.req.inputs[job.input].len();
                 job.req.sink.send(Event::Error(format!("not enough KV memory to embed {n} tokens; raise --kv-memory")));
                 return;
             }
+            let job = self.embeds.front_mut().expect("front exists");
+            job.blocks = blocks;
             job.sum = vec![0f64; self.model.hp.n_embd];
         }
+        let job = self.embeds.front_mut().expect("front exists");
+        let input = &job.req.inputs[job.input];
         let limit = self.config.step_tokens.min(if busy { EMBED_CHUNK_BUSY } else { EMBED_CHUNK });
         let take = (input.len() - job.done).min(limit.max(1));
         let batch: Vec<BatchToken> = input[job.done..job.done + take].iter().enumerate().map(|(i, &token)| BatchToken { token, pos: job.done + i, seq: 0, logits: true }).collect();

@@ -47,7 +47,7 @@ fn sink() -> (Box<dyn Sink>, Receiver<Event>, Arc<AtomicBool>) {
 }
 
 fn config(kv_blocks: usize) -> EngineConfig {
-    EngineConfig { n_ctx: 256, max_seqs: 16, kv_blocks, step_tokens: 48, queue: 64, kv_types: Default::default() }
+    EngineConfig { n_ctx: 256, max_seqs: 16, kv_blocks, step_tokens: 48, queue: 64, kv_types: Default::default(), kv_disk: None }
 }
 
 fn params(max_tokens: usize, seed: Option<u64>) -> GenerateParams {
@@ -379,4 +379,84 @@ fn quantized_kv_in_the_engine_matches_solo_runs_and_reuses_prefixes() {
     let (again, summary) = collect(&rx);
     assert_eq!(summary.cached_tokens, p.len() - 1);
     assert_eq!(again, alone_typed(&m, p, gp, types));
+}
+
+/// Send one request and wait for its tokens and summary.
+fn ask(engine: &Engine, p: &[u32], gp: &GenerateParams) -> (Vec<u32>, Summary) {
+    let (sk, rx, _) = sink();
+    engine.submit(Job::Generate(GenRequest { prompt: p.to_vec(), params: gp.clone(), prompt_logprobs: None, lora: Default::default(), sink: sk })).unwrap();
+    collect(&rx)
+}
+
+#[test]
+fn the_disk_cache_serves_prefixes_after_a_restart_and_ignores_damaged_blocks() {
+    use smelt_engine::disk_cache::DiskCache;
+    let specs = [(TinySpec::new("gemma3"), KvTypes::default()), (TinySpec { head_dim: 64, ..TinySpec::new("qwen2") }, KvTypes { k: KvType::Q8_0, v: KvType::Q4_0 })];
+    for (spec, types) in specs {
+        // The model file stays: the disk cache names blocks by its digest.
+        let base = std::env::temp_dir().join(format!("smelt-disk-{}-{}", spec.arch, std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let path = base.join("model.gguf");
+        std::fs::write(&path, tiny_model(&spec).to_bytes()).unwrap();
+        let m = Arc::new(Model::load(&path).unwrap());
+        let start = |dir: &str, blocks: usize| {
+            let disk = Arc::new(DiskCache::open(&base.join(dir), 1 << 30).unwrap());
+            let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(2)), EngineConfig { kv_types: types, kv_disk: Some(disk.clone()), ..config(blocks) });
+            (engine, disk)
+        };
+        let gp = params(8, None);
+        let mut q = prompt(100, 1);
+        q.extend(prompt(5, 2));
+        let want = alone_typed(&m, &q, &gp, types);
+
+        // Written when the engine is told to persist (a server stopping), read after a restart.
+        let (engine, disk) = start("a", 512);
+        let (ids, summary) = ask(&engine, &q, &gp);
+        assert_eq!((ids, summary.cached_tokens), (want.clone(), 0));
+        let written = engine.persist(std::time::Duration::from_secs(30)).unwrap();
+        assert_eq!(written, (q.len() + 7) / 16, "{}: every full block is written", spec.arch);
+        assert_eq!(engine.persist(std::time::Duration::from_secs(30)), Some(0), "blocks already on disk are not written again");
+        assert_eq!(disk.usage().1, written);
+        drop(engine);
+        let (engine, _) = start("a", 512);
+        let (ids, summary) = ask(&engine, &q, &gp);
+        assert_eq!(ids, want, "{}: the answer changed with KV read from disk", spec.arch);
+        assert_eq!(summary.cached_tokens, (q.len() - 1) / 16 * 16);
+        assert_eq!(engine.stats.disk_hit_tokens.load(Ordering::Relaxed) as usize, summary.cached_tokens);
+        drop(engine);
+
+        // Damaged files (a flipped byte, a truncated file) are ignored: the answer is the same,
+        // computed from where the first damaged block starts.
+        let ns_dir = std::fs::read_dir(base.join("a")).unwrap().next().unwrap().unwrap().path();
+        let mut files: Vec<_> = std::fs::read_dir(&ns_dir).unwrap().map(|f| f.unwrap().path()).collect();
+        files.sort();
+        let mut b = std::fs::read(&files[1]).unwrap();
+        let mid = b.len() / 2;
+        b[mid] ^= 1;
+        std::fs::write(&files[1], &b).unwrap();
+        let b = std::fs::read(&files[3]).unwrap();
+        std::fs::write(&files[3], &b[..b.len() - 9]).unwrap();
+        let (engine, disk) = start("a", 512);
+        let (ids, summary) = ask(&engine, &q, &gp);
+        assert_eq!(ids, want, "{}: damaged disk blocks changed the answer", spec.arch);
+        assert!(summary.cached_tokens < (q.len() - 1) / 16 * 16, "a damaged block was used");
+        assert!(disk.stats.rejected_blocks.load(Ordering::Relaxed) >= 1);
+        assert!(!files[1].exists() || !files[3].exists(), "the damaged file read was not deleted");
+        drop(engine);
+
+        // Blocks evicted from a small pool go to disk and come back from there.
+        let (engine, disk) = start("b", 10);
+        assert_eq!(ask(&engine, &q, &gp).0, want);
+        assert_eq!(disk.usage().1, 0, "nothing is written before memory runs short");
+        let other = prompt(120, 7);
+        let other_want = alone_typed(&m, &other, &gp, types);
+        assert_eq!(ask(&engine, &other, &gp).0, other_want);
+        assert!(disk.usage().1 > 0, "evicted blocks were not written");
+        let (ids, summary) = ask(&engine, &q, &gp);
+        assert_eq!(ids, want);
+        assert!(summary.cached_tokens > 0 && engine.stats.disk_hit_tokens.load(Ordering::Relaxed) > 0, "the evicted prefix was not read back");
+        drop(engine);
+        let _ = std::fs::remove_dir_all(&base);
+    }
 }

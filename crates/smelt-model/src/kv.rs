@@ -114,6 +114,30 @@ impl KvBuf {
         }
     }
 
+    /// Append the stored bytes of values `values` (whole blocks) to `out`, little-endian.
+    pub fn save(&self, values: Range<usize>, out: &mut Vec<u8>) {
+        let t = self.kv_type();
+        match self {
+            KvBuf::F16(v) => out.extend(v[values].iter().flat_map(|x| x.to_bits().to_le_bytes())),
+            KvBuf::Q8_0(b) | KvBuf::Q4_0(b) => out.extend_from_slice(&b[t.bytes(values.start)..t.bytes(values.end)]),
+        }
+    }
+
+    /// Store bytes `save` wrote as the values from `at` on; returns how many bytes it used.
+    pub fn load(&mut self, at: usize, values: usize, bytes: &[u8]) -> usize {
+        let t = self.kv_type();
+        let n = t.bytes(values);
+        match self {
+            KvBuf::F16(v) => {
+                for (x, b) in v[at..at + values].iter_mut().zip(bytes[..n].chunks_exact(2)) {
+                    *x = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+                }
+            }
+            KvBuf::Q8_0(b) | KvBuf::Q4_0(b) => b[t.bytes(at)..t.bytes(at + values)].copy_from_slice(&bytes[..n]),
+        }
+        n
+    }
+
     /// The values as attention reads them.
     pub fn rows(&self) -> KvRows<'_> {
         match self {
@@ -372,6 +396,34 @@ impl BlockPool {
         for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
             layer.copy_within(s..s + n * self.row, d);
         }
+    }
+
+    /// Append block `b`'s keys and values, every layer, to `out` (what [`load_block`] reads).
+    ///
+    /// [`load_block`]: BlockPool::load_block
+    pub fn save_block(&self, b: u32, out: &mut Vec<u8>) {
+        let at = b as usize * BLOCK_SIZE * self.row;
+        for layer in self.k.iter().zip(&self.v) {
+            layer.0.save(at..at + BLOCK_SIZE * self.row, out);
+            layer.1.save(at..at + BLOCK_SIZE * self.row, out);
+        }
+    }
+
+    /// Fill block `b` from bytes [`save_block`] wrote with the same layout; false (and the block
+    /// left as it was) when `bytes` is not exactly one block's worth.
+    ///
+    /// [`save_block`]: BlockPool::save_block
+    pub fn load_block(&mut self, b: u32, bytes: &[u8]) -> bool {
+        if bytes.len() != Self::block_bytes(self.k.len(), self.row, self.types) {
+            return false;
+        }
+        let (at, n) = (b as usize * BLOCK_SIZE * self.row, BLOCK_SIZE * self.row);
+        let mut used = 0;
+        for (k, v) in self.k.iter_mut().zip(self.v.iter_mut()) {
+            used += k.load(at, n, &bytes[used..]);
+            used += v.load(at, n, &bytes[used..]);
+        }
+        true
     }
 
     /// Bytes one block takes (all layers, keys and values).

@@ -194,7 +194,8 @@ impl LoraPair {
 /// A loaded adapter: its pairs by layer and projection, and the output projection's.
 pub struct Adapter {
     pub name: String,
-    /// Distinguishes this load from every other in the process (the prefix cache keys KV by it).
+    /// Names the adapter's weights: the file's digest when loaded from one (the prefix cache
+    /// keys KV by it, in memory and on disk).
     pub id: u64,
     pub arch: String,
     pub alpha: f32,
@@ -291,7 +292,8 @@ impl Adapter {
                 "it holds no lora_a / lora_b tensors".into(),
             ));
         }
-        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
+        // The same file gives the same KV, so its digest keys it (in memory and on disk).
+        let id = crate::gguf::file_digest(&file.path).unwrap_or_else(|_| NEXT_ID.fetch_add(1, Ordering::Relaxed));
         Ok(Adapter {
             name: name.to_string(),
             id,

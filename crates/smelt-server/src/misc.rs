@@ -70,7 +70,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
 pub async fn metrics(State(state): State<AppState>) -> Response {
     let mut out = String::new();
     state.metrics().render_requests(&mut out);
-    let gauges: [(&str, &str, &str); 14] = [
+    let gauges: [(&str, &str, &str); 15] = [
         ("smelt_prompt_tokens_total", "counter", "Prompt tokens received."),
         ("smelt_generated_tokens_total", "counter", "Tokens generated."),
         ("smelt_queue_depth", "gauge", "Requests waiting for admission."),
@@ -80,6 +80,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         ("smelt_kv_cache_usage_ratio", "gauge", "Share of KV cache blocks in use."),
         ("smelt_prefix_cache_hit_ratio", "gauge", "Share of prompt tokens whose KV came from the prefix cache."),
         ("smelt_prefix_cache_hit_tokens_total", "counter", "Prompt tokens served from the prefix cache."),
+        ("smelt_prefix_cache_disk_hit_tokens_total", "counter", "Prompt tokens whose KV was read back from the KV disk cache."),
         ("smelt_preemptions_total", "counter", "Sequences preempted for lack of KV memory."),
         ("smelt_grammar_automata_bytes", "gauge", "Estimated bytes of grammar automata and token masks held by the engine (capped)."),
         ("smelt_grammar_automata", "gauge", "Grammar automata held by the engine."),
@@ -102,6 +103,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
                 "smelt_kv_cache_usage_ratio" => used as f64 / total.max(1) as f64,
                 "smelt_prefix_cache_hit_ratio" => hits as f64 / lookups.max(1) as f64,
                 "smelt_prefix_cache_hit_tokens_total" => hits as f64,
+                "smelt_prefix_cache_disk_hit_tokens_total" => s.disk_hit_tokens.load(Ordering::Relaxed) as f64,
                 "smelt_grammar_automata_bytes" => s.grammar_cache_bytes.load(Ordering::Relaxed) as f64,
                 "smelt_grammar_automata" => s.grammar_cache_entries.load(Ordering::Relaxed) as f64,
                 "smelt_tokenizer_word_cache_bytes" => m.engine.model.tokenizer.word_cache_bytes() as f64,
@@ -109,6 +111,24 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
                 _ => s.preemptions.load(Ordering::Relaxed) as f64,
             };
             let _ = writeln!(out, "{name}{{model=\"{}\"}} {v}", m.id);
+        }
+    }
+    // The KV disk cache is shared by every model of the server.
+    if let Some(disk) = state.models().iter().find_map(|m| m.engine.config.kv_disk.clone()) {
+        let (bytes, files) = disk.usage();
+        let d = &disk.stats;
+        let rows = [
+            ("smelt_kv_disk_bytes", "gauge", "Bytes of KV blocks in the disk cache.", bytes),
+            ("smelt_kv_disk_blocks", "gauge", "KV blocks in the disk cache.", files as u64),
+            ("smelt_kv_disk_written_blocks_total", "counter", "KV blocks written to the disk cache.", d.written_blocks.load(Ordering::Relaxed)),
+            ("smelt_kv_disk_read_blocks_total", "counter", "KV blocks read back from the disk cache.", d.read_blocks.load(Ordering::Relaxed)),
+            ("smelt_kv_disk_rejected_blocks_total", "counter", "Disk cache files found damaged or not matching, ignored and deleted.", d.rejected_blocks.load(Ordering::Relaxed)),
+            ("smelt_kv_disk_evicted_blocks_total", "counter", "Disk cache files deleted to stay within --kv-disk.", d.evicted_blocks.load(Ordering::Relaxed)),
+        ];
+        for (name, kind, help, v) in rows {
+            let _ = writeln!(out, "# HELP {name} {help}
+# TYPE {name} {kind}
+{name} {v}");
         }
     }
     let (compiled, compiled_bytes) = crate::structured::cache_stats();

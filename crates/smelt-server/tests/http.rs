@@ -32,7 +32,7 @@ fn state(api_key: Option<&str>, config: EngineConfig) -> AppState {
 }
 
 fn config() -> EngineConfig {
-    EngineConfig { n_ctx: 64, max_seqs: 4, kv_blocks: 64, step_tokens: 32, queue: 8, kv_types: Default::default() }
+    EngineConfig { n_ctx: 64, max_seqs: 4, kv_blocks: 64, step_tokens: 32, queue: 8, kv_types: Default::default(), kv_disk: None }
 }
 
 async fn call(s: &AppState, method: &str, uri: &str, body: impl Into<Body>, key: Option<&str>) -> (StatusCode, Value, axum::http::HeaderMap) {

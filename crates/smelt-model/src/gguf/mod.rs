@@ -132,6 +132,41 @@ impl Header {
     }
 }
 
+/// A 64-bit digest of a file's bytes, read through the page cache (so pages the model released
+/// after repacking are not faulted back in). Names the KV a model or adapter computes in the
+/// persistent prefix cache: a different file never matches.
+pub fn file_digest(path: &Path) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut h: u64 = 0x6a09_e667_f3bc_c908;
+    let (mut total, mut filled) = (0u64, 0usize);
+    let mut mix = |bytes: &[u8]| {
+        let (words, tail) = bytes.split_at(bytes.len() / 8 * 8);
+        for w in words.chunks_exact(8) {
+            h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            h ^= h >> 29;
+        }
+        for &b in tail {
+            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+        }
+    };
+    // Whole buffers at a time, however the reads split, so the digest depends on the bytes only.
+    loop {
+        let n = f.read(&mut buf[filled..])?;
+        total += n as u64;
+        filled += n;
+        if n == 0 || filled == buf.len() {
+            mix(&buf[..filled]);
+            if n == 0 {
+                break;
+            }
+            filled = 0;
+        }
+    }
+    Ok(h ^ total.wrapping_mul(0xff51_afd7_ed55_8ccd))
+}
+
 /// A GGUF file mapped into memory.
 pub struct GgufFile {
     pub path: PathBuf,

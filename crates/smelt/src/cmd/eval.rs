@@ -66,7 +66,7 @@ impl Engines {
             let kv_blocks = (self.kv_memory / block as u64) as usize;
             anyhow::ensure!(kv_blocks * BLOCK_SIZE >= n_ctx, "--kv-memory {} holds less than one context of {n_ctx} tokens of {base}; raise it or lower --ctx", smelt_store::human_size(self.kv_memory));
             eprintln!("{base}: {} layers, KV cache {}", model.hp.n_layer, smelt_store::human_size((kv_blocks * block) as u64));
-            let config = EngineConfig { n_ctx, max_seqs: self.max_batch, kv_blocks, step_tokens: 256, queue: 4096, kv_types: Default::default() };
+            let config = EngineConfig { n_ctx, max_seqs: self.max_batch, kv_blocks, step_tokens: 256, queue: 4096, kv_types: Default::default(), kv_disk: None };
             let engine = Engine::start(model, Arc::new(ThreadPool::new(self.threads)), config);
             self.bases.insert(base.to_string(), engine);
         }

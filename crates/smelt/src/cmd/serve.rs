@@ -2,6 +2,7 @@
 
 use crate::common::{default_database, model_id, model_path, parse_duration, threads};
 use anyhow::{Context, Result};
+use smelt_engine::disk_cache::DiskCache;
 use smelt_engine::scheduler::{Engine, EngineConfig};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::Model;
@@ -46,6 +47,14 @@ pub struct Args {
     /// KV cache type for values: f16, q8_0 or q4_0; `MODEL=TYPE` sets one model's (repeatable).
     #[arg(long, value_name = "[MODEL=]TYPE")]
     cache_type_v: Vec<String>,
+    /// Keep the prefix cache's KV blocks on disk too, in DIR: blocks evicted from memory and,
+    /// when the server stops, all the others are written there, and a prompt whose start is
+    /// there is read back instead of recomputed, also after a restart.
+    #[arg(long, value_name = "DIR")]
+    kv_cache_dir: Option<std::path::PathBuf>,
+    /// Most disk the KV cache directory may take, e.g. 10G (least recently used blocks go first).
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
+    kv_disk: u64,
     /// Most tokens per forward pass (prompt chunks and decodes together).
     #[arg(long, default_value_t = 256)]
     step_tokens: usize,
@@ -140,7 +149,7 @@ fn kv_type_for(parsed: &[(Option<String>, KvType)], id: &str) -> KvType {
     own.or(plain).map_or(KvType::F16, |p| p.1)
 }
 
-fn load_engine(arg: &str, a: &Args, kv_types: KvTypes) -> Result<ModelEntry> {
+fn load_engine(arg: &str, a: &Args, kv_types: KvTypes, kv_disk: &Option<Arc<DiskCache>>) -> Result<ModelEntry> {
     let path = model_path(arg)?;
     let model = Arc::new(Model::load(&path).with_context(|| format!("cannot load {}", path.display()))?);
     let n_ctx = crate::common::context_size(a.ctx, model.hp.n_ctx_train);
@@ -156,7 +165,7 @@ fn load_engine(arg: &str, a: &Args, kv_types: KvTypes) -> Result<ModelEntry> {
         kv_blocks * BLOCK_SIZE
     );
     let pool = Arc::new(ThreadPool::new(threads(a.threads)));
-    let config = EngineConfig { n_ctx, max_seqs: a.max_batch.max(1), kv_blocks, step_tokens: a.step_tokens.max(1), queue: a.queue.max(1), kv_types };
+    let config = EngineConfig { n_ctx, max_seqs: a.max_batch.max(1), kv_blocks, step_tokens: a.step_tokens.max(1), queue: a.queue.max(1), kv_types, kv_disk: kv_disk.clone() };
     let no_template = model.fallback_chat_format().map(|f| format!("; no chat template (chat requests use {f})")).unwrap_or_default();
     eprintln!(
         "{id}: {} layers, context {n_ctx}, KV cache {} {} ({} tokens){no_template}",
@@ -167,6 +176,16 @@ fn load_engine(arg: &str, a: &Args, kv_types: KvTypes) -> Result<ModelEntry> {
     );
     let engine = Engine::start(model, pool, config);
     Ok(ModelEntry::new(model_id(arg), engine))
+}
+
+/// Write every model's cached KV blocks to the disk cache (the server is stopping).
+fn persist_kv(state: &AppState) {
+    for entry in state.models() {
+        let t = std::time::Instant::now();
+        if let Some(n) = entry.engine.persist(std::time::Duration::from_secs(120)) {
+            eprintln!("{}: {n} KV blocks written to the disk cache in {:.1}s", entry.id, t.elapsed().as_secs_f64());
+        }
+    }
 }
 
 /// `[BASE:]NAME=FILE` → (base id or None for the first model, name, file).
@@ -205,6 +224,16 @@ pub fn run(mut a: Args) -> Result<()> {
     }
     let (kv_k, kv_v) = (parse_kv_types("--cache-type-k", &a.cache_type_k, &ids)?, parse_kv_types("--cache-type-v", &a.cache_type_v, &ids)?);
     let loras = a.lora.iter().map(|l| parse_lora(l, &ids)).collect::<Result<Vec<_>>>()?;
+    let kv_disk = match &a.kv_cache_dir {
+        Some(dir) => {
+            anyhow::ensure!(!dir.exists() || dir.is_dir(), "--kv-cache-dir {} is not a directory", dir.display());
+            let cache = DiskCache::open(dir, a.kv_disk).with_context(|| format!("cannot use --kv-cache-dir {}", dir.display()))?;
+            let (bytes, files) = cache.usage();
+            eprintln!("KV disk cache {}: {files} blocks, {} of {}", dir.display(), smelt_store::human_size(bytes), smelt_store::human_size(a.kv_disk));
+            Some(Arc::new(cache))
+        }
+        None => None,
+    };
     let keys = match (&a.api_key, &a.api_key_file) {
         (Some(k), _) => Some(vec![KeySpec::plain(k.trim())]),
         (None, Some(f)) => {
@@ -279,7 +308,7 @@ pub fn run(mut a: Args) -> Result<()> {
         let loader = tokio::task::spawn_blocking(move || -> Result<()> {
             for m in &a.model {
                 let id = model_id(m);
-                let entry = load_engine(m, &a, KvTypes { k: kv_type_for(&kv_k, &id), v: kv_type_for(&kv_v, &id) })?;
+                let entry = load_engine(m, &a, KvTypes { k: kv_type_for(&kv_k, &id), v: kv_type_for(&kv_v, &id) }, &kv_disk)?;
                 load_adapters(&entry, &loras)?;
                 loading.add_model(entry);
             }
@@ -301,7 +330,10 @@ pub fn run(mut a: Args) -> Result<()> {
             eprintln!("error: {}", failure.replace('\n', " "));
             std::process::exit(1);
         });
-        smelt_server::serve(state, listener, grace).await.context("server error")
+        let served = state.clone();
+        smelt_server::serve(state, listener, grace).await.context("server error")?;
+        persist_kv(&served);
+        Ok(())
     })
 }
 
