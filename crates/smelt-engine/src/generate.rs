@@ -5,7 +5,9 @@ use crate::grammar::{sample_constrained, AutomatonCache, Compiled, Constraint, T
 use crate::sampling::{log_sum_exp, top_logprobs, Sampler, SamplingParams};
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::{BatchToken, Model, ModelError, Workspace};
-use smelt_model::kv::{KvCache, KvTypes};
+use crate::blocks::{block_hash, prefix_hashes};
+use crate::disk_cache::{BlockId, DiskCache};
+use smelt_model::kv::{BlockPool, KvCache, KvTypes, BLOCK_SIZE};
 use smelt_model::lora::LoraSet;
 use smelt_model::tokenizer::{StreamDecoder, Tokenizer};
 use std::sync::Arc;
@@ -98,13 +100,101 @@ pub struct Session {
     automata: AutomatonCache,
     /// The adapters every token runs under (empty: the base model).
     lora: LoraSet,
+    /// The persistent prefix cache and the model file's digest, when used.
+    disk: Option<(Arc<DiskCache>, u64)>,
+    /// Hashes of the full blocks of `tokens` already on disk (or written there).
+    disk_hashes: Vec<u64>,
+    /// Prompt tokens read back from the disk cache so far.
+    pub disk_read_tokens: usize,
 }
 
 impl Session {
     pub fn new(model: Arc<Model>, pool: Arc<ThreadPool>, n_ctx: usize) -> Session {
         let n_ctx = n_ctx.max(1);
         let cache = model.new_cache(n_ctx, PREFILL_CHUNK);
-        Session { ws: Workspace::new(pool), caches: vec![cache], tokens: Vec::new(), n_ctx, model, trie: None, automata: AutomatonCache::default(), lora: LoraSet::default() }
+        Session {
+            ws: Workspace::new(pool),
+            caches: vec![cache],
+            tokens: Vec::new(),
+            n_ctx,
+            model,
+            trie: None,
+            automata: AutomatonCache::default(),
+            lora: LoraSet::default(),
+            disk: None,
+            disk_hashes: Vec::new(),
+            disk_read_tokens: 0,
+        }
+    }
+
+    /// Keep the KV of every full block computed in `cache` (the server's `--kv-cache-dir`
+    /// format) and read blocks back from there for prompts that start the same way. Reads the
+    /// model file once, for its digest; the cache is emptied.
+    pub fn set_disk_cache(&mut self, cache: Arc<DiskCache>) -> std::io::Result<()> {
+        let digest = smelt_model::gguf::file_digest(&self.model.file.path)?;
+        self.rewind(0);
+        self.disk = Some((cache, digest));
+        Ok(())
+    }
+
+    /// The disk cache and this session's namespace in it (which depends on the KV types).
+    fn disk_namespace(&self) -> Option<(Arc<DiskCache>, u64)> {
+        let (cache, digest) = self.disk.as_ref()?;
+        Some((cache.clone(), DiskCache::namespace(*digest, self.caches[0].types, self.model.hp.n_layer, self.model.kv_row())))
+    }
+
+    /// Write the full blocks computed since the last call that the disk does not have yet.
+    fn save_blocks(&mut self) {
+        let Some((cache, ns)) = self.disk_namespace() else { return };
+        let mut bytes = Vec::new();
+        while self.disk_hashes.len() < self.tokens.len() / BLOCK_SIZE {
+            let i = self.disk_hashes.len();
+            let parent = self.disk_hashes.last().copied().unwrap_or_else(|| self.lora.key());
+            let tokens = &self.tokens[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+            let hash = block_hash(parent, tokens);
+            if !cache.contains(ns, hash) {
+                bytes.clear();
+                if !self.caches[0].save_block(i * BLOCK_SIZE, &mut bytes) {
+                    return;
+                }
+                cache.put(ns, &BlockId { parent, hash, tokens }, &bytes);
+            }
+            self.disk_hashes.push(hash);
+        }
+    }
+
+    /// Extend the cache along `prompt` with the blocks the disk has (never its last token,
+    /// whose logits are needed).
+    fn read_blocks(&mut self, prompt: &[u32]) {
+        let Some((cache, ns)) = self.disk_namespace() else { return };
+        let usable = (prompt.len() - 1) / BLOCK_SIZE;
+        let first = self.tokens.len() / BLOCK_SIZE;
+        if first >= usable {
+            return;
+        }
+        let root = self.lora.key();
+        let hashes = prefix_hashes(root, &prompt[..usable * BLOCK_SIZE]);
+        if !cache.contains(ns, hashes[first]) {
+            return;
+        }
+        // Start at a block boundary (a partly filled last block is recomputed from disk).
+        self.rewind(first * BLOCK_SIZE);
+        let mut i = self.tokens.len() / BLOCK_SIZE;
+        self.disk_hashes = hashes[..i].to_vec();
+        let len = BlockPool::block_bytes(self.model.hp.n_layer, self.model.kv_row(), self.caches[0].types);
+        while i < usable {
+            let tokens = &prompt[i * BLOCK_SIZE..(i + 1) * BLOCK_SIZE];
+            let id = BlockId { parent: if i == 0 { root } else { hashes[i - 1] }, hash: hashes[i], tokens };
+            let Some(bytes) = cache.get(ns, &id, len) else { break };
+            if !self.caches[0].load_block(i * BLOCK_SIZE, &bytes) {
+                break;
+            }
+            self.tokens.extend_from_slice(tokens);
+            self.caches[0].len = self.tokens.len();
+            self.disk_hashes.push(hashes[i]);
+            self.disk_read_tokens += BLOCK_SIZE;
+            i += 1;
+        }
     }
 
     /// Store keys and values in `types` from now on (the cache is dropped); an error when the
@@ -112,6 +202,7 @@ impl Session {
     pub fn set_kv_types(&mut self, types: KvTypes) -> Result<(), ModelError> {
         self.caches = vec![self.model.new_cache_typed(self.n_ctx, PREFILL_CHUNK, types)?];
         self.tokens.clear();
+        self.disk_hashes.clear();
         Ok(())
     }
 
@@ -141,9 +232,11 @@ impl Session {
         if self.caches[0].truncate(keep).is_err() {
             self.caches[0].truncate(0).ok();
             self.tokens.clear();
+            self.disk_hashes.clear();
             return;
         }
         self.tokens.truncate(keep);
+        self.disk_hashes.truncate(keep / BLOCK_SIZE);
     }
 
     /// Feed tokens after the cached ones; returns the logits of the last one.
@@ -160,6 +253,7 @@ impl Session {
             last.clear();
             last.extend_from_slice(logits);
             self.tokens.extend_from_slice(chunk);
+            self.save_blocks();
         }
         Ok(last)
     }
@@ -176,6 +270,7 @@ impl Session {
         let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
         // Recompute at least the last prompt token to get its logits.
         self.rewind(common.min(prompt.len() - 1));
+        self.read_blocks(prompt);
         let rest = prompt[self.tokens.len()..].to_vec();
         self.feed(&rest)
     }

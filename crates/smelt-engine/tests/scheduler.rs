@@ -460,3 +460,38 @@ fn the_disk_cache_serves_prefixes_after_a_restart_and_ignores_damaged_blocks() {
         let _ = std::fs::remove_dir_all(&base);
     }
 }
+
+#[test]
+fn sessions_and_the_engine_share_the_disk_cache() {
+    use smelt_engine::disk_cache::DiskCache;
+    for spec in [TinySpec::new("gemma3"), TinySpec::new("llama")] {
+        let base = std::env::temp_dir().join(format!("smelt-disk-session-{}-{}", spec.arch, std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let path = base.join("model.gguf");
+        std::fs::write(&path, tiny_model(&spec).to_bytes()).unwrap();
+        let m = Arc::new(Model::load(&path).unwrap());
+        let disk = Arc::new(DiskCache::open(&base.join("kv"), 1 << 30).unwrap());
+        let gp = params(6, None);
+        let q = prompt(150, 3);
+        let want = alone(&m, &q, &gp);
+        let session = |q: &[u32]| {
+            let mut s = Session::new(m.clone(), Arc::new(ThreadPool::new(1)), 256);
+            s.set_disk_cache(disk.clone()).unwrap();
+            let ids: Vec<u32> = s.generate(q, &gp, |_| true).unwrap().steps.iter().map(|s| s.id).collect();
+            (ids, s.disk_read_tokens)
+        };
+        assert_eq!(session(&q), (want.clone(), 0));
+        assert_eq!(session(&q), (want.clone(), (q.len() - 1) / 16 * 16), "{}: a new session reads the blocks back", spec.arch);
+        // The engine reads what sessions wrote (and the other way round).
+        let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(2)), EngineConfig { kv_disk: Some(disk.clone()), ..config(512) });
+        let (ids, summary) = ask(&engine, &q, &gp);
+        assert_eq!((ids, summary.cached_tokens), (want, (q.len() - 1) / 16 * 16));
+        let other = prompt(90, 5);
+        let other_want = alone(&m, &other, &gp);
+        assert_eq!(ask(&engine, &other, &gp).0, other_want);
+        engine.persist(std::time::Duration::from_secs(30)).unwrap();
+        assert_eq!(session(&other), (other_want, (other.len() - 1) / 16 * 16));
+        let _ = std::fs::remove_dir_all(&base);
+    }
+}

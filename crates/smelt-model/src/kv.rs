@@ -288,6 +288,49 @@ impl KvCache {
         Ok(())
     }
 
+    /// Append the keys and values of positions `first..first + BLOCK_SIZE` to `out`, laid out as
+    /// [`BlockPool::save_block`] lays out a block (so either store reads what the other wrote).
+    /// False, with nothing written, when the positions are not all stored (sliding-window layers
+    /// keep only their ring: save a block right after computing it).
+    pub fn save_block(&self, first: usize, out: &mut Vec<u8>) -> bool {
+        // A ring slot keeps position p until position p + ring is written.
+        if self.layers.iter().any(|l| l.ring.is_some_and(|r| self.len > first + r)) || first + BLOCK_SIZE > self.len {
+            return false;
+        }
+        let row = self.row;
+        for l in &self.layers {
+            for buf in [&l.k, &l.v] {
+                for p in first..first + BLOCK_SIZE {
+                    let s = Self::slot(l, p);
+                    buf.save(s * row..(s + 1) * row, out);
+                }
+            }
+        }
+        true
+    }
+
+    /// Store a block [`save_block`] wrote as positions `first..first + BLOCK_SIZE` (the caller
+    /// sets `len`); false, with nothing changed, when `bytes` is not one block's worth.
+    ///
+    /// [`save_block`]: KvCache::save_block
+    pub fn load_block(&mut self, first: usize, bytes: &[u8]) -> bool {
+        if bytes.len() != BlockPool::block_bytes(self.layers.len(), self.row, self.types) || first + BLOCK_SIZE > self.n_ctx {
+            return false;
+        }
+        self.reserve(first + BLOCK_SIZE);
+        let (row, mut used) = (self.row, 0);
+        for l in &mut self.layers {
+            let ring = l.ring;
+            for buf in [&mut l.k, &mut l.v] {
+                for p in first..first + BLOCK_SIZE {
+                    let s = ring.map_or(p, |r| p % r);
+                    used += buf.load(s * row, row, &bytes[used..]);
+                }
+            }
+        }
+        true
+    }
+
     /// Bytes of KV storage currently allocated.
     pub fn allocated_bytes(&self) -> usize {
         self.layers.iter().map(|l| l.k.bytes() + l.v.bytes()).sum()

@@ -2,6 +2,7 @@
 
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use smelt_engine::disk_cache::DiskCache;
 use smelt_kernels::pool::ThreadPool;
 use smelt_model::arch::Model;
 use smelt_model::kv::{KvType, KvTypes};
@@ -44,6 +45,27 @@ pub struct KvArgs {
 impl KvArgs {
     pub fn types(&self) -> KvTypes {
         KvTypes { k: self.cache_type_k, v: self.cache_type_v }
+    }
+}
+
+/// The persistent prefix cache (`--kv-cache-dir`), for `serve`, `generate` and `run`.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DiskArgs {
+    /// Keep computed KV blocks on disk in DIR and read them back for prompts that start the
+    /// same way, also in later runs (the server and the CLI share the format).
+    #[arg(long, value_name = "DIR")]
+    pub kv_cache_dir: Option<PathBuf>,
+    /// Most disk the KV cache directory may take, e.g. 10G (least recently used blocks go first).
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = crate::cmd::serve::parse_size)]
+    pub kv_disk: u64,
+}
+
+impl DiskArgs {
+    pub fn open(&self) -> Result<Option<Arc<DiskCache>>> {
+        let Some(dir) = &self.kv_cache_dir else { return Ok(None) };
+        anyhow::ensure!(!dir.exists() || dir.is_dir(), "--kv-cache-dir {} is not a directory", dir.display());
+        let cache = DiskCache::open(dir, self.kv_disk).with_context(|| format!("cannot use --kv-cache-dir {}", dir.display()))?;
+        Ok(Some(Arc::new(cache)))
     }
 }
 

@@ -7,7 +7,7 @@ import urllib.request
 
 import pytest
 
-from conftest import CHAT_MODEL, SMELT, Server
+from conftest import BASE_MODEL, CHAT_MODEL, SMELT, Server
 
 pytestmark = pytest.mark.skipif(not SMELT, reason="needs SMELT_BIN (set by the Rust test server_clients)")
 
@@ -92,3 +92,24 @@ def test_an_unusable_cache_directory_is_a_one_line_error():
     out = subprocess.run([SMELT, "serve", "-m", CHAT_MODEL, "--port", "0", "--store", "off", "--kv-cache-dir", not_a_dir], capture_output=True, text=True, timeout=120)
     lines = [l for l in out.stderr.splitlines() if l.strip()]
     assert out.returncode == 1 and len(lines) == 1 and "--kv-cache-dir" in lines[0] and "not a directory" in lines[0], out.stderr
+
+
+def test_the_cli_and_the_server_share_the_cache_directory():
+    cache = tempfile.mkdtemp(prefix="smelt-kv-disk-cli-")
+    prompt = document(40) + "\nQuestion: how many boxes did record 21 send? Answer:"
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([SMELT, "generate", "-m", BASE_MODEL, "--prompt-file", "-", "-n", "8", "--temperature", "0", "-t", "2", "--kv-cache-dir", cache],
+                             input=prompt, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr
+        runs.append(out)
+    assert runs[0].stdout == runs[1].stdout
+    assert "read from the KV disk cache" not in runs[0].stderr and "read from the KV disk cache" in runs[1].stderr, runs[1].stderr
+    # Blocks the CLI wrote serve the server's requests for the same text.
+    server = Server(["--kv-cache-dir", cache], command=["serve", "-m", BASE_MODEL, "--kv-memory", "128M"])
+    try:
+        r = server.client.completions.create(model=BASE_MODEL, prompt=prompt, max_tokens=8, temperature=0)
+        assert r.choices[0].text == runs[0].stdout.rstrip("\n")
+        assert metric(server, "smelt_prefix_cache_disk_hit_tokens_total") >= r.usage.prompt_tokens - 16
+    finally:
+        server.stop()

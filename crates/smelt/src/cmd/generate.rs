@@ -1,7 +1,7 @@
 //! `smelt generate`: complete a prompt, streaming text or printing one JSON object.
 
 use crate::common::{load, ModelArgs, SamplingArgs};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use smelt_engine::grammar::Compiled;
 use smelt_engine::{GenerateParams, Session};
 use std::io::Write;
@@ -11,6 +11,8 @@ use std::time::Instant;
 pub struct Args {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    disk: crate::common::DiskArgs,
     /// The prompt (BOS is added as the model asks; special-token text is parsed).
     #[arg(long, short = 'p', conflicts_with = "prompt_file")]
     prompt: Option<String>,
@@ -71,6 +73,9 @@ pub fn run(a: Args) -> Result<()> {
     let mut session = Session::new(model.clone(), pool, n_ctx);
     session.set_kv_types(a.model.kv.types())?;
     session.set_lora(crate::common::loras(&model, &a.model.lora)?);
+    if let Some(cache) = a.disk.open()? {
+        session.set_disk_cache(cache).context("cannot read the model file for the KV disk cache")?;
+    }
     let params = GenerateParams {
         max_tokens: a.max_tokens,
         sampling: a.sampling.params(),
@@ -115,8 +120,12 @@ pub fn run(a: Args) -> Result<()> {
         let tg = (end - first).as_secs_f64();
         let n = gen.steps.len();
         eprintln!(
-            "[prompt {} tokens in {:.2}s ({:.1} t/s) | generated {} tokens ({:.1} t/s) | {}]",
+            "[prompt {} tokens{} in {:.2}s ({:.1} t/s) | generated {} tokens ({:.1} t/s) | {}]",
             prompt.len(),
+            match session.disk_read_tokens {
+                0 => String::new(),
+                n => format!(" ({n} read from the KV disk cache)"),
+            },
             pp,
             prompt.len() as f64 / pp.max(1e-9),
             n,

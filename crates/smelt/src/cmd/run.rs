@@ -2,7 +2,7 @@
 //! generated; Ctrl-C stops a reply, Ctrl-C or Ctrl-D at the prompt exits.
 
 use crate::common::{load, SamplingArgs};
-use anyhow::Result;
+use anyhow::{Context, Result};
 use rustyline::error::ReadlineError;
 use smelt_engine::{FinishReason, GenerateParams, Session};
 use std::io::Write;
@@ -35,6 +35,8 @@ pub struct Args {
     #[command(flatten)]
     kv: crate::common::KvArgs,
     #[command(flatten)]
+    disk: crate::common::DiskArgs,
+    #[command(flatten)]
     sampling: SamplingArgs,
 }
 
@@ -48,6 +50,9 @@ pub fn run(a: Args) -> Result<()> {
     let mut session = Session::new(model.clone(), pool, n_ctx);
     session.set_kv_types(margs.kv.types())?;
     session.set_lora(crate::common::loras(&model, &margs.lora)?);
+    if let Some(cache) = a.disk.open()? {
+        session.set_disk_cache(cache).context("cannot read the model file for the KV disk cache")?;
+    }
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         let flag = interrupted.clone();

@@ -47,14 +47,8 @@ pub struct Args {
     /// KV cache type for values: f16, q8_0 or q4_0; `MODEL=TYPE` sets one model's (repeatable).
     #[arg(long, value_name = "[MODEL=]TYPE")]
     cache_type_v: Vec<String>,
-    /// Keep the prefix cache's KV blocks on disk too, in DIR: blocks evicted from memory and,
-    /// when the server stops, all the others are written there, and a prompt whose start is
-    /// there is read back instead of recomputed, also after a restart.
-    #[arg(long, value_name = "DIR")]
-    kv_cache_dir: Option<std::path::PathBuf>,
-    /// Most disk the KV cache directory may take, e.g. 10G (least recently used blocks go first).
-    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size)]
-    kv_disk: u64,
+    #[command(flatten)]
+    disk: crate::common::DiskArgs,
     /// Most tokens per forward pass (prompt chunks and decodes together).
     #[arg(long, default_value_t = 256)]
     step_tokens: usize,
@@ -224,16 +218,11 @@ pub fn run(mut a: Args) -> Result<()> {
     }
     let (kv_k, kv_v) = (parse_kv_types("--cache-type-k", &a.cache_type_k, &ids)?, parse_kv_types("--cache-type-v", &a.cache_type_v, &ids)?);
     let loras = a.lora.iter().map(|l| parse_lora(l, &ids)).collect::<Result<Vec<_>>>()?;
-    let kv_disk = match &a.kv_cache_dir {
-        Some(dir) => {
-            anyhow::ensure!(!dir.exists() || dir.is_dir(), "--kv-cache-dir {} is not a directory", dir.display());
-            let cache = DiskCache::open(dir, a.kv_disk).with_context(|| format!("cannot use --kv-cache-dir {}", dir.display()))?;
-            let (bytes, files) = cache.usage();
-            eprintln!("KV disk cache {}: {files} blocks, {} of {}", dir.display(), smelt_store::human_size(bytes), smelt_store::human_size(a.kv_disk));
-            Some(Arc::new(cache))
-        }
-        None => None,
-    };
+    let kv_disk = a.disk.open()?;
+    if let (Some(cache), Some(dir)) = (&kv_disk, &a.disk.kv_cache_dir) {
+        let (bytes, files) = cache.usage();
+        eprintln!("KV disk cache {}: {files} blocks, {} of {}", dir.display(), smelt_store::human_size(bytes), smelt_store::human_size(a.disk.kv_disk));
+    }
     let keys = match (&a.api_key, &a.api_key_file) {
         (Some(k), _) => Some(vec![KeySpec::plain(k.trim())]),
         (None, Some(f)) => {
