@@ -280,18 +280,53 @@ pub struct Rope {
     pub freq_scale: f32,
     /// Per-frequency divisors (Llama 3.1 `rope_freqs`), if any.
     pub freq_factors: Option<Vec<f32>>,
+    /// Scale of every cos and sin (the `rope.scaling.attn_factor` metadata; 1 by default).
+    pub attn_factor: f32,
+    /// YaRN scaling, when the model declares it.
+    pub yarn: Option<Yarn>,
+}
+
+/// YaRN ("Yet another RoPE extension"): high-frequency pairs keep their original angles
+/// (extrapolation), low-frequency pairs are interpolated by `freq_scale`, with a linear ramp
+/// between the pairs `low` and `high`; cos and sin grow by 1 + 0.1 ln(1 / freq_scale). The
+/// constants follow GGML's `rope_yarn` (beta_fast 32, beta_slow 1, as llama.cpp's defaults).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Yarn {
+    pub low: f32,
+    pub high: f32,
+    /// How much of the extrapolated angle to mix in (1 for YaRN; 0 turns it into linear).
+    pub ext_factor: f32,
+}
+
+impl Yarn {
+    /// The ramp's ends for `n_rot` rotated dims, a model trained on `n_ctx_orig` positions with
+    /// frequency base `base`: the pairs that turn 32 times and once over that context.
+    pub fn new(n_rot: usize, n_ctx_orig: usize, base: f32, ext_factor: f32) -> Yarn {
+        let (beta_fast, beta_slow) = (32f32, 1f32);
+        let corr = |turns: f32| n_rot as f32 * (n_ctx_orig as f32 / (turns * 2.0 * std::f32::consts::PI)).ln() / (2.0 * base.ln());
+        Yarn { low: corr(beta_fast).floor().max(0.0), high: corr(beta_slow).ceil().min(n_rot as f32 - 1.0), ext_factor }
+    }
 }
 
 impl Rope {
     /// Append (cos, sin) of each rotated pair's angle at `pos` to `out` (`n_rot / 2` pairs),
-    /// computed as GGML does: theta_i = pos * base^(-2i/n_rot), by repeated products.
+    /// computed as GGML does: theta_i = pos * base^(-2i/n_rot), by repeated products, scaled
+    /// (linearly or by YaRN).
     pub fn angles(&self, pos: usize, out: &mut Vec<(f32, f32)>) {
         let theta_scale = self.base.powf(-2.0 / self.n_rot as f32);
         let mut theta = pos as f32;
         for i in 0..self.n_rot / 2 {
             let ff = self.freq_factors.as_ref().map(|f| f[i]).unwrap_or(1.0);
-            let t = self.freq_scale * (theta / ff);
-            out.push((t.cos(), t.sin()));
+            let extrapolated = theta / ff;
+            let interpolated = self.freq_scale * extrapolated;
+            let (t, m) = match self.yarn {
+                Some(y) if y.ext_factor != 0.0 => {
+                    let ramp = (1.0 - ((i as f32 - y.low) / (y.high - y.low).max(0.001)).clamp(0.0, 1.0)) * y.ext_factor;
+                    (interpolated * (1.0 - ramp) + extrapolated * ramp, self.attn_factor * (1.0 + 0.1 * (1.0 / self.freq_scale).ln()))
+                }
+                _ => (interpolated, self.attn_factor),
+            };
+            out.push((t.cos() * m, t.sin() * m));
             theta *= theta_scale;
         }
     }
@@ -544,7 +579,7 @@ mod tests {
 
     #[test]
     fn rope_rotates_by_position_and_keeps_norm() {
-        let rope = Rope { style: RopeStyle::Neox, n_rot: 4, base: 10000.0, freq_scale: 1.0, freq_factors: None };
+        let rope = Rope { style: RopeStyle::Neox, n_rot: 4, base: 10000.0, freq_scale: 1.0, freq_factors: None, attn_factor: 1.0, yarn: None };
         let mut x = vec![1.0, 0.0, 0.0, 1.0];
         let mut c = Vec::new();
         rope.angles(0, &mut c);

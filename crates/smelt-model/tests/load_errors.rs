@@ -81,7 +81,7 @@ fn missing_keys_and_tensors_and_bad_shapes_are_named() {
     assert!(e.contains("bos_token_id") && e.contains("outside the vocabulary"), "{e}");
 
     let mut w = tiny_model(&TinySpec::new("llama"));
-    set(&mut w, "llama.rope.scaling.type", "yarn".into());
+    set(&mut w, "llama.rope.scaling.type", "longrope".into());
     let e = load(&w, "rope");
-    assert!(e.contains("yarn"), "{e}");
+    assert!(e.contains("longrope"), "{e}");
 }

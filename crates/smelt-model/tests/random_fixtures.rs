@@ -39,6 +39,17 @@ fn qwen3_matches_llama_cpp() {
     check_model("random-qwen3", "qwen3");
 }
 
+/// The same model declaring YaRN RoPE scaling (factor 4 over an original context of 128;
+/// tools/fixtures/make_yarn_model.py): prompts up to 700 tokens, far past where the scaling
+/// matters, agree with llama.cpp's YaRN.
+#[test]
+fn yarn_rope_scaling_matches_llama_cpp() {
+    let model = Model::load(&data("random-qwen3-yarn.gguf")).unwrap();
+    let rope = &model.hp.rope[0];
+    assert!(rope.yarn.is_some() && rope.freq_scale == 0.25, "{rope:?}");
+    check_model("random-qwen3-yarn", "qwen3");
+}
+
 #[test]
 fn fixture_tokenizers_match_llama_cpp() {
     for name in ["random-llama", "random-qwen3"] {

@@ -72,7 +72,7 @@ fn rms_norm_backward() {
 fn rope_backward_is_the_inverse_rotation() {
     for style in [RopeStyle::Interleaved, RopeStyle::Neox] {
         let mut r = Rng(2);
-        let rope = Rope { style, n_rot: 6, base: 10000.0, freq_scale: 1.0, freq_factors: None };
+        let rope = Rope { style, n_rot: 6, base: 10000.0, freq_scale: 1.0, freq_factors: None, attn_factor: 1.0, yarn: None };
         let (heads, d) = (2, 8);
         let mut angles = Vec::new();
         rope.angles(5, &mut angles);

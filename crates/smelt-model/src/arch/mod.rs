@@ -14,7 +14,7 @@ pub use weights::{LayerWeights, Linear};
 
 use crate::gguf::{GgufError, GgufFile, Header};
 use crate::tokenizer::{Tokenizer, TokenizerError};
-use smelt_kernels::ops::{Rope, RopeStyle};
+use smelt_kernels::ops::{Rope, RopeStyle, Yarn};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -117,6 +117,43 @@ fn key(arch: &str, k: &str) -> String {
     format!("{arch}.{k}")
 }
 
+/// Apply the RoPE scaling the file declares, as llama.cpp reads it: `rope.scaling.type` none,
+/// linear or yarn, with `rope.scaling.factor`, `rope.scaling.attn_factor` and, for YaRN,
+/// `rope.scaling.original_context_length` (default: the training context) and
+/// `rope.scaling.yarn_log_multiplier`.
+fn rope_scaling(h: &Header, a: &str, mut rope: Rope, n_ctx_train: usize) -> Result<Rope, ModelError> {
+    let scaling = h.get_str(&key(a, "rope.scaling.type"))?.unwrap_or("none");
+    let factor = h.get_f32(&key(a, "rope.scaling.factor"))?.unwrap_or(0.0);
+    let attn = h.get_f32(&key(a, "rope.scaling.attn_factor"))?.unwrap_or(1.0);
+    if !(attn.is_finite() && attn > 0.0) || !(factor.is_finite() && factor >= 0.0) {
+        return Err(ModelError::Invalid(format!("invalid RoPE scaling: factor {factor}, attention factor {attn}")));
+    }
+    // A factor of 0 (or none) means no scaling, as in llama.cpp.
+    let freq_scale = if factor == 0.0 { 1.0 } else { 1.0 / factor };
+    rope.attn_factor = attn;
+    match scaling {
+        "none" => {}
+        "linear" => rope.freq_scale = freq_scale,
+        "yarn" => {
+            rope.freq_scale = freq_scale;
+            let orig = h.get_u64(&key(a, "rope.scaling.original_context_length"))?.map_or(n_ctx_train, |v| v as usize);
+            if orig == 0 {
+                return Err(ModelError::Invalid("YaRN RoPE scaling with an original context length of 0".into()));
+            }
+            rope.yarn = Some(Yarn::new(rope.n_rot, orig, rope.base, 1.0));
+            // llama.cpp's attention factor for YaRN: its `rope_yarn` multiplies by
+            // 1 + 0.1 ln(factor) itself, so the factor here cancels that unless the file gives
+            // a log multiplier (mscale_all_dims, with mscale 1).
+            let mscale = |m: f32| if factor <= 1.0 { 1.0 } else { 0.1 * m * factor.ln() + 1.0 };
+            let log_mul = h.get_f32(&key(a, "rope.scaling.yarn_log_multiplier"))?.unwrap_or(0.0);
+            let yarn_attn = if log_mul != 0.0 { mscale(1.0) / mscale(log_mul) } else { mscale(1.0) };
+            rope.attn_factor = attn * yarn_attn / (1.0 + 0.1 * (1.0 / freq_scale).ln());
+        }
+        other => return Err(ModelError::Invalid(format!("unsupported RoPE scaling {other:?} (factor {factor})"))),
+    }
+    Ok(rope)
+}
+
 impl Hparams {
     fn read(h: &Header, arch: Arch, n_vocab: usize) -> Result<Hparams, ModelError> {
         let a = arch.spec().name;
@@ -147,14 +184,8 @@ impl Hparams {
             return Err(ModelError::Invalid(format!("invalid head size {head_dim} / rotary dims {n_rot}")));
         }
         let base = h.get_f32(&key(a, "rope.freq_base"))?.unwrap_or(10000.0);
-        let scaling = h.get_str(&key(a, "rope.scaling.type"))?.unwrap_or("none");
-        let factor = h.get_f32(&key(a, "rope.scaling.factor"))?.unwrap_or(1.0);
-        let freq_scale = match scaling {
-            "none" => 1.0,
-            "linear" if factor > 0.0 => 1.0 / factor,
-            other => return Err(ModelError::Invalid(format!("unsupported RoPE scaling {other:?} (factor {factor})"))),
-        };
-        let rope = Rope { style: arch.spec().rope_style, n_rot, base, freq_scale, freq_factors: None };
+        let rope = Rope { style: arch.spec().rope_style, n_rot, base, freq_scale: 1.0, freq_factors: None, attn_factor: 1.0, yarn: None };
+        let rope = rope_scaling(h, a, rope, n_ctx_train)?;
         let mut hp = Hparams {
             n_vocab,
             n_ctx_train,
