@@ -2,7 +2,12 @@
 """Perplexity from llama.cpp's llama-perplexity and from `smelt perplexity` on the same text,
 models, context and chunks, side by side.
 
-usage: scripts/perplexity-vs-llama.py -f TEXT [--ctx 512] [--chunks 20] [--threads 2] [MODEL ...]
+usage: scripts/perplexity-vs-llama.py [-f TEXT] [--ctx 512] [--chunks 20] [--threads 2]
+                                     [--cache-type f16,q8_0,q4_0] [MODEL ...]
+
+TEXT defaults to tests/data/state-of-the-union.txt (public domain, ~55k tokens). --cache-type
+runs each KV cache type in turn (keys and values alike; llama.cpp with flash attention, which it
+needs for a quantized V cache) and adds each type's change from f16.
 
 MODEL is a store name or .gguf path (default: the two reference models). llama-perplexity is
 found through $LLAMA_PERPLEXITY (or $LLAMA_CPP_DIR/bin, or ~/.cache/smelt-ref/llama.cpp/bin;
@@ -32,9 +37,10 @@ def model_path(smelt, name):
     return out.splitlines()[-1]
 
 
-def llama(binary, path, text, ctx, chunks, threads):
+def llama(binary, path, text, ctx, chunks, threads, kv):
     t = time.time()
-    out = subprocess.run([binary, "-m", path, "-f", text, "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads)],
+    extra = [] if kv == "f16" else ["-fa", "on", "--cache-type-k", kv, "--cache-type-v", kv]
+    out = subprocess.run([binary, "-m", path, "-f", text, "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads), *extra],
                          capture_output=True, text=True)
     m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", out.stdout + out.stderr)
     if not m:
@@ -42,9 +48,10 @@ def llama(binary, path, text, ctx, chunks, threads):
     return float(m.group(1)), float(m.group(2)), time.time() - t
 
 
-def smelt_ppl(smelt, path, text, ctx, chunks, threads):
+def smelt_ppl(smelt, path, text, ctx, chunks, threads, kv):
     t = time.time()
-    out = subprocess.run([smelt, "perplexity", "-m", path, "-f", text, "--ctx", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads), "--json"],
+    out = subprocess.run([smelt, "perplexity", "-m", path, "-f", text, "--ctx", str(ctx), "-b", str(ctx), "--chunks", str(chunks), "-t", str(threads), "--json",
+                          "--cache-type-k", kv, "--cache-type-v", kv],
                          capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"smelt perplexity failed on {path}:\n{out.stderr[-2000:]}")
@@ -55,7 +62,8 @@ def smelt_ppl(smelt, path, text, ctx, chunks, threads):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("models", nargs="*", default=["gemma-3-270m", "qwen2.5-coder-0.5b-instruct"])
-    ap.add_argument("-f", "--file", required=True)
+    ap.add_argument("-f", "--file", default=os.path.join(root, "tests", "data", "state-of-the-union.txt"))
+    ap.add_argument("--cache-type", default="f16", help="comma-separated KV cache types")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--threads", "-t", type=int, default=os.cpu_count())
@@ -67,16 +75,19 @@ def main():
     rows = []
     for name in a.models:
         path = model_path(smelt, name)
-        print(f"{name}: llama-perplexity", file=sys.stderr, flush=True)
-        ll = llama(binary, path, a.file, a.ctx, a.chunks, a.threads)
-        print(f"{name}: smelt perplexity", file=sys.stderr, flush=True)
-        sm = smelt_ppl(smelt, path, a.file, a.ctx, a.chunks, a.threads)
-        rows.append((name, ll, sm))
+        for kv in a.cache_type.split(","):
+            print(f"{name} {kv}: llama-perplexity", file=sys.stderr, flush=True)
+            ll = llama(binary, path, a.file, a.ctx, a.chunks, a.threads, kv)
+            print(f"{name} {kv}: smelt perplexity", file=sys.stderr, flush=True)
+            sm = smelt_ppl(smelt, path, a.file, a.ctx, a.chunks, a.threads, kv)
+            rows.append((name, kv, ll, sm))
     print(f"\ntext: {a.file}; context {a.ctx}, {a.chunks} chunks, {a.threads} threads\n")
-    print("| model | llama-perplexity | smelt perplexity | difference | llama.cpp s | smelt s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
-    for name, (lp, le, lt), (sp, se, st) in rows:
-        print(f"| {name} | {lp:.4f} ± {le:.4f} | {sp:.4f} ± {se:.4f} | {100 * (sp / lp - 1):+.3f}% | {lt:.1f} | {st:.1f} |")
+    print("| model | KV | llama-perplexity | vs its f16 | smelt perplexity | vs its f16 | smelt vs llama.cpp | llama.cpp s | smelt s |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    base = {(name, prog): v for name, kv, ll, sm in rows if kv == "f16" for prog, v in (("llama", ll[0]), ("smelt", sm[0]))}
+    for name, kv, (lp, le, lt), (sp, se, st) in rows:
+        rel = lambda v, prog: f"{100 * (v / base[(name, prog)] - 1):+.2f}%" if (name, prog) in base and kv != "f16" else ""
+        print(f"| {name} | {kv} | {lp:.4f} ± {le:.4f} | {rel(lp, 'llama')} | {sp:.4f} ± {se:.4f} | {rel(sp, 'smelt')} | {100 * (sp / lp - 1):+.3f}% | {lt:.1f} | {st:.1f} |")
 
 
 if __name__ == "__main__":

@@ -89,16 +89,21 @@ pub struct BlockId<'a> {
 }
 
 fn checksum(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let (words, tail) = bytes.split_at(bytes.len() / 8 * 8);
-    for w in words.chunks_exact(8) {
-        h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-        h ^= h >> 31;
+    smelt_model::gguf::mix_bytes(0xcbf2_9ce4_8422_2325, bytes) ^ (bytes.len() as u64).wrapping_mul(0xff51_afd7_ed55_8ccd)
+}
+
+/// A file's bytes before the payload: magic, parent, hash, token count, tokens, payload length.
+fn header(id: &BlockId, payload_len: usize) -> Vec<u8> {
+    let mut h = Vec::with_capacity(32 + 4 * id.tokens.len());
+    h.extend_from_slice(MAGIC);
+    h.extend_from_slice(&id.parent.to_le_bytes());
+    h.extend_from_slice(&id.hash.to_le_bytes());
+    h.extend_from_slice(&(id.tokens.len() as u32).to_le_bytes());
+    for t in id.tokens {
+        h.extend_from_slice(&t.to_le_bytes());
     }
-    for &b in tail {
-        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^ (bytes.len() as u64).wrapping_mul(0xff51_afd7_ed55_8ccd)
+    h.extend_from_slice(&(payload_len as u64).to_le_bytes());
+    h
 }
 
 fn parse_hex(s: &str) -> Option<u64> {
@@ -176,15 +181,8 @@ impl DiskCache {
         if self.contains(ns, id.hash) {
             return;
         }
-        let mut bytes = Vec::with_capacity(payload.len() + 64 + 4 * id.tokens.len());
-        bytes.extend_from_slice(MAGIC);
-        bytes.extend_from_slice(&id.parent.to_le_bytes());
-        bytes.extend_from_slice(&id.hash.to_le_bytes());
-        bytes.extend_from_slice(&(id.tokens.len() as u32).to_le_bytes());
-        for t in id.tokens {
-            bytes.extend_from_slice(&t.to_le_bytes());
-        }
-        bytes.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+        let mut bytes = header(id, payload.len());
+        bytes.reserve(payload.len() + 8);
         bytes.extend_from_slice(payload);
         let sum = checksum(&bytes);
         bytes.extend_from_slice(&sum.to_le_bytes());
@@ -224,24 +222,15 @@ impl DiskCache {
             Ok(b) => b,
             Err(e) => return self.reject(key, &path, &e.to_string()),
         };
-        let header = 8 + 8 + 8 + 4 + 4 * id.tokens.len() + 8;
-        if bytes.len() != header + payload_len + 8 {
-            return self.reject(key, &path, &format!("{} bytes, expected {}", bytes.len(), header + payload_len + 8));
+        let want = header(id, payload_len);
+        if bytes.len() != want.len() + payload_len + 8 {
+            return self.reject(key, &path, &format!("{} bytes, expected {}", bytes.len(), want.len() + payload_len + 8));
         }
         let (body, sum) = bytes.split_at(bytes.len() - 8);
         if checksum(body) != u64::from_le_bytes(sum.try_into().expect("8 bytes")) {
             return self.reject(key, &path, "checksum mismatch");
         }
-        let mut want = Vec::with_capacity(header);
-        want.extend_from_slice(MAGIC);
-        want.extend_from_slice(&id.parent.to_le_bytes());
-        want.extend_from_slice(&id.hash.to_le_bytes());
-        want.extend_from_slice(&(id.tokens.len() as u32).to_le_bytes());
-        for t in id.tokens {
-            want.extend_from_slice(&t.to_le_bytes());
-        }
-        want.extend_from_slice(&(payload_len as u64).to_le_bytes());
-        if body[..header] != want[..] {
+        if body[..want.len()] != want[..] {
             return self.reject(key, &path, "it holds another block (different tokens or parent)");
         }
         // Recently used: kept longest, here and (by its file time) after a restart.
@@ -250,7 +239,7 @@ impl DiskCache {
             let _ = f.set_modified(std::time::SystemTime::now());
         }
         self.stats.read_blocks.fetch_add(1, Ordering::Relaxed);
-        Some(body[header..].to_vec())
+        Some(body[want.len()..].to_vec())
     }
 
     fn reject(&self, key: Key, path: &Path, why: &str) -> Option<Vec<u8>> {

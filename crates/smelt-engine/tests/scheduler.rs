@@ -388,18 +388,23 @@ fn ask(engine: &Engine, p: &[u32], gp: &GenerateParams) -> (Vec<u32>, Summary) {
     collect(&rx)
 }
 
+/// A model loaded from a file that stays (in a fresh directory, returned): the disk cache names
+/// blocks by the file's digest.
+fn model_in_dir(spec: &TinySpec, name: &str) -> (Arc<Model>, std::path::PathBuf) {
+    let base = std::env::temp_dir().join(format!("smelt-{name}-{}-{}", spec.arch, std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    let path = base.join("model.gguf");
+    std::fs::write(&path, tiny_model(spec).to_bytes()).unwrap();
+    (Arc::new(Model::load(&path).unwrap()), base)
+}
+
 #[test]
 fn the_disk_cache_serves_prefixes_after_a_restart_and_ignores_damaged_blocks() {
     use smelt_engine::disk_cache::DiskCache;
     let specs = [(TinySpec::new("gemma3"), KvTypes::default()), (TinySpec { head_dim: 64, ..TinySpec::new("qwen2") }, KvTypes { k: KvType::Q8_0, v: KvType::Q4_0 })];
     for (spec, types) in specs {
-        // The model file stays: the disk cache names blocks by its digest.
-        let base = std::env::temp_dir().join(format!("smelt-disk-{}-{}", spec.arch, std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
-        std::fs::create_dir_all(&base).unwrap();
-        let path = base.join("model.gguf");
-        std::fs::write(&path, tiny_model(&spec).to_bytes()).unwrap();
-        let m = Arc::new(Model::load(&path).unwrap());
+        let (m, base) = model_in_dir(&spec, "disk");
         let start = |dir: &str, blocks: usize| {
             let disk = Arc::new(DiskCache::open(&base.join(dir), 1 << 30).unwrap());
             let engine = Engine::start(m.clone(), Arc::new(ThreadPool::new(2)), EngineConfig { kv_types: types, kv_disk: Some(disk.clone()), ..config(blocks) });
@@ -465,12 +470,7 @@ fn the_disk_cache_serves_prefixes_after_a_restart_and_ignores_damaged_blocks() {
 fn sessions_and_the_engine_share_the_disk_cache() {
     use smelt_engine::disk_cache::DiskCache;
     for spec in [TinySpec::new("gemma3"), TinySpec::new("llama")] {
-        let base = std::env::temp_dir().join(format!("smelt-disk-session-{}-{}", spec.arch, std::process::id()));
-        let _ = std::fs::remove_dir_all(&base);
-        std::fs::create_dir_all(&base).unwrap();
-        let path = base.join("model.gguf");
-        std::fs::write(&path, tiny_model(&spec).to_bytes()).unwrap();
-        let m = Arc::new(Model::load(&path).unwrap());
+        let (m, base) = model_in_dir(&spec, "disk-session");
         let disk = Arc::new(DiskCache::open(&base.join("kv"), 1 << 30).unwrap());
         let gp = params(6, None);
         let q = prompt(150, 3);

@@ -132,6 +132,20 @@ impl Header {
     }
 }
 
+/// Mix `bytes` into the 64-bit hash `h`, eight bytes at a time (fast, not cryptographic: it
+/// names files' contents and checks them for damage, never against an adversary).
+pub fn mix_bytes(mut h: u64, bytes: &[u8]) -> u64 {
+    let (words, tail) = bytes.split_at(bytes.len() / 8 * 8);
+    for w in words.chunks_exact(8) {
+        h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        h ^= h >> 29;
+    }
+    for &b in tail {
+        h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// A 64-bit digest of a file's bytes, read through the page cache (so pages the model released
 /// after repacking are not faulted back in). Names the KV a model or adapter computes in the
 /// persistent prefix cache: a different file never matches.
@@ -141,23 +155,13 @@ pub fn file_digest(path: &Path) -> std::io::Result<u64> {
     let mut buf = vec![0u8; 1 << 20];
     let mut h: u64 = 0x6a09_e667_f3bc_c908;
     let (mut total, mut filled) = (0u64, 0usize);
-    let mut mix = |bytes: &[u8]| {
-        let (words, tail) = bytes.split_at(bytes.len() / 8 * 8);
-        for w in words.chunks_exact(8) {
-            h = (h ^ u64::from_le_bytes(w.try_into().expect("8 bytes"))).wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            h ^= h >> 29;
-        }
-        for &b in tail {
-            h = (h ^ b as u64).wrapping_mul(0x0100_0000_01b3);
-        }
-    };
     // Whole buffers at a time, however the reads split, so the digest depends on the bytes only.
     loop {
         let n = f.read(&mut buf[filled..])?;
         total += n as u64;
         filled += n;
         if n == 0 || filled == buf.len() {
-            mix(&buf[..filled]);
+            h = mix_bytes(h, &buf[..filled]);
             if n == 0 {
                 break;
             }
