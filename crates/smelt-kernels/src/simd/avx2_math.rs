@@ -180,33 +180,11 @@ unsafe fn load_f16(p: *const f16) -> __m256 {
     unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) }
 }
 
-/// A key row as the dot products read it: f16 (widened as loaded) or already widened to f32.
-trait KeyRow: Copy {
-    /// Eight values from index `d`, as f32.
-    unsafe fn load8(self, d: usize) -> __m256;
-}
-
-impl KeyRow for *const f16 {
-    #[inline(always)]
-    unsafe fn load8(self, d: usize) -> __m256 {
-        // SAFETY: the caller guarantees 8 readable values at d.
-        unsafe { load_f16(self.add(d)) }
-    }
-}
-
-impl KeyRow for *const f32 {
-    #[inline(always)]
-    unsafe fn load8(self, d: usize) -> __m256 {
-        // SAFETY: the caller guarantees 8 readable values at d.
-        unsafe { _mm256_loadu_ps(self.add(d)) }
-    }
-}
-
-/// Dot products of one row of `hd` floats with eight key rows (hd a multiple of 8), four at a
-/// time (see `dot4`).
+/// Dot products of one row of `hd` floats with eight rows of f16 (hd a multiple of 8), four at
+/// a time (see `dot4`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot8<R: KeyRow>(q: *const f32, k: &[R; 8], hd: usize) -> __m256 {
+unsafe fn dot8(q: *const f32, k: &[*const f16; 8], hd: usize) -> __m256 {
     // SAFETY: the caller's guarantee, passed on.
     unsafe { _mm256_set_m128(dot4(q, [k[4], k[5], k[6], k[7]], hd), dot4(q, [k[0], k[1], k[2], k[3]], hd)) }
 }
@@ -217,7 +195,7 @@ unsafe fn dot8<R: KeyRow>(q: *const f32, k: &[R; 8], hd: usize) -> __m256 {
 /// key's score therefore depends only on its row and the query.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot4<R: KeyRow>(q: *const f32, k: [R; 4], hd: usize) -> __m128 {
+unsafe fn dot4(q: *const f32, k: [*const f16; 4], hd: usize) -> __m128 {
     let (mut s0, mut s1) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
     let mut d = 0;
     // SAFETY (loads): the caller guarantees hd readable floats at q and at each k[j].
@@ -225,8 +203,8 @@ unsafe fn dot4<R: KeyRow>(q: *const f32, k: [R; 4], hd: usize) -> __m128 {
         unsafe {
             let (q0, q1) = (_mm256_loadu_ps(q.add(d)), _mm256_loadu_ps(q.add(d + 8)));
             for j in 0..4 {
-                s0[j] = _mm256_fmadd_ps(q0, k[j].load8(d), s0[j]);
-                s1[j] = _mm256_fmadd_ps(q1, k[j].load8(d + 8), s1[j]);
+                s0[j] = _mm256_fmadd_ps(q0, load_f16(k[j].add(d)), s0[j]);
+                s1[j] = _mm256_fmadd_ps(q1, load_f16(k[j].add(d + 8)), s1[j]);
             }
         }
         d += 16;
@@ -235,7 +213,7 @@ unsafe fn dot4<R: KeyRow>(q: *const f32, k: [R; 4], hd: usize) -> __m128 {
         unsafe {
             let q0 = _mm256_loadu_ps(q.add(d));
             for j in 0..4 {
-                s0[j] = _mm256_fmadd_ps(q0, k[j].load8(d), s0[j]);
+                s0[j] = _mm256_fmadd_ps(q0, load_f16(k[j].add(d)), s0[j]);
             }
         }
     }
@@ -463,22 +441,22 @@ unsafe fn attend_heads<K: KvFmt, V: KvFmt>(q: &[f32], hd: usize, (kp, kbytes): (
             *s *= inv;
         }
     }
-    // out_h = Σ_j p_hj v_j: all heads at once (up to four 16 dimensions at a time, more 8 at a
-    // time), so the partial sums stay in registers and each value row is loaded and widened
-    // once. Each output lane adds its terms in slot order whatever the grouping, so the result
-    // does not depend on it.
-    // SAFETY: heads 0..heads exist in scores and out; the slots are checked above.
-    unsafe {
-        match heads {
-            8 => weigh_values::<V, 8>(vp, stride, offset, ranges, hd, scores, n, 0, out),
-            7 => weigh_values::<V, 7>(vp, stride, offset, ranges, hd, scores, n, 0, out),
-            6 => weigh_values::<V, 6>(vp, stride, offset, ranges, hd, scores, n, 0, out),
-            5 => weigh_values::<V, 5>(vp, stride, offset, ranges, hd, scores, n, 0, out),
-            4 => weigh_values::<V, 4>(vp, stride, offset, ranges, hd, scores, n, 0, out),
-            3 => weigh_values::<V, 3>(vp, stride, offset, ranges, hd, scores, n, 0, out),
-            2 => weigh_values::<V, 2>(vp, stride, offset, ranges, hd, scores, n, 0, out),
-            _ => weigh_values::<V, 1>(vp, stride, offset, ranges, hd, scores, n, 0, out),
+    // out_h = Σ_j p_hj v_j: four heads at a time, 16 dimensions at a time, so the partial sums
+    // stay in registers and each value row is loaded once per four heads. Each output lane adds
+    // its terms in slot order whatever the grouping, so the result does not depend on it.
+    let mut h0 = 0;
+    while h0 < heads {
+        let hb = (heads - h0).min(4);
+        // SAFETY: heads h0..h0 + hb exist in scores and out; the slots are checked above.
+        unsafe {
+            match hb {
+                4 => weigh_values::<V, 4>(vp, stride, offset, ranges, hd, scores, n, h0, out),
+                3 => weigh_values::<V, 3>(vp, stride, offset, ranges, hd, scores, n, h0, out),
+                2 => weigh_values::<V, 2>(vp, stride, offset, ranges, hd, scores, n, h0, out),
+                _ => weigh_values::<V, 1>(vp, stride, offset, ranges, hd, scores, n, h0, out),
+            }
         }
+        h0 += hb;
     }
 }
 
@@ -585,45 +563,22 @@ fn slot_blocks<F: KvFmt, const CAP: usize>(base: *const u8, stride: usize, offse
 }
 
 /// [`scores_by_key`] eight keys at a time per head (see `dot8`). A last partial block repeats
-/// its first key and keeps only the real entries. With several heads the block's keys are
-/// widened to f32 once (in L1) rather than once per head: the same values, so the same sums.
+/// its first key and keeps only the real entries.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn scores_by_head(qp: *const f32, heads: usize, hd: usize, kp: *const u8, stride: usize, offset: usize, ranges: &[Range<usize>], scale: f32, sp: *mut f32, n: usize) {
-    const MAX_HD: usize = 128;
     let vscale = _mm256_set1_ps(scale);
-    let mut wide = [0f32; 8 * MAX_HD];
-    let widen = heads > 1 && hd <= MAX_HD;
     slot_blocks::<F16Fmt, 8>(kp, stride, offset, ranges, 8, |rows, i0| {
         let count = rows.len();
-        let store = |h: usize, s: __m256| {
-            let mut tmp = [0f32; 8];
-            // SAFETY: 8 floats of stack space; i0 + count <= n, so the scores written exist.
+        let block: [*const f16; 8] = std::array::from_fn(|b| rows[if b < count { b } else { 0 }].cast());
+        for h in 0..heads {
+            // SAFETY: the caller's guarantees; i0 + count <= n.
             unsafe {
-                _mm256_storeu_ps(tmp.as_mut_ptr(), _mm256_mul_ps(s, vscale));
+                let s = _mm256_mul_ps(dot8(qp.add(h * hd), &block, hd), vscale);
+                let mut tmp = [0f32; 8];
+                _mm256_storeu_ps(tmp.as_mut_ptr(), s);
                 std::ptr::copy_nonoverlapping(tmp.as_ptr(), sp.add(h * n + i0), count);
-            }
-        };
-        if widen {
-            let wp = wide.as_mut_ptr();
-            for (b, &row) in rows.iter().enumerate() {
-                for d in (0..hd).step_by(8) {
-                    // SAFETY: the caller's guarantees: hd values of each key row are readable;
-                    // b * hd + d + 8 <= 8 * MAX_HD.
-                    unsafe { _mm256_storeu_ps(wp.add(b * hd + d), load_f16(row.cast::<f16>().add(d))) };
-                }
-            }
-            let block: [*const f32; 8] = std::array::from_fn(|b| wide.as_ptr().wrapping_add((if b < count { b } else { 0 }) * hd));
-            for h in 0..heads {
-                // SAFETY: each block row holds hd widened values; queries are the caller's.
-                store(h, unsafe { dot8(qp.add(h * hd), &block, hd) });
-            }
-        } else {
-            let block: [*const f16; 8] = std::array::from_fn(|b| rows[if b < count { b } else { 0 }].cast());
-            for h in 0..heads {
-                // SAFETY: the caller's guarantees.
-                store(h, unsafe { dot8(qp.add(h * hd), &block, hd) });
             }
         }
     });
@@ -657,13 +612,6 @@ unsafe fn weigh_block<V: KvFmt, const HB: usize>(rows: &[*const u8], hd: usize, 
     assert!(out.len() >= (h0 + HB) * hd);
     let op = out.as_mut_ptr();
     let mut d0 = 0;
-    // More than four heads keep one 8-lane sum each (their sums and the loaded values fill 10
-    // of the 16 registers at eight heads).
-    while HB > 4 && d0 < hd {
-        // SAFETY: the caller's guarantees, passed on; hd is a multiple of 8.
-        unsafe { weigh_lanes::<V, HB, 1>(rows, d0, hd, sp, n, h0, op) };
-        d0 += 8;
-    }
     while d0 + 16 <= hd {
         // SAFETY: the caller's guarantees, passed on; d0 + 16 <= hd.
         unsafe { weigh_lanes::<V, HB, 2>(rows, d0, hd, sp, n, h0, op) };
