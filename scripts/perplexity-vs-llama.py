@@ -3,7 +3,7 @@
 models, context and chunks, side by side.
 
 usage: scripts/perplexity-vs-llama.py [-f TEXT] [--ctx 512] [--chunks 20] [--threads 2]
-                                     [--cache-type f16,q8_0,q4_0] [MODEL ...]
+                                     [--cache-type f16,q8_0,q4_0] [--llama-types f16] [MODEL ...]
 
 TEXT defaults to tests/data/state-of-the-union.txt (public domain, ~55k tokens). --cache-type
 runs each KV cache type in turn (keys and values alike; llama.cpp with flash attention, which it
@@ -64,6 +64,7 @@ def main():
     ap.add_argument("models", nargs="*", default=["gemma-3-270m", "qwen2.5-coder-0.5b-instruct"])
     ap.add_argument("-f", "--file", default=os.path.join(root, "tests", "data", "state-of-the-union.txt"))
     ap.add_argument("--cache-type", default="f16", help="comma-separated KV cache types")
+    ap.add_argument("--llama-types", help="the KV types llama-perplexity runs too (default: all of --cache-type)")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--chunks", type=int, default=20)
     ap.add_argument("--threads", "-t", type=int, default=os.cpu_count())
@@ -76,8 +77,10 @@ def main():
     for name in a.models:
         path = model_path(smelt, name)
         for kv in a.cache_type.split(","):
-            print(f"{name} {kv}: llama-perplexity", file=sys.stderr, flush=True)
-            ll = llama(binary, path, a.file, a.ctx, a.chunks, a.threads, kv)
+            ll = (float("nan"), float("nan"), 0.0)
+            if a.llama_types is None or kv in a.llama_types.split(","):
+                print(f"{name} {kv}: llama-perplexity", file=sys.stderr, flush=True)
+                ll = llama(binary, path, a.file, a.ctx, a.chunks, a.threads, kv)
             print(f"{name} {kv}: smelt perplexity", file=sys.stderr, flush=True)
             sm = smelt_ppl(smelt, path, a.file, a.ctx, a.chunks, a.threads, kv)
             rows.append((name, kv, ll, sm))
@@ -86,8 +89,12 @@ def main():
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     base = {(name, prog): v for name, kv, ll, sm in rows if kv == "f16" for prog, v in (("llama", ll[0]), ("smelt", sm[0]))}
     for name, kv, (lp, le, lt), (sp, se, st) in rows:
-        rel = lambda v, prog: f"{100 * (v / base[(name, prog)] - 1):+.2f}%" if (name, prog) in base and kv != "f16" else ""
-        print(f"| {name} | {kv} | {lp:.4f} ± {le:.4f} | {rel(lp, 'llama')} | {sp:.4f} ± {se:.4f} | {rel(sp, 'smelt')} | {100 * (sp / lp - 1):+.3f}% | {lt:.1f} | {st:.1f} |")
+        rel = lambda v, prog: f"{100 * (v / base[(name, prog)] - 1):+.2f}%" if (name, prog) in base and kv != "f16" and v == v else ""
+        if lp == lp:
+            ll, vs, lts = f"{lp:.4f} ± {le:.4f}", f"{100 * (sp / lp - 1):+.3f}%", f"{lt:.1f}"
+        else:
+            ll, vs, lts = "not run", "", ""
+        print(f"| {name} | {kv} | {ll} | {rel(lp, 'llama')} | {sp:.4f} ± {se:.4f} | {rel(sp, 'smelt')} | {vs} | {lts} | {st:.1f} |")
 
 
 if __name__ == "__main__":
