@@ -145,6 +145,10 @@ impl Session {
 
     /// Write the full blocks computed since the last call that the disk does not have yet.
     fn save_blocks(&mut self) {
+        // Called after every decoded token: only a newly completed block costs anything.
+        if self.disk_hashes.len() >= self.tokens.len() / BLOCK_SIZE {
+            return;
+        }
         let Some((cache, ns)) = self.disk_namespace() else { return };
         let mut bytes = Vec::new();
         while self.disk_hashes.len() < self.tokens.len() / BLOCK_SIZE {
